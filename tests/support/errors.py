@@ -1,0 +1,16 @@
+"""One assertion for the JSON error shape of the Dream-compatible endpoints."""
+
+from __future__ import annotations
+
+
+def assert_dream_error(response, status: int, field: str | None = None) -> dict:
+    """The response has `status` and the body `{"error": {"message": str, "field": ...}}`."""
+    assert response.status_code == status, (response.status_code, response.text[:500])
+    body = response.json() if hasattr(response, "json") and callable(response.json) else response.get_json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error.get("message"), str) and error["message"], body
+    assert "field" in error, body
+    if field is not None:
+        assert error["field"] == field, body
+    return error

@@ -1,0 +1,103 @@
+"""Start real HTTP servers for tests: on a free loopback port, polled until healthy, always stopped."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Mapping, Sequence
+
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class RunningServer:
+    """A server process started by `running_server`, with its base URL and log file."""
+
+    process: subprocess.Popen
+    base_url: str
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def url(self, path: str) -> str:
+        return self.base_url + path
+
+
+class ServerDiedError(RuntimeError):
+    pass
+
+
+def wait_until_healthy(server: RunningServer, health_path: str, timeout_seconds: float) -> None:
+    """Poll `health_path` until it answers 200; fail with the server's log if it dies or times out."""
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise ServerDiedError(f"server exited with {server.process.returncode}; its log:\n{server.log()}")
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(server.url(health_path), timeout=2).status_code == 200:
+                return
+        time.sleep(0.25)
+    raise TimeoutError(f"{server.base_url}{health_path} not healthy after {timeout_seconds}s; log:\n{server.log()}")
+
+
+def stop_process(process: subprocess.Popen, grace_seconds: float = 10) -> None:
+    """SIGTERM the process group, then SIGKILL it if it lingers."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_seconds)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=grace_seconds)
+
+
+@contextlib.contextmanager
+def running_server(
+    command: Sequence[str],
+    *,
+    port: int,
+    cwd: Path | str = REPO_ROOT,
+    env: Mapping[str, str] | None = None,
+    health_path: str = "/health",
+    startup_timeout_seconds: float = 180,
+) -> Iterator[RunningServer]:
+    """Run `command` (which must listen on `port`) until the block ends; its output goes to a log file."""
+    log_file = tempfile.NamedTemporaryFile(prefix="server-", suffix=".log", delete=False)
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    process = subprocess.Popen(
+        list(command),
+        cwd=str(cwd),
+        env=full_env,
+        stdout=log_file,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so stop_process reaches gunicorn's workers
+    )
+    server = RunningServer(process, f"http://127.0.0.1:{port}", Path(log_file.name))
+    try:
+        wait_until_healthy(server, health_path, startup_timeout_seconds)
+        yield server
+    finally:
+        stop_process(process)
+        log_file.close()
