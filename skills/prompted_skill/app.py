@@ -1,0 +1,82 @@
+"""The prompted skill's HTTP layer: `create_app()` with thin routes and one error handler."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, Response, jsonify, request
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from common.lm_protocol import RequestValidationError, validation_error_to_request_error
+from skills.prompted_skill.llm_client import LLMClient
+from skills.prompted_skill.protocol import SkillRequest
+from skills.prompted_skill.service import PromptedSkill
+from skills.prompted_skill.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, llm_client: LLMClient | None = None) -> Flask:
+    """The skill's Flask app; settings come from the environment unless given."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    skill = PromptedSkill(settings, llm_client)
+    app.extensions["prompted_skill"] = skill
+
+    @app.post("/respond")
+    def respond() -> Response:
+        skill_request = _parse(SkillRequest)
+        replies = skill.respond(skill_request.dialogs)
+        return jsonify([reply.to_dream() for reply in replies])
+
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify({"status": "ok", "service": settings.service_name, "llm_endpoints": skill._allowed_urls})
+
+    @app.route("/ping", methods=["GET", "POST"])
+    def ping() -> Response:
+        return jsonify("pong")
+
+    _register_error_handlers(app)
+    return app
+
+
+def _parse(model):
+    body = request.get_data(cache=False)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise RequestValidationError("the request body must be JSON", None) from None
+    if not isinstance(data, dict):
+        raise RequestValidationError("the request body must be a JSON object", None)
+    try:
+        return model.model_validate(data)
+    except ValidationError as error:
+        raise validation_error_to_request_error(error) from None
+
+
+def _error(status: int, message: str, field: str | None = None) -> tuple[Response, int]:
+    return jsonify({"error": {"message": message, "field": field}}), status
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(RequestValidationError)
+    def bad_request(error: RequestValidationError):
+        return _error(400, error.message, error.field)
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(error: RequestEntityTooLarge):
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        return _error(413, f"the request body is over this service's limit of {limit} bytes (MAX_REQUEST_BYTES)")
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return _error(error.code or 500, error.description or error.name)
+
+    @app.errorhandler(Exception)
+    def internal_error(error: Exception):
+        logger.exception("internal error answering %s %s", request.method, request.path)
+        return _error(500, f"internal error: {type(error).__name__}")
