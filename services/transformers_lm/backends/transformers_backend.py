@@ -1,0 +1,208 @@
+"""The transformers backend: any causal LM that transformers loads, from a directory, a hub id or a GGUF file.
+
+A GGUF file is dequantised once and cached as safetensors under the cache directory, keyed by the
+file's sha256, so later starts load in about a second.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
+
+from common.model_sources import ModelSource, SourceKind, file_sha256
+from services.transformers_lm.backends import (
+    Backend,
+    ChatMessage,
+    LoadedModel,
+    LoadOptions,
+    ModelInfo,
+    ModelLoadError,
+)
+from services.transformers_lm.engines.sequential import SequentialEngine
+
+logger = logging.getLogger(__name__)
+
+# The engine this backend runs its models with; the one line to change for another engine.
+ENGINE_CLASS = SequentialEngine
+
+_COMPLETE_MARKER = ".parley-complete"
+
+
+def choose_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if requested == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError("DEVICE=cuda but no CUDA device is available here: set DEVICE=cpu or auto")
+    return torch.device(requested)
+
+
+def choose_dtype(device: torch.device, half_precision: bool) -> torch.dtype:
+    if not half_precision:
+        return torch.float32
+    # float16 kernels are slow or missing on CPU; bfloat16 is the CPU's half precision.
+    return torch.float16 if device.type == "cuda" else torch.bfloat16
+
+
+def check_sha256_pin(path: Path, expected: str | None, actual: str | None = None) -> str:
+    """The file's sha256; raise ModelLoadError when it differs from the pinned one."""
+    actual = actual or file_sha256(path)
+    if expected and actual.lower() != expected.strip().lower():
+        raise ModelLoadError(
+            f"refusing to start: {path} has sha256 {actual}, but MODEL_SHA256 pins {expected.strip()} "
+            "(replace the file or update the pin)"
+        )
+    return actual
+
+
+def converted_gguf_dir(gguf_path: Path, cache_dir: Path, sha256: str) -> Path:
+    """The safetensors copy of a GGUF file, made on first use (about 25 s for SmolLM2-135M)."""
+    target = cache_dir / f"gguf-{sha256[:32]}"
+    if (target / _COMPLETE_MARKER).is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    logger.info("dequantising %s once into %s (later starts reuse it)", gguf_path.name, target)
+    started = time.monotonic()
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
+    # The weights are dequantised now: save them as a plain model, not as a quantised one.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    staging = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=cache_dir))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / _COMPLETE_MARKER).write_text(f"{gguf_path}\n")
+        try:
+            os.replace(staging, target)
+        except OSError:
+            # Another process finished the same conversion first; its copy is as good as ours.
+            if not (target / _COMPLETE_MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("converted in %.1f s", time.monotonic() - started)
+    return target
+
+
+def hub_snapshot_dir(model_id: str) -> Path:
+    """A local snapshot of a hub model: downloaded when the hub is reachable, else the local HF cache."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=patterns, etag_timeout=5))
+    except Exception as online_error:  # noqa: BLE001 - any hub failure falls back to the cache
+        logger.info("hub not usable for %s (%s); trying the local Hugging Face cache", model_id, type(online_error).__name__)
+    try:
+        return Path(snapshot_download(model_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # noqa: BLE001
+        raise ModelLoadError(
+            f"model {model_id!r} is not in the local Hugging Face cache and the hub cannot be reached: "
+            f"download it where the hub is reachable (huggingface-cli download {model_id}) or set "
+            "PRETRAINED_MODEL_NAME_OR_PATH to a local model directory or .gguf file"
+        ) from None
+
+
+class TransformersModel(LoadedModel):
+    """A transformers model and tokenizer, served through ENGINE_CLASS."""
+
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, info: ModelInfo, max_queue_size: int = 256):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.engine = ENGINE_CLASS(model, context_length=info.context_length, max_queue_size=max_queue_size)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def render_chat(self, messages: list[ChatMessage]) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
+        )
+
+
+def eos_token_ids_and_stop_sequences(model, tokenizer, additional_eos_tokens: tuple[str, ...]):
+    """The ids that end a sequence, and the additional EOS strings that are not single tokens."""
+    ids: set[int] = set()
+    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+        if isinstance(source, int):
+            ids.add(source)
+        elif isinstance(source, (list, tuple)):
+            ids.update(int(i) for i in source)
+    stop_sequences: list[str] = []
+    vocabulary = tokenizer.get_vocab()
+    for token in additional_eos_tokens:
+        if token in vocabulary:
+            ids.add(vocabulary[token])
+        else:
+            stop_sequences.append(token)
+    return tuple(sorted(ids)), tuple(stop_sequences)
+
+
+def load_transformers_model(directory: Path, options: LoadOptions) -> TransformersModel:
+    """Load a model directory (config.json, weights, tokenizer) onto the chosen device."""
+    device = choose_device(options.device)
+    dtype = choose_dtype(device, options.half_precision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(directory))
+        model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
+    except (OSError, ValueError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ModelLoadError(f"cannot load the model in {directory}: {first_line}") from None
+    model.to(device)
+    model.eval()
+    eos_ids, stop_sequences = eos_token_ids_and_stop_sequences(model, tokenizer, options.additional_eos_tokens)
+    context_length = int(
+        getattr(model.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 2048)
+    )
+    info = ModelInfo(
+        backend=TransformersBackend.name,
+        device=str(device),
+        dtype=str(dtype).removeprefix("torch."),
+        context_length=context_length,
+        eos_token_ids=eos_ids,
+        extra_stop_sequences=stop_sequences,
+    )
+    return TransformersModel(model, tokenizer, info, max_queue_size=options.max_queue_size)
+
+
+class TransformersBackend(Backend):
+    name = "transformers"
+    supports_half_precision = True
+    loads_gguf_natively = False
+
+    def load(self, source: ModelSource, options: LoadOptions) -> LoadedModel:
+        if source.kind is SourceKind.GGUF_FILE:
+            sha256 = check_sha256_pin(source.path, options.sha256)
+            directory = converted_gguf_dir(source.path, options.cache_dir, sha256)
+        elif source.kind is SourceKind.LOCAL_DIR:
+            directory = source.path
+        else:
+            directory = hub_snapshot_dir(source.location)
+        if options.sha256 and source.kind is not SourceKind.GGUF_FILE:
+            weights = sorted(directory.glob("*.safetensors"))
+            if len(weights) != 1:
+                raise ModelLoadError(
+                    f"MODEL_SHA256 pins one weights file, but {directory} holds {len(weights)} .safetensors files"
+                )
+            check_sha256_pin(weights[0], options.sha256)
+        return load_transformers_model(directory, options)
+
+
+def register_backends(register) -> None:
+    register(TransformersBackend)

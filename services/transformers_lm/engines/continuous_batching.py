@@ -1,0 +1,377 @@
+"""Continuous (iteration-level) batching: concurrent requests share every forward pass of the model.
+
+One scheduler thread owns the model. Each step it drops cancelled rows, admits waiting requests
+into free slots, runs ONE forward pass over a packed sequence — one token for every decoding row
+plus the whole prompt of every joining row — and gives every row its next token, chosen with that
+row's own sampling settings. A row leaves the batch as soon as it hits one of its stop tokens, its
+`max_new_tokens`, the context window or a cancel; the next waiting request takes its slot at the
+next step, without waiting for the longest row. See `slot_attention.py` for how rows at different
+positions share a pass without padding.
+
+Why not transformers' own `ContinuousBatchingManager` (`model.init_continuous_batching()`,
+`generate_batch`)? It was studied and measured (bench/, docs in the module below); it does not do
+the job here:
+- per-request sampling is limited to temperature/top-k/top-p, and only when the model's generation
+  config enabled those processors at start-up; `do_sample`, seeds, repetition penalty and
+  `min_new_tokens` are one setting for the whole manager, so requests with different settings
+  cannot share a batch;
+- a full input queue blocks the caller (up to 10 s, then raises `queue.Full`) instead of refusing at
+  once, so a service cannot answer 429 with Retry-After;
+- its paged cache is sized up front from a fraction of free memory, which on a CPU host means
+  guessing and often allocating gigabytes for a 135M model.
+What this engine adds: per-row settings of every kind, bounded queue with an immediate
+`QueueFullError`, cancel at the next step, a failing step that fails only its rows' streams (the
+engine keeps serving), and a cache that grows with the longest row.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from services.transformers_lm.engine import (
+    FinishReason,
+    GenerationRequest,
+    QueueFullError,
+    SamplingParams,
+    TokenStream,
+)
+from services.transformers_lm.engines.row_sampling import RowSampler, choose_next_tokens
+from services.transformers_lm.engines.slot_attention import (
+    SLOT_ATTENTION,
+    SLOT_BATCH_KWARG,
+    SlotBatch,
+    SlotKVCache,
+    register_slot_attention,
+)
+
+logger = logging.getLogger(__name__)
+
+# Prompt tokens admitted per step beyond the first joining row: bounds how long one step (and so
+# every decoding row's next token) can be delayed by a burst of long prompts.
+DEFAULT_MAX_PREFILL_TOKENS_PER_STEP = 2048
+
+
+@dataclass(eq=False)
+class _Row:
+    """One sequence in (or waiting for) the batch."""
+
+    stream: TokenStream
+    sampler: RowSampler
+    submitted_at: float
+    slot: int = -1
+    length: int = 0  # positions already in the slot's KV cache
+    next_input: int | None = None  # the last chosen token, fed at the next step
+    new_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def prompt(self) -> tuple[int, ...]:
+        return self.stream.request.prompt_token_ids
+
+    @property
+    def sampling(self) -> SamplingParams:
+        return self.stream.request.sampling
+
+
+@dataclass
+class EngineStats:
+    """Counters for logs, /health and the benchmark's profile."""
+
+    steps: int = 0
+    tokens_generated: int = 0
+    prompt_tokens: int = 0
+    forward_seconds: float = 0.0
+    sampling_seconds: float = 0.0
+    scheduling_seconds: float = 0.0
+    rows_per_step_sum: int = 0
+    requests_finished: int = 0
+    request_seconds_ema: float = 0.0
+
+    def as_dict(self) -> dict:
+        steps = max(self.steps, 1)
+        return {
+            "steps": self.steps,
+            "tokens_generated": self.tokens_generated,
+            "prompt_tokens": self.prompt_tokens,
+            "mean_rows_per_step": self.rows_per_step_sum / steps,
+            "forward_ms_per_step": 1000 * self.forward_seconds / steps,
+            "sampling_ms_per_step": 1000 * self.sampling_seconds / steps,
+            "scheduling_ms_per_step": 1000 * self.scheduling_seconds / steps,
+            "requests_finished": self.requests_finished,
+        }
+
+
+class ContinuousBatchingEngine:
+    """An `Engine` that schedules concurrent `GenerationRequest`s together on one causal LM.
+
+    The engine takes the model over: it switches the model's attention to slot attention, so the
+    model should not be used for anything else (plain `generate` would fail on it).
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        max_batch_size: int = 16,
+        max_queue_size: int = 64,
+        max_prefill_tokens_per_step: int = DEFAULT_MAX_PREFILL_TOKENS_PER_STEP,
+        warm_up: bool = True,
+    ):
+        if max_batch_size < 1:
+            raise ValueError("max_batch_size must be at least 1")
+        if max_queue_size < 0:
+            raise ValueError("max_queue_size must not be negative")
+        self.max_batch_size = max_batch_size
+        self.max_queue_size = max_queue_size
+        self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
+        self.model = model.eval()
+        register_slot_attention()
+        model.set_attn_implementation(SLOT_ATTENTION)
+        config = model.config.get_text_config()
+        self.max_context_tokens = int(getattr(config, "max_position_embeddings", 0) or 4096)
+        self.vocab_size = int(config.vocab_size)
+        parameter = next(model.parameters())
+        self.device = parameter.device
+        self._cache = SlotKVCache(
+            num_layers=config.num_hidden_layers,
+            num_slots=max_batch_size,
+            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+            max_positions=self.max_context_tokens,
+            dtype=parameter.dtype,
+            device=self.device,
+        )
+        self.stats = EngineStats()
+        self._active: list[_Row] = []  # row i sits in slot i
+        self._waiting: collections.deque[_Row] = collections.deque()
+        self._wake = threading.Condition()
+        self._closing = False
+        if warm_up:
+            self._warm_up()
+        self._thread = threading.Thread(target=self._run, name="continuous-batching", daemon=True)
+        self._thread.start()
+
+    # --- the caller's side -------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        """Queue a sequence; raise QueueFullError when `max_queue_size` requests already wait.
+
+        Raises ValueError for a request the model cannot run (empty prompt, a token id outside the
+        vocabulary, a prompt that fills the context window).
+        """
+        self._validate(request)
+        stream = TokenStream(request)
+        with self._wake:
+            if self._closing:
+                raise RuntimeError("the engine is closed")
+            waiting_for_a_slot = len(self._waiting) + len(self._active) >= self.max_batch_size
+            if waiting_for_a_slot and len(self._waiting) >= self.max_queue_size:
+                raise QueueFullError(
+                    f"the generation queue is full ({self.max_queue_size} requests wait for "
+                    f"{self.max_batch_size} batch slots); retry later",
+                    retry_after_seconds=self._retry_after_seconds(),
+                )
+            self._waiting.append(_Row(stream, RowSampler(request.sampling, request.prompt_token_ids, self.device), time.monotonic()))
+            self._wake.notify()
+        return stream
+
+    def close(self) -> None:
+        """Stop the scheduler; streams still waiting or running finish with CANCELLED."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify()
+        self._thread.join(timeout=60)
+        with self._wake:
+            for row in [*self._waiting, *self._active]:
+                row.stream.finish(FinishReason.CANCELLED)
+            self._waiting.clear()
+            self._active.clear()
+
+    @property
+    def num_active(self) -> int:
+        return len(self._active)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    def _validate(self, request: GenerationRequest) -> None:
+        prompt = request.prompt_token_ids
+        if not prompt:
+            raise ValueError("the prompt has no tokens")
+        if min(prompt) < 0 or max(prompt) >= self.vocab_size:
+            raise ValueError(f"prompt token ids must lie in [0, {self.vocab_size})")
+        if len(prompt) >= self.max_context_tokens:
+            raise ValueError(
+                f"the prompt has {len(prompt)} tokens; the model's context window holds {self.max_context_tokens}"
+            )
+        if request.sampling.max_new_tokens < 0:
+            raise ValueError("max_new_tokens must not be negative")
+
+    def _retry_after_seconds(self) -> float:
+        """How long until a slot is likely free: the queue ahead, at the recent time per request."""
+        per_request = self.stats.request_seconds_ema or 1.0
+        rounds_ahead = (len(self._waiting) + 1) / self.max_batch_size
+        return max(1.0, math.ceil(per_request * rounds_ahead))
+
+    # --- the scheduler thread ----------------------------------------------------------------
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wake:
+                    while not self._closing and not self._waiting and not self._active:
+                        self._wake.wait()
+                    if self._closing:
+                        return
+                self._step()
+
+    def _step(self) -> None:
+        started = time.perf_counter()
+        self._drop_cancelled()
+        joining = self._admit()
+        decoding = [row for row in self._active if row.next_input is not None and row not in joining]
+        if not decoding and not joining:
+            return
+        try:
+            logits = self._forward(decoding, joining)
+            sampled_at = time.perf_counter()
+            rows = decoding + joining
+            token_ids = choose_next_tokens(logits, [row.sampler for row in rows])
+            self.stats.sampling_seconds += time.perf_counter() - sampled_at
+        except Exception as error:  # noqa: BLE001 - a failed step fails its rows, never the engine
+            logger.exception("generation step failed; failing %d rows", len(decoding) + len(joining))
+            for row in decoding + joining:
+                row.stream.finish(FinishReason.ERROR, error)
+            self._release([row for row in self._active if row.stream.finish_reason is not None])
+            return
+        for row in decoding:
+            row.length += 1
+        for row in joining:
+            row.length = len(row.prompt)
+            self.stats.prompt_tokens += len(row.prompt)
+        finished = [row for row, token_id in zip(rows, token_ids) if self._advance(row, token_id)]
+        self._release(finished)
+        self.stats.steps += 1
+        self.stats.rows_per_step_sum += len(rows)
+        self.stats.scheduling_seconds += time.perf_counter() - started
+
+    def _drop_cancelled(self) -> None:
+        with self._wake:
+            cancelled_waiting = [row for row in self._waiting if row.stream.cancelled]
+            for row in cancelled_waiting:
+                self._waiting.remove(row)
+                row.stream.finish(FinishReason.CANCELLED)
+        cancelled = [row for row in self._active if row.stream.cancelled]
+        for row in cancelled:
+            row.stream.finish(FinishReason.CANCELLED)
+        self._release(cancelled)
+
+    def _admit(self) -> list[_Row]:
+        """Move waiting requests into free slots, up to the prefill budget of one step."""
+        joining: list[_Row] = []
+        prefill_tokens = 0
+        with self._wake:
+            while self._waiting and len(self._active) < self.max_batch_size:
+                row = self._waiting[0]
+                if joining and prefill_tokens + len(row.prompt) > self.max_prefill_tokens_per_step:
+                    break
+                self._waiting.popleft()
+                if row.sampling.max_new_tokens == 0:
+                    row.stream.finish(FinishReason.LENGTH)
+                    continue
+                row.slot = len(self._active)
+                self._active.append(row)
+                joining.append(row)
+                prefill_tokens += len(row.prompt)
+        return joining
+
+    def _forward(self, decoding: list[_Row], joining: list[_Row]) -> torch.Tensor:
+        """One packed forward pass; the logits of each decoding row, then of each joining row's last prompt token."""
+        forward_started = time.perf_counter()
+        token_ids: list[int] = [row.next_input for row in decoding]  # type: ignore[misc]
+        positions: list[int] = [row.length for row in decoding]
+        logit_indices: list[int] = list(range(len(decoding)))
+        prefills: list[tuple[int, int, int]] = []
+        for row in joining:
+            offset = len(token_ids)
+            token_ids.extend(row.prompt)
+            positions.extend(range(len(row.prompt)))
+            prefills.append((row.slot, offset, len(row.prompt)))
+            logit_indices.append(len(token_ids) - 1)
+
+        attended = max([row.length + 1 for row in decoding] + [len(row.prompt) for row in joining])
+        self._cache.ensure_capacity(attended)
+        decode_positions = torch.tensor(positions[: len(decoding)], dtype=torch.long, device=self.device)
+        decode_mask = None
+        if decoding:
+            # Rows are in slots 0..n-1 but decoding rows may not be all of them: joining rows sit in
+            # the last slots, after every decoding row, because they were appended this step.
+            key_positions = torch.arange(attended, device=self.device)
+            decode_mask = (key_positions[None, :] <= decode_positions[:, None])[:, None, None, :]
+        batch = SlotBatch(
+            cache=self._cache,
+            num_decoding=len(decoding),
+            decode_positions=decode_positions,
+            decode_mask=decode_mask,
+            prefills=prefills,
+        )
+        output = self.model(
+            input_ids=torch.tensor([token_ids], dtype=torch.long, device=self.device),
+            position_ids=torch.tensor([positions], dtype=torch.long, device=self.device),
+            use_cache=False,
+            logits_to_keep=torch.tensor(logit_indices, dtype=torch.long, device=self.device),
+            **{SLOT_BATCH_KWARG: batch},
+        )
+        self.stats.forward_seconds += time.perf_counter() - forward_started
+        return output.logits[0].float()
+
+    def _advance(self, row: _Row, token_id: int) -> bool:
+        """Give the row its new token; True when the row is finished."""
+        sampling = row.sampling
+        if token_id in sampling.stop_token_ids:
+            row.stream.finish(FinishReason.STOP)
+            return True
+        row.sampler.note_token(token_id)
+        row.new_token_ids.append(token_id)
+        row.stream.push(token_id)
+        self.stats.tokens_generated += 1
+        if len(row.new_token_ids) >= sampling.max_new_tokens or row.length + 1 >= self.max_context_tokens:
+            row.stream.finish(FinishReason.LENGTH)
+            return True
+        row.next_input = token_id
+        return False
+
+    def _release(self, rows: list[_Row]) -> None:
+        """Free the rows' slots, moving the last rows down so that active rows stay in slots 0..n-1."""
+        if not rows:
+            return
+        now = time.monotonic()
+        for row in sorted(rows, key=lambda row: row.slot, reverse=True):
+            if row.slot < 0:
+                continue
+            last = self._active.pop()
+            if last is not row:
+                self._cache.move_slot(last.slot, row.slot, last.length)
+                last.slot = row.slot
+                self._active[row.slot] = last
+            row.slot = -1
+            self.stats.requests_finished += 1
+            elapsed = now - row.submitted_at
+            ema = self.stats.request_seconds_ema
+            self.stats.request_seconds_ema = elapsed if ema == 0 else 0.8 * ema + 0.2 * elapsed
+
+    def _warm_up(self) -> None:
+        """Run one tiny generation through the same path, so the first real request is not the slow one."""
+        with torch.inference_mode():
+            row = _Row(TokenStream(GenerationRequest((0, 1, 2), SamplingParams(max_new_tokens=2))),
+                       RowSampler(SamplingParams(max_new_tokens=2), (0, 1, 2), self.device), time.monotonic())
+            with self._wake:
+                self._waiting.append(row)
+            while row.stream.finish_reason is None:
+                self._step()
+        self.stats = EngineStats()

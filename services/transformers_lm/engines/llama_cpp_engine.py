@@ -1,0 +1,471 @@
+"""Continuous batching for GGUF models on llama.cpp: many sequences decoded together in one context.
+
+Why this shape (measured on a 2-core CPU with SmolLM2-135M Q4_1, see bench/llama_cpp_steps.py):
+- One `llama_decode` call per step for every active sequence costs ≈63 ms for 16 sequences against
+  ≈8 ms for one, so 16 rows give about twice the tokens per second of one row; the high-level
+  `Llama` object holds a single sequence, so the engine opens its own context on the loaded model
+  with `n_seq_max` = slots and drives llama.cpp's batch API directly.
+- Logits are requested only for each sequence's last token, and sampling runs per row: greedy as
+  one numpy argmax on llama.cpp's logits buffer, sampling through a llama.cpp sampler chain per
+  sequence (its own temperature, top-k, top-p and seed), the repetition penalty applied in place
+  on the row's logits the way transformers applies it (once per distinct token of prompt and
+  output).
+- Prefill is what costs most end to end (≈3 ms per prompt token, 43 % of the time with 16
+  clients), so the engine keeps every slot's KV after its request ends and reuses the longest
+  cached prefix of a new prompt: from the slot's own cache, or copied from another sequence
+  (`llama_memory_seq_cp`), which is how a system prompt shared by many requests is computed once.
+  When a prompt shares a long prefix with a prompt that is being prefilled right now, its
+  admission waits for that prefill to land and then copies it instead of computing it again.
+- With a unified KV buffer (`kv_unified`, the default) a copy only adds the new sequence id to the
+  shared cells, and a decode is one ubatch whatever the sequence ids are. Without it every
+  sequence has its own buffer: copies move the whole buffer, and a decode splits into chunks of
+  consecutive sequence ids, so the engine then keeps active sequences dense (lowest free slot).
+- All llama.cpp calls happen on the scheduler thread; callers only queue requests and read
+  `TokenStream`s, exactly as with the other engines.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from services.transformers_lm.engine import (
+    EngineError,
+    FinishReason,
+    GenerationRequest,
+    QueueFullError,
+    SamplingParams,
+    TokenStream,
+)
+from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel
+
+logger = logging.getLogger(__name__)
+
+
+def default_threads() -> int:
+    """The cores this process may run on (a container's CPU set), not the host's core count."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class LlamaCppEngineConfig:
+    """How the engine uses llama.cpp; the service fills it from its settings."""
+
+    slots: int = 16  # sequences decoded together (llama.cpp's n_seq_max)
+    context_per_slot: int = 2048  # KV positions one sequence may use (prompt + output)
+    batch_tokens: int = 512  # tokens per llama_decode call: one per decoding row, the rest prefill
+    threads: int = field(default_factory=default_threads)
+    max_queue_size: int = 64  # requests waiting for a slot before submit() raises QueueFullError
+    kv_unified: bool = True  # one KV buffer for all sequences (cheap prefix sharing)
+    share_prefixes: bool = True  # reuse cached prompt prefixes across sequences
+    # A copied prefix shorter than this is not worth a copy (nor waiting for it).
+    min_shared_prefix_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        for name in ("slots", "context_per_slot", "batch_tokens", "threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+        if self.batch_tokens < self.slots:
+            raise ValueError("batch_tokens must be at least slots (one decoding token per slot per step)")
+        if self.max_queue_size < 0:
+            raise ValueError("max_queue_size must not be negative")
+
+
+@dataclass
+class EngineStats:
+    """Where the scheduler thread's time went; read with `LlamaCppEngine.stats()`."""
+
+    steps: int = 0
+    decode_seconds: float = 0.0  # inside llama_decode
+    sample_seconds: float = 0.0  # logits → token for every row, pushing tokens
+    schedule_seconds: float = 0.0  # admission, batch building, prefix copies
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    prefilled_tokens: int = 0  # prompt tokens actually computed
+    reused_tokens: int = 0  # prompt tokens taken from the cache instead
+    decoded_tokens: int = 0  # output tokens fed back for the next step
+    admitted: int = 0
+    deferred: int = 0  # admissions that waited for a shared prefix being prefilled
+
+    def as_dict(self) -> dict[str, float | int]:
+        return dict(self.__dict__)
+
+
+def _common_prefix_length(cached: list[int], prompt: tuple[int, ...]) -> int:
+    limit = min(len(cached), len(prompt))
+    index = 0
+    while index < limit and cached[index] == prompt[index]:
+        index += 1
+    return index
+
+
+class _Slot:
+    """One llama.cpp sequence: its cached tokens and, while busy, the request it serves."""
+
+    def __init__(self, seq_id: int):
+        self.seq_id = seq_id
+        self.cached: list[int] = []  # tokens whose KV lies in this sequence, at positions 0..n-1
+        self.stream: TokenStream | None = None
+        self.prompt: tuple[int, ...] = ()
+        self.prefill_position = 0  # index of the next prompt token to compute
+        self.next_token: int | None = None  # sampled, to be fed at the next step
+        self.generated = 0
+        self.sampler = None  # llama.cpp sampler chain when sampling, None when greedy
+        self.penalized_ids: np.ndarray | None = None  # distinct tokens seen, for repetition penalty
+        self.penalized_set: set[int] = set()
+        self.stop_ids: np.ndarray | None = None
+        self.stop_set: frozenset[int] = frozenset()
+
+    @property
+    def busy(self) -> bool:
+        return self.stream is not None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.stream is not None and self.prefill_position < len(self.prompt)
+
+
+class LlamaCppEngine:
+    """Continuous batching over llama.cpp's batch API; implements `engine.Engine`."""
+
+    def __init__(self, model: LlamaCppModel, config: LlamaCppEngineConfig | None = None):
+        self.model = model
+        self.config = config or LlamaCppEngineConfig()
+        self.max_batch_size = self.config.slots
+        self.max_queue_size = self.config.max_queue_size
+        self._llama = model.llama_cpp
+        self._context = self._create_context()
+        self._memory = self._llama.llama_get_memory(self._context)
+        self._batch = self._llama.llama_batch_init(self.config.batch_tokens, 0, 1)
+        self._slots = [_Slot(seq_id) for seq_id in range(self.config.slots)]
+        self._waiting: collections.deque[TokenStream] = collections.deque()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._closed = False
+        self._stats = EngineStats()
+        self._thread = threading.Thread(target=self._run, name="llama-cpp-engine", daemon=True)
+        self._thread.start()
+
+    # --- the Engine interface ------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> TokenStream:
+        prompt_length = len(request.prompt_token_ids)
+        if prompt_length == 0:
+            raise ValueError("the prompt has no tokens")
+        if prompt_length >= self.context_per_slot:
+            raise ValueError(
+                f"the prompt has {prompt_length} tokens; this engine's context holds "
+                f"{self.context_per_slot} per sequence (prompt and output together)"
+            )
+        stream = TokenStream(request)
+        if request.sampling.max_new_tokens <= 0:
+            stream.finish(FinishReason.LENGTH)
+            return stream
+        with self._lock:
+            if self._closed:
+                raise EngineError("the engine is closed")
+            if len(self._waiting) >= self.max_queue_size:
+                raise QueueFullError(
+                    f"{len(self._waiting)} requests are waiting for one of {self.config.slots} slots; retry later"
+                )
+            self._waiting.append(stream)
+            self._wakeup.notify()
+        return stream
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._wakeup.notify()
+        self._thread.join()
+        for stream in self._waiting:
+            stream.finish(FinishReason.CANCELLED)
+        self._waiting.clear()
+        for slot in self._slots:
+            if slot.busy:
+                self._release(slot, FinishReason.CANCELLED)
+        self._llama.llama_batch_free(self._batch)
+        self._llama.llama_free(self._context)
+        self._context = None
+
+    # --- introspection -------------------------------------------------------------------------
+    @property
+    def context_per_slot(self) -> int:
+        return self._context_per_slot
+
+    def stats(self) -> dict[str, float | int]:
+        return self._stats.as_dict()
+
+    def reset_stats(self) -> None:
+        self._stats = EngineStats()
+
+    # --- setup ---------------------------------------------------------------------------------
+    def _create_context(self):
+        llama = self._llama
+        config = self.config
+        context_length = min(config.context_per_slot, self.model.metadata.context_length)
+        params = llama.llama_context_default_params()
+        params.n_ctx = config.slots * context_length
+        params.n_batch = config.batch_tokens
+        params.n_ubatch = config.batch_tokens
+        params.n_seq_max = config.slots
+        params.n_threads = config.threads
+        params.n_threads_batch = config.threads
+        params.kv_unified = config.kv_unified
+        params.no_perf = True
+        context = llama.llama_init_from_model(self.model.pointer, params)
+        if not context:
+            raise EngineError(
+                f"llama.cpp could not create a context of {config.slots} x {context_length} tokens "
+                "(lower LLAMA_CPP_SLOTS or LLAMA_CPP_CONTEXT_PER_SLOT)"
+            )
+        # llama.cpp may round the context; each sequence gets its share of what it allocated.
+        self._context_per_slot = min(context_length, llama.llama_n_ctx(context) // config.slots)
+        return context
+
+    # --- the scheduler thread ------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                while not self._closed and not self._waiting and not any(slot.busy for slot in self._slots):
+                    self._wakeup.wait()
+                if self._closed:
+                    return
+                started = time.perf_counter()
+                try:
+                    self._admit_waiting()
+                except Exception as error:  # a worker never dies of a request
+                    logger.exception("llama.cpp engine: admission failed")
+                    self._fail_all(error)
+                    continue
+            try:
+                self._release_cancelled()
+                if any(slot.busy for slot in self._slots):
+                    self._step(started)
+            except Exception as error:
+                logger.exception("llama.cpp engine: step failed")
+                self._fail_all(error)
+
+    def _admit_waiting(self) -> None:
+        """Move waiting requests into free slots, reusing cached prefixes (holds the lock)."""
+        still_waiting: collections.deque[TokenStream] = collections.deque()
+        while self._waiting:
+            stream = self._waiting.popleft()
+            if stream.cancelled:
+                stream.finish(FinishReason.CANCELLED)
+                continue
+            free = [slot for slot in self._slots if not slot.busy]
+            if not free:
+                still_waiting.append(stream)
+                continue
+            placement = self._place(stream.request.prompt_token_ids, free)
+            if placement is None:
+                self._stats.deferred += 1
+                still_waiting.append(stream)
+                continue
+            self._start(stream, *placement)
+        self._waiting = still_waiting
+
+    def _place(self, prompt: tuple[int, ...], free: list[_Slot]) -> tuple[_Slot, _Slot | None, int] | None:
+        """(slot to use, slot to copy a prefix from or None, prefix length to reuse), or None to wait.
+
+        The prompt's last token is always computed again, because its logits give the first token.
+        """
+        config = self.config
+        usable = len(prompt) - 1
+        if config.kv_unified:
+            # Copies are free and sequence ids need not be dense: keep the free slot whose own
+            # cache matches best (tie: the emptiest), so other caches survive for later requests.
+            slot = max(free, key=lambda s: (min(_common_prefix_length(s.cached, prompt), usable), -len(s.cached)))
+        else:
+            slot = free[0]  # lowest free sequence id keeps the decode in one chunk
+        own = min(_common_prefix_length(slot.cached, prompt), usable)
+        source, shared = None, own
+        if config.share_prefixes:
+            for other in self._slots:
+                if other is slot:
+                    continue
+                length = min(_common_prefix_length(other.cached, prompt), usable)
+                if length > shared:
+                    source, shared = other, length
+            if source is not None and shared - own < config.min_shared_prefix_tokens:
+                source, shared = None, own
+            # A prompt being prefilled now that shares much more: wait for it, then copy.
+            for other in self._slots:
+                if other.prefilling and other is not slot:
+                    upcoming = min(_common_prefix_length(list(other.prompt), prompt), usable)
+                    if upcoming - shared >= config.min_shared_prefix_tokens:
+                        return None
+        return slot, source, shared
+
+    def _start(self, stream: TokenStream, slot: _Slot, source: _Slot | None, reused: int) -> None:
+        llama, memory = self._llama, self._memory
+        prompt = stream.request.prompt_token_ids
+        if source is None:
+            llama.llama_memory_seq_rm(memory, slot.seq_id, reused if reused > 0 else -1, -1)
+        elif self.config.kv_unified:
+            llama.llama_memory_seq_rm(memory, slot.seq_id, -1, -1)
+            llama.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, 0, reused)
+        else:
+            # Separate buffers copy only whole: copy, then cut after the shared prefix.
+            llama.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, -1, -1)
+            llama.llama_memory_seq_rm(memory, slot.seq_id, reused, -1)
+        slot.cached = list(prompt[:reused])
+        slot.stream = stream
+        slot.prompt = prompt
+        slot.prefill_position = reused
+        slot.next_token = None
+        slot.generated = 0
+        self._prepare_sampling(slot, stream.request.sampling)
+        self._stats.admitted += 1
+        self._stats.prompt_tokens += len(prompt)
+        self._stats.reused_tokens += reused
+
+    def _prepare_sampling(self, slot: _Slot, sampling: SamplingParams) -> None:
+        llama = self._llama
+        slot.stop_set = frozenset(sampling.stop_token_ids)
+        slot.stop_ids = np.fromiter(slot.stop_set, dtype=np.int64) if slot.stop_set else None
+        if sampling.repetition_penalty != 1.0:
+            slot.penalized_set = set(slot.prompt)
+            slot.penalized_ids = np.fromiter(slot.penalized_set, dtype=np.int64)
+        else:
+            slot.penalized_set, slot.penalized_ids = set(), None
+        slot.sampler = None
+        if sampling.do_sample:
+            chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
+            # The order of transformers' warpers: temperature, then top-k, then top-p.
+            if sampling.temperature != 1.0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_temp(sampling.temperature))
+            if sampling.top_k > 0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(sampling.top_k))
+            if sampling.top_p < 1.0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(sampling.top_p, 1))
+            seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % llama.LLAMA_DEFAULT_SEED
+            llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
+            slot.sampler = chain
+
+    def _release(self, slot: _Slot, reason: FinishReason, error: BaseException | None = None) -> None:
+        """End the slot's request; its KV stays as a prefix cache for the next requests."""
+        if slot.stream is not None:
+            slot.stream.finish(reason, error)
+        if slot.sampler is not None:
+            self._llama.llama_sampler_free(slot.sampler)
+        slot.stream = None
+        slot.sampler = None
+        slot.next_token = None
+        slot.prompt = ()
+
+    def _release_cancelled(self) -> None:
+        for slot in self._slots:
+            if slot.busy and slot.stream.cancelled:
+                self._release(slot, FinishReason.CANCELLED)
+
+    def _fail_all(self, error: BaseException) -> None:
+        """A failed decode leaves the KV in an unknown state: fail the busy rows and drop their KV."""
+        for slot in self._slots:
+            if slot.busy:
+                self._release(slot, FinishReason.ERROR, error)
+                self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+                slot.cached = []
+
+    def _drop_idle_caches(self) -> None:
+        for slot in self._slots:
+            if not slot.busy and slot.cached:
+                self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
+                slot.cached = []
+
+    # --- one step: build the batch, decode, sample ---------------------------------------------
+    def _step(self, started: float) -> None:
+        llama, batch = self._llama, self._batch
+        rows: list[tuple[_Slot, list[int], int]] = []  # slot, tokens fed, batch index of its logits (-1: none)
+        decoding = sum(1 for slot in self._slots if slot.busy and not slot.prefilling)
+        prefill_budget = self.config.batch_tokens - decoding
+        count = 0
+        for slot in self._slots:  # in sequence id order, as llama.cpp splits batches by it
+            if not slot.busy:
+                continue
+            if slot.prefilling:
+                if prefill_budget <= 0:
+                    continue
+                start = slot.prefill_position
+                tokens = list(slot.prompt[start : start + prefill_budget])
+                prefill_budget -= len(tokens)
+                wants_logits = start + len(tokens) == len(slot.prompt)
+            else:
+                tokens = [slot.next_token]
+                wants_logits = True
+            position = len(slot.cached)
+            seq_id = slot.seq_id
+            for offset, token in enumerate(tokens):
+                index = count + offset
+                batch.token[index] = token
+                batch.pos[index] = position + offset
+                batch.n_seq_id[index] = 1
+                batch.seq_id[index][0] = seq_id
+                batch.logits[index] = 0
+            count += len(tokens)
+            if wants_logits:
+                batch.logits[count - 1] = 1
+            rows.append((slot, tokens, count - 1 if wants_logits else -1))
+        batch.n_tokens = count
+        decode_started = time.perf_counter()
+        self._stats.schedule_seconds += decode_started - started
+
+        result = llama.llama_decode(self._context, batch)
+        if result == 1:  # no room in the KV: drop the idle slots' caches and try once more
+            self._drop_idle_caches()
+            result = llama.llama_decode(self._context, batch)
+        if result != 0:
+            raise EngineError(f"llama_decode failed with code {result}")
+        sample_started = time.perf_counter()
+        self._stats.decode_seconds += sample_started - decode_started
+        self._stats.steps += 1
+
+        for slot, tokens, logits_index in rows:
+            slot.cached.extend(tokens)
+            if slot.prefilling:
+                slot.prefill_position += len(tokens)
+                self._stats.prefilled_tokens += len(tokens)
+                if logits_index < 0:
+                    continue
+            else:
+                self._stats.decoded_tokens += 1
+            self._sample(slot, logits_index)
+        self._stats.sample_seconds += time.perf_counter() - sample_started
+
+    def _sample(self, slot: _Slot, logits_index: int) -> None:
+        sampling = slot.stream.request.sampling
+        logits = np.ctypeslib.as_array(
+            self._llama.llama_get_logits_ith(self._context, logits_index), shape=(self.model.n_vocab,)
+        )
+        if slot.penalized_ids is not None:  # as transformers: once per distinct token seen
+            seen = logits[slot.penalized_ids]
+            penalty = sampling.repetition_penalty
+            logits[slot.penalized_ids] = np.where(seen < 0, seen * penalty, seen / penalty)
+        if slot.stop_ids is not None and slot.generated < sampling.min_new_tokens:
+            logits[slot.stop_ids] = -np.inf
+        if slot.sampler is None:
+            token = int(np.argmax(logits))
+        else:
+            token = int(self._llama.llama_sampler_sample(slot.sampler, self._context, logits_index))
+
+        if token in slot.stop_set:
+            self._release(slot, FinishReason.STOP)
+            return
+        slot.stream.push(token)
+        slot.generated += 1
+        if slot.penalized_ids is not None and token not in slot.penalized_set:
+            slot.penalized_set.add(token)
+            slot.penalized_ids = np.append(slot.penalized_ids, token)
+        if slot.generated >= sampling.max_new_tokens or len(slot.cached) >= self._context_per_slot:
+            self._release(slot, FinishReason.LENGTH)
+        else:
+            slot.next_token = token
