@@ -124,7 +124,8 @@ class GenerationConfig(BaseModel):
         if override is None:
             return self
         values = {**self.model_dump(), **override.model_dump(exclude_unset=True)}
-        return GenerationConfig.model_validate(values)
+        # type(self): a service's subclass (extra keys such as OpenAI's penalties) stays itself.
+        return type(self).model_validate(values)
 
     def check_caps(self, caps: GenerationCaps, field_prefix: str = "") -> None:
         """Raise RequestValidationError when the config asks for more than the deployment allows."""
