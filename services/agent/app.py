@@ -1,0 +1,138 @@
+"""The agent's HTTP layer (Dream's agent API): `create_app()` with thin routes and one error handler.
+
+    POST /                  a user's turn -> dialog_id, utt_id, user_id, response, active_skill, ...
+    GET  /api/dialogs/<id>  a stored dialog
+    GET  /api/user/<id>     the ids of a user's dialogs
+    GET  /ping, /health
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import socket
+
+from flask import Flask, Response, jsonify, request
+from pydantic import ValidationError
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from services.agent.pipeline import load_pipeline
+from services.agent.protocol import COMMANDS, TurnRequest
+from services.agent.service import Agent
+from services.agent.settings import Settings
+from services.agent.store import DialogStore
+
+logger = logging.getLogger(__name__)
+
+
+class BadRequest(ValueError):
+    """Bad input: `message` says what is wrong, `field` where; `status` is 400 or 413."""
+
+    def __init__(self, message: str, field: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.message, self.field, self.status = message, field, status
+
+
+class NotFound(LookupError):
+    pass
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """The agent's Flask app; settings come from the environment unless given."""
+    settings = settings or Settings.from_env()
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    agent = Agent(settings, load_pipeline(settings.pipeline_config), DialogStore(settings.state_db_path))
+    app.extensions["agent"] = agent
+    waited_for: set[str] = set()
+
+    @app.post("/")
+    def turn() -> Response:
+        turn_request = parse_turn(settings)
+        if turn_request.payload.strip() in COMMANDS:
+            agent.close_dialog(turn_request.user_id)
+            return jsonify({"user_id": turn_request.user_id, "command": turn_request.payload.strip()})
+        return jsonify(agent.handle_turn(turn_request).model_dump())
+
+    @app.get("/api/dialogs/<dialog_id>")
+    def dialog(dialog_id: str) -> Response:
+        found = agent.store.dialog(dialog_id)
+        if found is None:
+            raise NotFound(f"dialog {dialog_id!r} does not exist")
+        return jsonify(found)
+
+    @app.get("/api/user/<user_id>")
+    def dialogs_of_user(user_id: str) -> Response:
+        return jsonify({"user_id": user_id, "dialog_ids": agent.store.dialog_ids_of(user_id)})
+
+    @app.route("/ping", methods=["GET", "POST"])
+    def ping() -> Response:
+        return jsonify("pong")
+
+    @app.get("/health")
+    def health():
+        waiting = [host for host in settings.wait_hosts if host not in waited_for and not _accepts(host)]
+        waited_for.update(h for h in settings.wait_hosts if h not in waiting)
+        body = {"status": "ok" if not waiting else "waiting", "service": settings.service_name,
+                "pipeline": agent.pipeline.service_names(), "waiting_for": waiting}
+        return jsonify(body), 200 if not waiting else 503
+
+    _register_error_handlers(app)
+    return app
+
+
+def parse_turn(settings: Settings) -> TurnRequest:
+    try:
+        data = json.loads(request.get_data(cache=False))
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("the request body must be JSON, e.g. {\"user_id\": \"me\", \"payload\": \"Hi\"}") from None
+    if not isinstance(data, dict):
+        raise BadRequest("the request body must be a JSON object with user_id and payload")
+    try:
+        turn_request = TurnRequest.model_validate(data)
+    except ValidationError as error:
+        first = error.errors(include_url=False)[0]
+        field = ".".join(str(part) for part in first["loc"])
+        message = "this field is required" if first["type"] == "missing" else first["msg"]
+        raise BadRequest(f"{field}: {message}", field) from None
+    if len(turn_request.payload) > settings.max_payload_chars:
+        raise BadRequest(f"payload: {len(turn_request.payload)} characters, over the limit of "
+                         f"{settings.max_payload_chars} (MAX_PAYLOAD_CHARS)", "payload", status=413)
+    return turn_request
+
+
+def _accepts(host_port: str) -> bool:
+    host, _, port = host_port.rpartition(":")
+    try:
+        with socket.create_connection((host, int(port)), timeout=1):
+            return True
+    except (OSError, ValueError):
+        return False
+
+
+def _error(status: int, message: str, field: str | None = None):
+    return jsonify({"error": {"message": message, "field": field}}), status
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(BadRequest)
+    def bad_request(error: BadRequest):
+        return _error(error.status, error.message, error.field)
+
+    @app.errorhandler(NotFound)
+    def not_found(error: NotFound):
+        return _error(404, str(error))
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(error: RequestEntityTooLarge):
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        return _error(413, f"the request body is over the agent's limit of {limit} bytes (MAX_REQUEST_BYTES)")
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return _error(error.code or 500, error.description or error.name)
+
+    @app.errorhandler(Exception)
+    def internal_error(error: Exception):
+        logger.exception("internal error answering %s %s", request.method, request.path)
+        return _error(500, f"internal error: {type(error).__name__}")

@@ -1,0 +1,119 @@
+"""Dream's state formatters that the agent knows, by name: what a service is sent, how its answer is read.
+
+A pipeline names them Dream's way (`state_formatters.dp_formatters:full_history_dialog`); only the
+part after the colon matters. Dialog formatters turn the dialog into one request for a batch of
+one; response formatters turn the service's answer for that dialog into what the state method stores.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable
+
+# Utterances a skill sees; Dream's formatters cut the history too (its get_last_n_turns).
+SKILL_CONTEXT_UTTERANCES = 20
+
+
+def short_name(name: str) -> str:
+    return name.rsplit(":", 1)[-1]
+
+
+def _recent_dialog(dialog: dict) -> dict:
+    recent = dict(dialog)
+    recent["utterances"] = dialog["utterances"][-SKILL_CONTEXT_UTTERANCES:]
+    recent["human_utterances"] = [u for u in recent["utterances"] if u["user"]["user_type"] == "human"]
+    recent["bot_utterances"] = [u for u in recent["utterances"] if u["user"]["user_type"] == "bot"]
+    return recent
+
+
+def dialogs_batch(dialog: dict) -> dict:
+    """`{"dialogs": [dialog]}` with the recent utterances: what Dream skills and selectors take."""
+    return {"dialogs": [_recent_dialog(dialog)]}
+
+
+def last_human_sentences(dialog: dict) -> dict:
+    return {"sentences": [dialog["human_utterances"][-1]["text"]]}
+
+
+def hypotheses_sentences(dialog: dict) -> dict:
+    return {"sentences": [h["text"] for h in dialog["human_utterances"][-1].get("hypotheses", [])]}
+
+
+DIALOG_FORMATTERS: dict[str, Callable[[dict], dict]] = {
+    "full_dialog": dialogs_batch,
+    "full_history_dialog": dialogs_batch,
+    "dff_universal_prompted_skill_formatter": dialogs_batch,
+    "base_skill_selector_formatter_dialog": dialogs_batch,
+    "utt_sentrewrite_modified_last_dialog": dialogs_batch,
+    "last_utt_dialog": last_human_sentences,
+    "preproc_last_human_utt_dialog": last_human_sentences,
+    "hypotheses_list": hypotheses_sentences,
+}
+
+
+def simple(payload: Any) -> Any:
+    return payload
+
+
+def _hypothesis(item: list | tuple) -> dict:
+    hypothesis = {"text": item[0], "confidence": item[1]}
+    if len(item) >= 4:
+        hypothesis["human_attributes"] = item[2] if isinstance(item[2], dict) else {}
+        hypothesis["bot_attributes"] = item[3] if isinstance(item[3], dict) else {}
+    if len(item) in (3, 5) and isinstance(item[-1], dict):
+        hypothesis.update(item[-1])
+    return hypothesis
+
+
+def skill_with_attributes(payload: Any) -> list[dict]:
+    """Dream skills' `(text, confidence, [human_attrs, bot_attrs,] attrs)`, or parallel lists of them."""
+    if not isinstance(payload, (list, tuple)) or len(payload) < 2:
+        raise ValueError("a skill's answer must be [text, confidence, ...] or lists of them")
+    if isinstance(payload[0], list) and isinstance(payload[1], list):
+        items = list(zip(*payload))
+    else:
+        items = [payload]
+    hypotheses = []
+    for item in items:
+        text, confidence = item[0], item[1]
+        if isinstance(text, str) and text.strip() and isinstance(confidence, (int, float)) and confidence > 0:
+            hypotheses.append(_hypothesis(item))
+    return hypotheses
+
+
+def base_skill(payload: Any) -> list[dict]:
+    return skill_with_attributes(list(payload[:2]))
+
+
+def base_response_selector(payload: Any) -> dict:
+    """Dream's selector answer `[skill_name, text, confidence, human_attrs, bot_attrs]`, or already a dict."""
+    if isinstance(payload, dict):
+        return payload
+    skill_name, text, confidence, *rest = payload
+    return {
+        "skill_name": skill_name,
+        "text": text,
+        "confidence": confidence,
+        "human_attributes": rest[0] if len(rest) > 0 else {},
+        "bot_attributes": rest[1] if len(rest) > 1 else {},
+    }
+
+
+RESPONSE_FORMATTERS: dict[str, Callable[[Any], Any]] = {
+    "simple_formatter_service": simple,
+    "skill_with_attributes_formatter_service": skill_with_attributes,
+    "base_skill_formatter": base_skill,
+    "base_response_selector_formatter_service": base_response_selector,
+}
+
+
+def dialog_formatter(name: str | None) -> Callable[[dict], dict]:
+    return DIALOG_FORMATTERS[short_name(name)] if name else dialogs_batch
+
+
+def response_formatter(name: str | None) -> Callable[[Any], Any]:
+    return RESPONSE_FORMATTERS[short_name(name)] if name else simple
+
+
+def deep_copy(value: Any) -> Any:
+    return copy.deepcopy(value)

@@ -1,0 +1,63 @@
+"""Wire models of the agent's HTTP API, compatible with Dream's agent."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, StrictStr
+
+# Request fields that carry credentials for a skill's LLM (OPENAI_API_KEY, openai_organization, ...):
+# passed to the skills for this turn only, never stored and never logged.
+KEY_FIELD = re.compile(r"^[A-Za-z][A-Za-z0-9_]*_(API_KEY|KEY|TOKEN|SECRET|CREDENTIALS?|PASSWORD|ORGANIZATION|SCOPE)$", re.I)
+COMMANDS = ("/start", "/close")
+
+
+class TurnRequest(BaseModel):
+    """`POST /`: a user's turn. Fields other than these become the utterance's attributes, as in Dream."""
+
+    model_config = ConfigDict(extra="allow")
+
+    user_id: StrictStr = Field(min_length=1, max_length=256)
+    payload: StrictStr
+    prompt: StrictStr | None = None
+    lm_service_url: StrictStr | None = None
+    api_keys: dict[str, StrictStr] | None = None
+
+    def split_attributes(self) -> tuple[dict[str, Any], dict[str, str]]:
+        """(attributes to store with the utterance, keys for this turn only), keys by lower-case name."""
+        attributes: dict[str, Any] = {}
+        keys: dict[str, str] = {name.lower(): value for name, value in (self.api_keys or {}).items()}
+        extras = dict(self.model_extra or {})
+        extras.update({"prompt": self.prompt, "lm_service_url": self.lm_service_url})
+        for name, value in extras.items():
+            if value is None:
+                continue
+            if KEY_FIELD.match(name):
+                if isinstance(value, str) and value:
+                    keys[name.lower()] = value
+                continue
+            attributes[name] = value
+        return attributes, keys
+
+
+class Hypothesis(BaseModel):
+    """One skill's candidate answer, as stored with the user's utterance and shown in debug_output."""
+
+    model_config = ConfigDict(extra="allow")
+
+    skill_name: str
+    text: str
+    confidence: float
+
+
+class TurnResponse(BaseModel):
+    """What `POST /` answers (Dream's http output formatter, plus confidence and debug_output)."""
+
+    dialog_id: str
+    utt_id: str
+    user_id: str
+    response: str
+    active_skill: str
+    confidence: float
+    debug_output: list[dict[str, Any]] = Field(default_factory=list)

@@ -1,0 +1,245 @@
+"""The agent's work: one user turn through the pipeline, then the turn stored.
+
+Services run in dependency order (`previous_services`); every service whose dependencies are done
+starts at once, HTTP ones concurrently on a thread pool. A service that fails or passes its
+connector timeout is skipped and logged; the pipeline goes on without it. When no skill answered,
+the last-chance service answers; when the whole turn passes RESPONSE_TIME_LIMIT, the timeout service.
+Keys sent with the turn reach the skills in this turn's dialog only: they are never stored, never
+logged, and scrubbed from anything a service gives back.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+
+import requests
+
+from services.agent import connectors, formatters
+from services.agent.pipeline import Pipeline, PipelineService
+from services.agent.protocol import TurnRequest, TurnResponse
+from services.agent.settings import Settings
+from services.agent.state_methods import STATE_METHODS
+from services.agent.store import DialogStore, new_id, now
+
+logger = logging.getLogger(__name__)
+REDACTED = "[redacted]"
+
+
+def redact(value: Any, secrets: list[str]) -> Any:
+    """`value` with every secret string replaced, however deep it sits."""
+    if not secrets:
+        return value
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, REDACTED)
+        return value
+    if isinstance(value, dict):
+        return {redact(k, secrets): redact(v, secrets) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [redact(v, secrets) for v in value]
+    return value
+
+
+@dataclass
+class Turn:
+    """The dialog while one turn runs through the pipeline (Dream's dialog dict, plus this turn's keys)."""
+
+    dialog: dict
+    human_utterance: dict
+    keys: dict[str, str] = field(repr=False)
+    bot_utterance: dict | None = None
+    selected_skills: set[str] | None = None
+    human_attributes: dict = field(default_factory=dict)
+    bot_attributes: dict = field(default_factory=dict)
+
+    def view(self) -> dict:
+        """What services see: the dialog with this turn's keys in the user's last utterance's attributes."""
+        dialog = formatters.deep_copy(self.dialog)
+        if self.keys:
+            last = dialog["utterances"][-1]
+            last["attributes"]["api_keys"] = dict(self.keys)
+        dialog["human_utterances"] = [u for u in dialog["utterances"] if u["user"]["user_type"] == "human"]
+        dialog["bot_utterances"] = [u for u in dialog["utterances"] if u["user"]["user_type"] == "bot"]
+        return dialog
+
+    def set_bot_utterance(self, text: str, active_skill: str, confidence: float, human_attributes: dict | None = None,
+                          bot_attributes: dict | None = None, annotations: dict | None = None) -> None:
+        self.bot_utterance = {
+            "utt_id": new_id(),
+            "text": text,
+            "orig_text": None,
+            "user": {"user_type": "bot"},
+            "active_skill": active_skill,
+            "confidence": confidence,
+            "annotations": dict(annotations or {}),
+            "attributes": {},
+            "date_time": now(),
+        }
+        self.human_attributes.update(human_attributes or {})
+        self.bot_attributes.update(bot_attributes or {})
+
+
+@dataclass
+class Outcome:
+    ok: bool
+    reason: str = ""
+
+
+class Agent:
+    """Runs turns; its pipeline, state store and HTTP session come through the constructor."""
+
+    def __init__(self, settings: Settings, pipeline: Pipeline, store: DialogStore,
+                 session: requests.Session | None = None):
+        self.settings = settings
+        self.pipeline = pipeline
+        self.store = store
+        self.session = session or requests.Session()
+        adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=settings.service_threads)
+        self.session.mount("http://", adapter)
+        self.pool = ThreadPoolExecutor(max_workers=settings.service_threads, thread_name_prefix="agent-service")
+        self._skill_names = [s.short_name for s in pipeline.services if s.group == "skills"]
+
+    def close_dialog(self, user_id: str) -> None:
+        self.store.close_active_dialog(user_id)
+
+    def handle_turn(self, request: TurnRequest) -> TurnResponse:
+        started = time.monotonic()
+        attributes, keys = request.split_attributes()
+        secrets = sorted(set(keys.values()), key=len, reverse=True)
+        dialog = self.store.active_dialog(request.user_id)
+        human_utterance = {
+            "utt_id": new_id(),
+            "text": request.payload,
+            "user": {"user_type": "human"},
+            "annotations": {},
+            "hypotheses": [],
+            "attributes": attributes,
+            "date_time": now(),
+        }
+        dialog["utterances"].append(human_utterance)
+        turn = Turn(dialog=dialog, human_utterance=human_utterance, keys=keys)
+
+        timed_out = self._run_pipeline(turn, secrets, deadline=started + self.settings.response_time_limit)
+        if turn.bot_utterance is None:
+            special = self.pipeline.timeout if timed_out else None
+            for service in (special, self.pipeline.last_chance):
+                if service is not None and turn.bot_utterance is None:
+                    self._apply(turn, service, self._call_python(service, turn), secrets)
+        if turn.bot_utterance is None:  # a pipeline without a last-chance service
+            turn.set_bot_utterance("Sorry, something went wrong inside.", "last_chance_service", 0.0)
+
+        # Nothing a service gave back may carry a key into the state.
+        human_utterance.update(redact({k: human_utterance[k] for k in ("annotations", "hypotheses")}, secrets))
+        bot_utterance = redact(turn.bot_utterance, secrets)
+        self.store.append_turn(
+            dialog["dialog_id"], human_utterance, bot_utterance,
+            redact(turn.human_attributes, secrets), redact(turn.bot_attributes, secrets),
+        )
+        logger.info(
+            "turn of user %s in dialog %s answered by %s in %.2fs",
+            request.user_id, dialog["dialog_id"], bot_utterance["active_skill"], time.monotonic() - started,
+        )
+        return TurnResponse(
+            dialog_id=dialog["dialog_id"],
+            utt_id=bot_utterance["utt_id"],
+            user_id=request.user_id,
+            response=bot_utterance["text"],
+            active_skill=bot_utterance["active_skill"],
+            confidence=bot_utterance["confidence"],
+            debug_output=[
+                {"skill_name": h["skill_name"], "text": h["text"], "confidence": h["confidence"]}
+                for h in human_utterance["hypotheses"]
+            ],
+        )
+
+    def _run_pipeline(self, turn: Turn, secrets: list[str], deadline: float) -> bool:
+        """Run every service once its previous services are done; True when the turn ran out of time."""
+        pending = list(self.pipeline.services)
+        outcomes: dict[str, Outcome] = {}
+        running: dict[Future, tuple[PipelineService, float]] = {}
+        while pending or running:
+            for service in [s for s in pending if all(p in outcomes for p in s.previous_services)]:
+                pending.remove(service)
+                outcome = self._start(service, turn, outcomes, running, secrets)
+                if outcome is not None:  # None: running; its outcome comes when it finishes
+                    outcomes[service.name] = outcome
+            if not running:
+                if pending and not any(all(p in outcomes for p in s.previous_services) for s in pending):
+                    raise RuntimeError("pipeline stalled: " + ", ".join(s.name for s in pending))
+                continue
+            now_ = time.monotonic()
+            if now_ >= deadline:
+                for future, (service, _) in running.items():
+                    future.cancel()
+                    logger.warning("%s skipped: the turn passed RESPONSE_TIME_LIMIT", service.name)
+                return True
+            next_deadline = min([d for _, d in running.values()] + [deadline])
+            finished, _ = wait(list(running), timeout=max(0.0, next_deadline - now_), return_when=FIRST_COMPLETED)
+            for future in finished:
+                service, _ = running.pop(future)
+                outcomes[service.name] = self._finish(service, future, turn, secrets)
+            now_ = time.monotonic()
+            for future, (service, service_deadline) in list(running.items()):
+                if now_ >= service_deadline and not future.done():
+                    running.pop(future)
+                    future.cancel()
+                    logger.warning("%s skipped: no answer within its timeout of %gs",
+                                   service.name, service.connector.timeout)
+                    outcomes[service.name] = Outcome(False, "timeout")
+        return False
+
+    def _start(self, service: PipelineService, turn: Turn, outcomes: dict[str, Outcome],
+               running: dict, secrets: list[str]) -> Outcome | None:
+        failed = [p for p in service.required_previous_services if not outcomes[p].ok]
+        if failed:
+            logger.warning("%s skipped: required %s did not answer", service.name, ", ".join(failed))
+            return Outcome(False, "required service failed")
+        if service.group == "skills" and turn.selected_skills is not None \
+                and service.short_name not in turn.selected_skills:
+            return Outcome(True, "not selected")
+        if service.connector.protocol == "python":
+            try:
+                self._apply(turn, service, self._call_python(service, turn), secrets)
+            except Exception:
+                logger.exception("%s failed; skipped", service.name)
+                return Outcome(False, "failed")
+            return Outcome(True)
+        payload = formatters.dialog_formatter(service.dialog_formatter)(turn.view())
+        future = self.pool.submit(connectors.call_http, self.session, service.connector.url, payload,
+                                  service.connector.timeout)
+        running[future] = (service, time.monotonic() + service.connector.timeout)
+        return None
+
+    def _finish(self, service: PipelineService, future: Future, turn: Turn, secrets: list[str]) -> Outcome:
+        try:
+            raw = future.result()
+            result = formatters.response_formatter(service.response_formatter)(raw)
+            self._apply(turn, service, result, secrets)
+        except connectors.ServiceCallError as error:
+            logger.warning("%s skipped: %s", service.name, redact(str(error), secrets))
+            return Outcome(False, "failed")
+        except Exception as error:  # a malformed answer must not cost the user the turn
+            logger.warning("%s skipped: its answer could not be used (%s: %s)",
+                           service.name, type(error).__name__, redact(str(error), secrets)[:200])
+            return Outcome(False, "bad answer")
+        if service.group == "skills" and not result:
+            logger.info("%s gave no hypothesis: %s", service.name, redact(str(raw), secrets)[:300])
+        return Outcome(True)
+
+    def _call_python(self, service: PipelineService, turn: Turn) -> Any:
+        options = dict(service.connector.options)
+        if service.is_selector:
+            options.setdefault("skill_names", self._skill_names)
+        return connectors.python_connector(service.connector.class_name)(turn.view(), options)
+
+    def _apply(self, turn: Turn, service: PipelineService, result: Any, secrets: list[str]) -> None:
+        if service.is_selector and service.group == "skill_selectors":
+            turn.selected_skills = set(result) if result is not None else None
+            return
+        if service.state_manager_method:
+            name = service.short_name if service.group else service.name
+            STATE_METHODS[formatters.short_name(service.state_manager_method)](turn, name, redact(result, secrets))

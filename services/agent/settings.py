@@ -1,0 +1,72 @@
+"""The agent's settings, read once from the environment (names as Dream's agent uses them)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_PIPELINE = "assistant_dists/universal_prompted_assistant/pipeline_conf.json"
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message names the env var."""
+
+
+class Settings(BaseModel):
+    """Everything the agent reads from its environment, documented by field."""
+
+    model_config = ConfigDict(frozen=True)
+
+    service_name: str = Field("agent", description="SERVICE_NAME: the name in logs and /health")
+    service_port: int = Field(4242, description="SERVICE_PORT: the port gunicorn binds")
+    pipeline_config: Path = Field(
+        REPO_ROOT / DEFAULT_PIPELINE,
+        description="PIPELINE_CONFIG: the distribution's pipeline_conf.json (relative to the repository root)",
+    )
+    state_db_path: Path = Field(
+        REPO_ROOT / ".parley" / "agent-state.sqlite3",
+        description="STATE_DB_PATH: the SQLite file of users, dialogs and utterances",
+    )
+    wait_hosts: list[str] = Field(
+        default_factory=list, description="WAIT_HOSTS: `host:port, ...` that must accept connections before /health is 200"
+    )
+    response_time_limit: float = Field(
+        60.0, gt=0, description="RESPONSE_TIME_LIMIT: seconds a turn may take before the timeout_service answers"
+    )
+    max_request_bytes: int = Field(64 * 1024, ge=1024, description="MAX_REQUEST_BYTES: the largest request body")
+    max_payload_chars: int = Field(4000, ge=1, description="MAX_PAYLOAD_CHARS: the longest user utterance")
+    service_threads: int = Field(32, ge=1, description="SERVICE_THREADS: calls to services that may run at once")
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        env = os.environ if environ is None else environ
+        values: dict = {}
+        for name, field in (
+            ("SERVICE_NAME", "service_name"),
+            ("SERVICE_PORT", "service_port"),
+            ("RESPONSE_TIME_LIMIT", "response_time_limit"),
+            ("MAX_REQUEST_BYTES", "max_request_bytes"),
+            ("MAX_PAYLOAD_CHARS", "max_payload_chars"),
+            ("SERVICE_THREADS", "service_threads"),
+        ):
+            if env.get(name, "").strip():
+                values[field] = env[name].strip()
+        for name, field in (("PIPELINE_CONFIG", "pipeline_config"), ("STATE_DB_PATH", "state_db_path")):
+            if env.get(name, "").strip():
+                values[field] = resolve_repo_path(env[name].strip())
+        values["wait_hosts"] = [host.strip() for host in env.get("WAIT_HOSTS", "").split(",") if host.strip()]
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            first = error.errors(include_url=False)[0]
+            raise SettingsError(f"setting {first['loc'][0]}: {first['msg']}") from None
+
+
+def resolve_repo_path(name: str) -> Path:
+    """A relative path means the same in a checkout and in an image: relative to the repository root."""
+    path = Path(name)
+    return path if path.is_absolute() else REPO_ROOT / path
