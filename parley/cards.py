@@ -1,0 +1,222 @@
+"""Component cards: the schema of `components/<name>.yml`, loading them, and their errors.
+
+A card is Dream's component card (name, group, connector, formatters, ...) plus, for an LLM, a
+`model` section with what a model registry keeps per model. Everything else in a distribution that
+mentions a component (ports, overlays, generated configs, MODELS.md) is derived from its card.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from common.lm_protocol import GenerationConfig
+from parley.yamlio import YamlSyntaxError, load_yaml_text
+
+DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+ENV_VAR_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
+RAM_USAGE = re.compile(r"^\d+(\.\d+)?[KMGT]$")
+LLM_GROUP = "services"
+AGENT_GROUP = "agent"
+# The package folder of each LLM backend (the `api` of a card's model section).
+LLM_SERVICE_FOLDERS = {"transformers": "services/transformers_lm", "openai": "services/openai_api_lm"}
+
+
+class CardError(ValueError):
+    """A card that cannot be used; `problems` holds one "file: field: message" line each."""
+
+    def __init__(self, problems: list[str]):
+        super().__init__("\n".join(problems))
+        self.problems = problems
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Connector(_Strict):
+    protocol: Literal["http"] = "http"
+    timeout: float = Field(gt=0)
+    url: str
+
+    @field_validator("url")
+    @classmethod
+    def _http_url_with_port(cls, url: str) -> str:
+        parts = urlsplit(url)
+        if parts.scheme != "http" or not parts.hostname or parts.port is None:
+            raise ValueError("must be http://<service>:<port>/<endpoint>")
+        if not 1024 <= parts.port <= 65535:
+            raise ValueError(f"port {parts.port} is outside 1024-65535")
+        return url
+
+
+class ModelSection(_Strict):
+    """What a model registry keeps per model."""
+
+    api: Literal["transformers", "openai"] = "transformers"
+    source: str = Field(description="embedded name, local directory, .gguf file or Hugging Face id; for api=openai the upstream model name")
+    sha256: str | None = None
+    aliases: list[str] = []
+    context_length: int | None = Field(None, ge=1)
+    half_precision: bool = False
+    license: str | None = None
+    prompt_format: str | None = Field(None, description="a str.format template with {system} and {messages}; none: the tokenizer's chat template")
+    stop: list[str] = []
+    # The model's default generative config (common/generative_configs/<name>.json): only the keys an
+    # LLM service accepts (common.lm_protocol.GenerationConfig), kept as written.
+    generation_config: dict[str, Any] = {}
+    key_env_vars: list[str] = []
+    base_url: str | None = None
+
+    @field_validator("sha256")
+    @classmethod
+    def _hex_digest(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value):
+            raise ValueError("must be 64 lowercase hex digits")
+        return value
+
+    @field_validator("key_env_vars")
+    @classmethod
+    def _env_var_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            if not ENV_VAR_NAME.match(name):
+                raise ValueError(f"{name!r} is not an env var name (A-Z, 0-9, _)")
+        return names
+
+    @field_validator("generation_config")
+    @classmethod
+    def _valid_generation_keys(cls, config: dict[str, Any]) -> dict[str, Any]:
+        try:
+            GenerationConfig.model_validate(config)
+        except ValidationError as error:
+            raise ValueError("; ".join(generation_config_problems(error))) from None
+        return config
+
+    @model_validator(mode="after")
+    def _api_fields(self) -> "ModelSection":
+        if self.api == "openai" and not self.base_url:
+            raise ValueError("an api=openai model needs base_url (the upstream's /v1 URL)")
+        if self.api == "transformers" and self.base_url:
+            raise ValueError("base_url is only for api=openai models")
+        return self
+
+
+class Card(_Strict):
+    """A component card (Dream's fields) with an optional `model` section for LLMs."""
+
+    name: str
+    display_name: str
+    component_type: str | None = None
+    model_type: str | None = None
+    is_customizable: bool = False
+    author: str
+    description: str
+    ram_usage: str
+    gpu_usage: str | None = None
+    group: str
+    connector: Connector
+    dialog_formatter: str | dict[str, Any] | None = None
+    response_formatter: str | None = None
+    previous_services: list[str] | None = None
+    required_previous_services: list[str] | None = None
+    state_manager_method: str | None = None
+    tags: list[str] | None = None
+    endpoint: str
+    service: str
+    date_created: str
+    model: ModelSection | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _dns_label(cls, name: str) -> str:
+        if not DNS_LABEL.match(name):
+            raise ValueError(f"{name!r} is not a lowercase DNS label (a-z, 0-9 and '-', at most 63)")
+        return name
+
+    @field_validator("ram_usage", "gpu_usage")
+    @classmethod
+    def _memory_size(cls, value: str | None) -> str | None:
+        if value is not None and not RAM_USAGE.match(value):
+            raise ValueError(f"{value!r} is not a size such as 512M or 1.5G")
+        return value
+
+    @model_validator(mode="after")
+    def _url_names_the_service(self) -> "Card":
+        if urlsplit(self.connector.url).hostname != self.name:
+            raise ValueError(f"connector.url must name the service {self.name!r} as its host")
+        return self
+
+    @property
+    def port(self) -> int:
+        return urlsplit(self.connector.url).port  # type: ignore[return-value]
+
+    @property
+    def is_llm(self) -> bool:
+        return self.model is not None
+
+    @property
+    def is_agent(self) -> bool:
+        return self.group == AGENT_GROUP
+
+    @property
+    def calls_llms(self) -> bool:
+        """A prompted skill: it may call any LLM of its distribution (LLM_ENDPOINTS)."""
+        return self.service.startswith("skills/prompted_skill/") or self.service == "skills/prompted_skill"
+
+    @property
+    def respond_url(self) -> str:
+        return f"http://{self.name}:{self.port}/respond"
+
+
+def generation_config_problems(error: ValidationError) -> list[str]:
+    """"key: message" per problem of a generative config (unknown keys, wrong types, ranges)."""
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"]) or "(config)"
+        message = "unknown key (an LLM service accepts: " + ", ".join(GenerationConfig.model_fields) + ")" if item["type"] == "extra_forbidden" else item["msg"]
+        problems.append(f"{key}: {message}")
+    return problems
+
+
+def format_validation_error(path: str, error: ValidationError) -> list[str]:
+    """One "file: field: message" line per pydantic error."""
+    lines = []
+    for item in error.errors():
+        location = ".".join(str(part) for part in item["loc"]) or "(card)"
+        message = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{path}: {location}: {message}")
+    return lines
+
+
+def parse_card(data: Any, display_path: str) -> Card:
+    if not isinstance(data, dict):
+        raise CardError([f"{display_path}: (card): must be a YAML mapping"])
+    try:
+        return Card.model_validate(data)
+    except ValidationError as error:
+        raise CardError(format_validation_error(display_path, error)) from None
+
+
+def load_card(path: Path, display_path: str | None = None) -> Card:
+    shown = display_path or str(path)
+    try:
+        data = load_yaml_text(path.read_text(), shown)
+    except YamlSyntaxError as error:
+        raise CardError([str(error)]) from None
+    card = parse_card(data, shown)
+    if card.name != path.stem:
+        raise CardError([f"{shown}: name: {card.name!r} differs from the file name {path.stem!r}"])
+    return card
+
+
+def card_to_data(card: Card) -> dict[str, Any]:
+    """The card as plain data in the schema's field order, without unset model defaults noise."""
+    data = card.model_dump(mode="json")
+    if card.model is not None:
+        if card.model.api == "transformers":
+            data["model"].pop("base_url")
+    return data

