@@ -143,8 +143,8 @@ class GenerationConfig(BaseModel):
             )
 
 
-def load_generation_config(path: Path | str) -> GenerationConfig:
-    """A generative config file (JSON object of GenerationConfig keys), validated."""
+def load_generation_config(path: Path | str, model: type[GenerationConfig] = GenerationConfig) -> GenerationConfig:
+    """A generative config file (JSON object of `model`'s keys: GenerationConfig or a service's subclass), validated."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
@@ -153,7 +153,7 @@ def load_generation_config(path: Path | str) -> GenerationConfig:
     except json.JSONDecodeError as error:
         raise RequestValidationError(f"generative config file {str(path)!r} is not JSON: {error}", "GENERATIVE_CONFIG") from None
     try:
-        return GenerationConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as error:
         problem = validation_error_to_request_error(error)
         raise RequestValidationError(f"generative config file {str(path)!r}: {problem.message}", "GENERATIVE_CONFIG") from None
