@@ -1,0 +1,116 @@
+"""The OpenAI-API LLM service's HTTP layer: `create_app()` with thin routes and one place for errors.
+
+Errors are Dream's shape, `{"error": {"message", "field"}}`: 400 for bad input (naming the
+field), 413 for a body over MAX_REQUEST_BYTES, 502 when the upstream is unreachable or answers
+an error or nonsense, 504 when it does not answer within GENERATIVE_TIMEOUT, 500 for a failure
+of ours (logged with its traceback).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from common.lm_protocol import RequestValidationError
+from services.openai_api_lm.protocol import OpenAIGenerateGoalsRequest, OpenAIRespondRequest, parse_with_keys
+from services.openai_api_lm.service import OpenAIApiLM
+from services.openai_api_lm.settings import Settings, SettingsError
+from services.openai_api_lm.upstream import ChatCompletionsClient, UpstreamError, UpstreamTimeoutError
+
+logger = logging.getLogger(__name__)
+
+
+def create_app(settings: Settings | None = None, client: ChatCompletionsClient | None = None) -> Flask:
+    """The service's Flask app; settings come from the environment unless given."""
+    settings = settings or Settings.from_env()
+    try:
+        lm = OpenAIApiLM(settings, client)
+    except RequestValidationError as error:  # the default generative config file
+        raise SettingsError(error.message) from None
+    app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    app.extensions["openai_api_lm"] = lm
+    key_fields = ("openai_api_keys", settings.request_key_field)
+    logger.info(
+        "%s forwards to %s (model %s); API key from %s: %s; per-request keys %s",
+        settings.service_name,
+        settings.chat_completions_url,
+        settings.pretrained_model_name_or_path,
+        settings.openai_api_key_env_var,
+        "set" if settings.api_key else "not set, requests go without Authorization",
+        "allowed" if settings.allow_request_api_keys else "ignored",
+    )
+
+    @app.post("/respond")
+    def respond() -> Response:
+        respond_request, keys = parse_with_keys(OpenAIRespondRequest, _json_body(), key_fields)
+        return jsonify(lm.respond(respond_request.items(), keys))
+
+    @app.post("/generate_goals")
+    def generate_goals() -> Response:
+        goals_request, keys = parse_with_keys(OpenAIGenerateGoalsRequest, _json_body(), key_fields)
+        return jsonify(lm.generate_goals(goals_request.items(), keys))
+
+    @app.get("/health")
+    def health() -> Response:
+        return jsonify(
+            {
+                "status": "ok",
+                "service": settings.service_name,
+                "model": settings.pretrained_model_name_or_path,
+                "upstream": settings.openai_base_url,
+                "api_key": "set" if settings.api_key else "not set",
+            }
+        )
+
+    @app.route("/ping", methods=["GET", "POST"])
+    def ping() -> Response:
+        return jsonify("pong")
+
+    _register_error_handlers(app)
+    return app
+
+
+def _json_body() -> object:
+    try:
+        return json.loads(request.get_data(cache=False))
+    except (ValueError, UnicodeDecodeError):
+        raise RequestValidationError("the request body must be JSON", None) from None
+
+
+def _error(status: int, message: str, field: str | None = None) -> tuple[Response, int]:
+    return jsonify({"error": {"message": message, "field": field}}), status
+
+
+def _register_error_handlers(app: Flask) -> None:
+    @app.errorhandler(RequestValidationError)
+    def bad_request(error: RequestValidationError):
+        return _error(400, error.message, error.field)
+
+    @app.errorhandler(UpstreamTimeoutError)
+    def upstream_timeout(error: UpstreamTimeoutError):
+        logger.warning("504 for %s: %s", request.path, error)
+        return _error(504, str(error))
+
+    @app.errorhandler(UpstreamError)
+    def upstream_failed(error: UpstreamError):
+        # The upstream's failure, not ours: no traceback; the message has the key cut out.
+        logger.warning("502 for %s: %s", request.path, error)
+        return _error(502, str(error))
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(error: RequestEntityTooLarge):
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        return _error(413, f"the request body is over this service's limit of {limit} bytes (MAX_REQUEST_BYTES)")
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return _error(error.code or 500, error.description or error.name)
+
+    @app.errorhandler(Exception)
+    def internal_error(error: Exception):
+        logger.exception("internal error answering %s %s", request.method, request.path)
+        return _error(500, f"internal error: {type(error).__name__}")

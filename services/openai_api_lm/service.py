@@ -1,0 +1,149 @@
+"""The work of the OpenAI-API LLM service: Dream's dialogs in, chat completions from the upstream, hypotheses out.
+
+Knows nothing of HTTP on its own side; the upstream is reached through `ChatCompletionsClient`.
+Every dialog of a request becomes one chat completion call (several run at once), and all of a
+request's calls share one deadline, `GENERATIVE_TIMEOUT` seconds from its start.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Sequence, TypeVar
+
+from services.openai_api_lm.protocol import OpenAIGenerationConfig, RequestKeys
+from services.openai_api_lm.settings import Settings
+from services.openai_api_lm.upstream import ChatCompletionsClient, Credentials, UpstreamResponseError
+from common.lm_protocol import GenerateGoalsItem, RespondItem, load_generation_config
+
+logger = logging.getLogger(__name__)
+
+# Dialogs of one request asked at once; more wait for a free slot (within the same deadline).
+MAX_PARALLEL_UPSTREAM_CALLS = 8
+
+# /generate_goals, as Dream asks it: a greeting, then this instruction with the prompt; no system message.
+GOALS_INSTRUCTION = (
+    "Read the prompt below, which sets up a conversational assistant, and state in one short "
+    "sentence what that assistant helps its user to do.\n\n"
+    "Example:\n"
+    "Prompt: You are Chef Bot. Suggest recipes from the ingredients the user has at home and "
+    "explain each cooking step simply. Do not talk about anything else.\n"
+    "Result: Suggests recipes from the user's ingredients and explains how to cook them."
+)
+GOALS_GREETING = "hi"
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def chat_messages(prompt: str, dialog_context: Sequence[str]) -> list[dict[str, str]]:
+    """The prompt as the system message, then the dialog as turns that alternate and end with the user's.
+
+    Counting back from the last utterance (the user's), every other one is the assistant's, as Dream does.
+    """
+    messages = [{"role": "system", "content": prompt}] if prompt else []
+    last = len(dialog_context) - 1
+    for index, utterance in enumerate(dialog_context):
+        messages.append({"role": "user" if (last - index) % 2 == 0 else "assistant", "content": utterance})
+    return messages
+
+
+def goals_messages(prompt: str) -> list[dict[str, str]]:
+    return chat_messages("", [GOALS_GREETING, f"{GOALS_INSTRUCTION}\nPrompt: '''{prompt}'''\nResult:"])
+
+
+def hypotheses_from(answer: dict[str, Any]) -> list[str]:
+    """The texts of a chat completion's choices, in `index` order, stripped (a null content is "")."""
+    choices = answer.get("choices")
+    if not isinstance(choices, list):
+        raise UpstreamResponseError("the upstream's answer has no `choices` list: is the base URL an OpenAI API root?")
+    texts = []
+    for position, choice in enumerate(sorted(choices, key=_choice_index)):
+        message = choice.get("message") if isinstance(choice, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if content is not None and not isinstance(content, str):
+            raise UpstreamResponseError(f"the upstream's choices[{position}].message.content is not text")
+        texts.append((content or "").strip())
+    return texts
+
+
+def _choice_index(choice: Any) -> int:
+    index = choice.get("index") if isinstance(choice, dict) else None
+    return index if isinstance(index, int) else 0
+
+
+class OpenAIApiLM:
+    """Answers Dream's requests through one OpenAI-compatible upstream model."""
+
+    def __init__(self, settings: Settings, client: ChatCompletionsClient | None = None):
+        self.settings = settings
+        self.client = client or ChatCompletionsClient(settings.chat_completions_url)
+        path = settings.generative_config_path
+        # A bad file is a RequestValidationError naming GENERATIVE_CONFIG, raised at start-up.
+        self.default_config = load_generation_config(path, OpenAIGenerationConfig) if path else OpenAIGenerationConfig()
+        self._pool = ThreadPoolExecutor(MAX_PARALLEL_UPSTREAM_CALLS, thread_name_prefix="upstream")
+
+    def respond(self, items: Sequence[RespondItem], keys: RequestKeys) -> list[list[str]]:
+        """Hypotheses for every dialog: `num_return_sequences` each, in the order the dialogs came."""
+        deadline = time.monotonic() + self.settings.generative_timeout
+        configs = [self._config(item.config, f"configs[{index}]") for index, item in enumerate(items)]
+        credentials = self._credentials(keys, len(items))
+        calls = [
+            (chat_messages(item.prompt, item.dialog_context), config, credential)
+            for item, config, credential in zip(items, configs, credentials, strict=True)
+        ]
+        return self._map(lambda call: self._hypotheses(*call, deadline), calls)
+
+    def generate_goals(self, items: Sequence[GenerateGoalsItem], keys: RequestKeys) -> list[str]:
+        """For each prompt, a short description of what an assistant with that prompt is for."""
+        deadline = time.monotonic() + self.settings.generative_timeout
+        configs = [self._config(item.config, f"configs[{index}]") for index, item in enumerate(items)]
+        credentials = self._credentials(keys, len(items))
+        calls = [
+            (goals_messages(item.prompt), config, credential)
+            for item, config, credential in zip(items, configs, credentials, strict=True)
+        ]
+        return [texts[0] for texts in self._map(lambda call: self._hypotheses(*call, deadline), calls)]
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def _config(self, override: Any, field: str) -> OpenAIGenerationConfig:
+        config = self.default_config.merged_with(override)
+        config.check_caps(self.settings.caps, field)
+        return config
+
+    def _credentials(self, keys: RequestKeys, count: int) -> list[Credentials]:
+        own = self.settings.api_key.get_secret_value() if self.settings.api_key else None
+        if not self.settings.allow_request_api_keys:
+            if keys.present:
+                logger.info("the request's own API key fields are ignored (ALLOW_REQUEST_API_KEYS is off)")
+            return [Credentials(own)] * count
+        return [
+            Credentials(api_key or own, organization)
+            for api_key, organization in zip(keys.api_keys, keys.organizations, strict=True)
+        ]
+
+    def _hypotheses(
+        self, messages: list[dict[str, str]], config: OpenAIGenerationConfig, credentials: Credentials, deadline: float
+    ) -> list[str]:
+        """`n` texts for one dialog; an upstream that returns fewer choices than asked is asked again."""
+        parameters = config.to_openai_parameters()
+        wanted = parameters["n"]
+        texts: list[str] = []
+        while len(texts) < wanted:
+            body = {"model": self.settings.pretrained_model_name_or_path, "messages": messages, **parameters}
+            body["n"] = wanted - len(texts)
+            new = hypotheses_from(self.client.create(body, credentials, deadline))
+            if not new:
+                raise UpstreamResponseError("the upstream's answer has no choices")
+            texts.extend(new)
+        return texts[:wanted]
+
+    def _map(self, work: Callable[[T], R], calls: Sequence[T]) -> list[R]:
+        """`work` on every call, at once when there are several; the first failure is raised."""
+        if len(calls) == 1:
+            return [work(calls[0])]
+        futures = [self._pool.submit(work, call) for call in calls]
+        return [future.result() for future in futures]

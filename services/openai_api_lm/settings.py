@@ -1,0 +1,138 @@
+"""The OpenAI-API LLM service's settings: one typed object, read once from the environment.
+
+Every setting is the environment variable of the same name in upper case (Dream's names where
+Dream has one); this service's README lists them all, and a test checks it does. The API key is
+not a setting of its own: it is read from the variable that `OPENAI_API_KEY_ENV_VAR` names (the
+card's `--key-env`) and kept as a `SecretStr`, so no repr, log line or error message shows it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+
+from common.lm_protocol import GenerationCaps
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+_ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_REQUIRED = {
+    "OPENAI_BASE_URL": "the upstream's OpenAI API root, e.g. https://api.openai.com/v1 or http://vllm:8000/v1",
+    "PRETRAINED_MODEL_NAME_OR_PATH": "the upstream's model name, e.g. gpt-4o-mini",
+}
+
+
+class SettingsError(ValueError):
+    """A setting that is missing or malformed; the message names the variable and how to fix it."""
+
+
+def resolve_repo_path(value: str | Path) -> Path:
+    """A relative path means the same in a checkout and in a container: relative to the repository root."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+class Settings(BaseModel):
+    """What the service reads from its environment. Field descriptions are the documentation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    openai_base_url: str = Field(
+        description="the upstream's OpenAI API root, e.g. https://api.openai.com/v1; /chat/completions is appended"
+    )
+    pretrained_model_name_or_path: str = Field(
+        min_length=1, description="the upstream's model name, sent as `model`, e.g. gpt-4o-mini (Dream's variable)"
+    )
+    openai_api_key_env_var: str = Field(
+        "OPENAI_API_KEY",
+        description="the NAME of the variable that holds the API key (the card's --key-env); unset or empty key: no Authorization header",
+    )
+    api_key: SecretStr | None = Field(None, exclude=True, description="read from the variable OPENAI_API_KEY_ENV_VAR names")
+    allow_request_api_keys: bool = Field(
+        False,
+        description="1: a request's own key (Dream's `openai_api_keys` field) replaces the service's; 0: such fields are ignored",
+    )
+    generative_timeout: float = Field(
+        60.0, gt=0, le=3600, description="seconds a request may wait for the upstream in all; then 504"
+    )
+    generative_config: Path | None = Field(
+        None,
+        description="the default generative config (JSON) that requests' configs are merged over; unset: greedy, 120 tokens, one hypothesis",
+    )
+    service_name: str = Field("openai-api-lm", description="the service's name, shown in /health and logs")
+    service_port: int = Field(8181, ge=1, le=65535, description="the port gunicorn binds (read by common/gunicorn_conf.py)")
+    max_new_tokens_cap: int = Field(4096, ge=1, description="the largest max_new_tokens / max_tokens a request may ask")
+    max_num_return_sequences: int = Field(8, ge=1, description="the largest num_return_sequences / n a request may ask")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+
+    @field_validator("openai_base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip().rstrip("/")
+        if not re.match(r"^https?://[^/\s]+", value):
+            raise ValueError("must be an http(s) URL such as https://api.openai.com/v1")
+        return value
+
+    @field_validator("openai_api_key_env_var")
+    @classmethod
+    def _is_a_variable_name(cls, value: str) -> str:
+        if not _ENV_VAR_NAME.match(value):
+            raise ValueError("must be the name of an environment variable, such as OPENAI_API_KEY (the name, not the key)")
+        return value
+
+    @property
+    def chat_completions_url(self) -> str:
+        return f"{self.openai_base_url}/chat/completions"
+
+    @property
+    def generative_config_path(self) -> Path | None:
+        return resolve_repo_path(self.generative_config) if self.generative_config else None
+
+    @property
+    def request_key_field(self) -> str:
+        """Dream's request field for this service's key: the key variable's name, lower case, plus `s`."""
+        return f"{self.openai_api_key_env_var.lower()}s"
+
+    @property
+    def caps(self) -> GenerationCaps:
+        return GenerationCaps(
+            max_new_tokens=self.max_new_tokens_cap, max_num_return_sequences=self.max_num_return_sequences
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read every field from the variable of the same name in upper case; raise SettingsError."""
+        environ = os.environ if environ is None else environ
+        for variable, meaning in _REQUIRED.items():
+            if not environ.get(variable, "").strip():
+                raise SettingsError(f"missing {variable}: set it to {meaning}")
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            raw = environ.get(name.upper())
+            if name == "api_key" or raw is None or not raw.strip():
+                continue
+            if name == "allow_request_api_keys":
+                values[name] = _boolean(raw, name.upper())
+            else:
+                values[name] = raw.strip()
+        try:
+            settings = cls.model_validate(values)
+        except ValidationError as error:
+            # Never show a value: a misplaced key in the wrong variable must not reach a log.
+            first = error.errors(include_url=False, include_input=False)[0]
+            variable = str(first["loc"][0]).upper() if first["loc"] else "settings"
+            raise SettingsError(f"{variable}: {first['msg'].removeprefix('Value error, ')}") from None
+        key = environ.get(settings.openai_api_key_env_var, "").strip()
+        return settings.model_copy(update={"api_key": SecretStr(key) if key else None})
+
+
+def _boolean(value: str, name: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise SettingsError(f"{name} must be 1 or 0 (true/false), not {value!r}")
