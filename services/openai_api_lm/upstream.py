@@ -83,9 +83,8 @@ class ChatCompletionsClient:
 
     def __init__(self, url: str, session: requests.Session | None = None):
         self.url = url
+        # The environment's proxy and CA bundle settings apply (a hosted upstream may need them).
         self.session = session or requests.Session()
-        # Proxies and .netrc from the environment would be a surprise here; the card names the upstream.
-        self.session.trust_env = False
 
     def create(self, body: dict[str, Any], credentials: Credentials, deadline: float) -> dict[str, Any]:
         """The upstream's JSON answer to `body`; UpstreamError (or a subclass) when there is none.
@@ -104,7 +103,10 @@ class ChatCompletionsClient:
                 headers=credentials.headers(),
                 timeout=(min(remaining, MAX_CONNECT_SECONDS), remaining),
                 stream=True,
+                # A redirect could carry the Authorization header elsewhere; the card names the URL.
                 allow_redirects=False,
+                # Headers as given: without this, a ~/.netrc entry would replace our Authorization.
+                auth=_headers_as_given,
             ) as response:
                 raw = _read_within(response, deadline)
         except requests.ConnectTimeout:
@@ -134,6 +136,10 @@ class ChatCompletionsClient:
         if not isinstance(answer, dict):
             raise UpstreamResponseError("the upstream's answer is not a JSON object")
         return answer
+
+
+def _headers_as_given(request: requests.PreparedRequest) -> requests.PreparedRequest:
+    return request
 
 
 def _read_within(response: requests.Response, deadline: float) -> bytes:

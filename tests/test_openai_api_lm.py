@@ -1,0 +1,374 @@
+"""The OpenAI-API LLM service: what it sends upstream, what it answers, and how it fails.
+
+The upstream here is a recording HTTP server of ours on loopback (tests/support/recording_server.py):
+these tests are about the service's own logic — the chat messages it builds, the parameters it
+maps, the key it sends and never shows, the 502/504 it answers instead of hanging. The real
+model answers through the real services in tests/test_openai_api_lm_real.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from services.openai_api_lm.app import create_app
+from services.openai_api_lm.settings import Settings, SettingsError
+from support.errors import assert_dream_error
+from support.recording_server import Reply, recording_server
+from support.servers import free_port
+
+SECRET = "sk-test-0123456789abcdef-SECRET"
+README = Path(__file__).resolve().parents[1] / "services" / "openai_api_lm" / "README.md"
+
+
+def completion(*texts: str | None) -> dict:
+    """A chat completion as OpenAI answers it, one choice per text."""
+    return {
+        "id": "chatcmpl-test",
+        "object": "chat.completion",
+        "model": "upstream-model",
+        "choices": [
+            {"index": index, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            for index, text in enumerate(texts)
+        ],
+    }
+
+
+def answering(*texts: str | None):
+    return lambda request: Reply(200, completion(*texts))
+
+
+def echoing_n(request):
+    """Answers as many choices as the request's `n`, each naming its number."""
+    n = request.json().get("n", 1)
+    return Reply(200, completion(*(f"answer {i}" for i in range(n))))
+
+
+def make_client(upstream_url: str, **env: str):
+    settings = Settings.from_env(
+        {"OPENAI_BASE_URL": upstream_url, "PRETRAINED_MODEL_NAME_OR_PATH": "upstream-model", **env}
+    )
+    return create_app(settings).test_client()
+
+
+def ask(client, *dialog: str, prompt: str | None = None, config: dict | None = None, **fields):
+    body: dict = {"dialog_contexts": [list(dialog)], **fields}
+    if prompt is not None:
+        body["prompts"] = [prompt]
+    if config is not None:
+        body["configs"] = [config]
+    return client.post("/respond", json=body)
+
+
+# --- what goes upstream ----------------------------------------------------------------------------
+
+def test_prompt_is_the_system_message_and_the_dialog_alternates_ending_with_the_user():
+    with recording_server(answering("Paris.")) as upstream:
+        client = make_client(upstream.url("/v1"))
+        response = ask(client, "Hi!", "Hello, how can I help?", "What is the capital of France?", prompt="Be brief.")
+    assert response.status_code == 200, response.text
+    [sent] = upstream.requests
+    assert (sent.method, sent.path) == ("POST", "/v1/chat/completions")
+    assert sent.json()["model"] == "upstream-model"
+    assert sent.json()["messages"] == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi!"},
+        {"role": "assistant", "content": "Hello, how can I help?"},
+        {"role": "user", "content": "What is the capital of France?"},
+    ]
+
+
+def test_an_even_dialog_starts_with_the_assistant_and_an_empty_prompt_sends_no_system_message():
+    with recording_server(answering("ok")) as upstream:
+        ask(make_client(upstream.url("/v1")), "Welcome!", "Thanks", prompt="")
+    assert [m["role"] for m in upstream.requests[0].json()["messages"]] == ["assistant", "user"]
+
+
+def test_hypotheses_come_back_per_dialog_num_return_sequences_each_in_order():
+    with recording_server(echoing_n) as upstream:
+        client = make_client(upstream.url("/v1"))
+        response = client.post(
+            "/respond",
+            json={
+                "dialog_contexts": [["first"], ["second"]],
+                "prompts": ["", ""],
+                "configs": [{"num_return_sequences": 2}, {"num_return_sequences": 3}],
+            },
+        )
+    assert response.status_code == 200, response.text
+    assert response.get_json() == [["answer 0", "answer 1"], ["answer 0", "answer 1", "answer 2"]]
+    sent = {request.json()["messages"][0]["content"]: request.json()["n"] for request in upstream.requests}
+    assert sent == {"first": 2, "second": 3}
+
+
+def test_an_upstream_that_ignores_n_is_asked_again_for_the_rest():
+    with recording_server(answering("only one")) as upstream:
+        response = ask(make_client(upstream.url("/v1")), "Hi", config={"n": 3})
+    assert response.get_json() == [["only one", "only one", "only one"]]
+    assert [request.json()["n"] for request in upstream.requests] == [3, 2, 1]
+
+
+def test_a_greedy_config_is_sent_as_temperature_zero_with_openai_names():
+    with recording_server(answering("ok")) as upstream:
+        ask(make_client(upstream.url("/v1")), "Hi", config={"max_new_tokens": 7, "do_sample": False, "stop": ["\n"], "seed": 3})
+    sent = upstream.requests[0].json()
+    assert {key: sent[key] for key in ("max_tokens", "n", "temperature", "stop", "seed")} == {
+        "max_tokens": 7, "n": 1, "temperature": 0.0, "stop": ["\n"], "seed": 3,
+    }
+    assert "top_p" not in sent and "max_new_tokens" not in sent
+
+
+def test_dreams_openai_config_is_accepted_and_samples_at_its_temperature():
+    dream_chatgpt_config = {"max_tokens": 256, "temperature": 0.4, "top_p": 0.95, "frequency_penalty": 0, "presence_penalty": 0.5}
+    with recording_server(answering("ok")) as upstream:
+        response = ask(make_client(upstream.url("/v1")), "Hi", config=dream_chatgpt_config)
+    assert response.status_code == 200, response.text
+    sent = upstream.requests[0].json()
+    assert {key: sent.get(key) for key in ("max_tokens", "temperature", "top_p", "presence_penalty")} == {
+        "max_tokens": 256, "temperature": 0.4, "top_p": 0.95, "presence_penalty": 0.5,
+    }
+
+
+def test_the_generative_config_file_is_the_default_and_a_request_config_overrides_it(tmp_path):
+    config_file = tmp_path / "config.json"
+    config_file.write_text('{"max_tokens": 50, "temperature": 0.7, "num_return_sequences": 2}')
+    with recording_server(echoing_n) as upstream:
+        client = make_client(upstream.url("/v1"), GENERATIVE_CONFIG=str(config_file))
+        ask(client, "Hi")
+        ask(client, "Hi", config={"max_new_tokens": 9})
+    defaults, overridden = (request.json() for request in upstream.requests)
+    assert (defaults["max_tokens"], defaults["temperature"], defaults["n"]) == (50, 0.7, 2)
+    assert (overridden["max_tokens"], overridden["temperature"], overridden["n"]) == (9, 0.7, 2)
+
+
+def test_generate_goals_asks_as_dream_does_and_answers_one_text_per_prompt():
+    with recording_server(answering("Helps the user cook.")) as upstream:
+        response = make_client(upstream.url("/v1")).post(
+            "/generate_goals", json={"prompts": ["You are Chef Bot.", "You are Tutor Bot."]}
+        )
+    assert response.status_code == 200, response.text
+    assert response.get_json() == ["Helps the user cook.", "Helps the user cook."]
+    messages = sorted((request.json()["messages"] for request in upstream.requests), key=str)
+    assert [m["role"] for m in messages[0]] == ["assistant", "user"]
+    assert messages[0][0]["content"] == "hi"
+    assert "Prompt: '''You are Chef Bot.'''" in messages[0][1]["content"]
+    assert messages[0][1]["content"].endswith("Result:")
+
+
+def test_a_null_content_is_an_empty_hypothesis():
+    with recording_server(answering(None)) as upstream:
+        response = ask(make_client(upstream.url("/v1")), "Hi")
+    assert response.get_json() == [[""]]
+
+
+# --- the key ---------------------------------------------------------------------------------------
+
+def test_the_key_reaches_the_upstream_only_in_the_authorization_header():
+    with recording_server(answering("ok")) as upstream:
+        client = make_client(upstream.url("/v1"), OPENAI_API_KEY_ENV_VAR="MY_LLM_KEY", MY_LLM_KEY=SECRET)
+        ask(client, "Hi")
+    [sent] = upstream.requests
+    assert sent.headers["Authorization"] == f"Bearer {SECRET}"
+    assert SECRET.encode() not in sent.body
+
+
+def test_without_a_key_no_authorization_header_is_sent():
+    with recording_server(answering("ok")) as upstream:
+        ask(make_client(upstream.url("/v1")), "Hi")
+    assert "Authorization" not in upstream.requests[0].headers
+
+
+def test_a_requests_own_key_is_ignored_unless_allowed():
+    with recording_server(answering("ok")) as upstream:
+        client = make_client(upstream.url("/v1"), OPENAI_API_KEY=SECRET)
+        ask(client, "Hi", openai_api_keys=["sk-from-the-request"])
+    assert upstream.requests[0].headers["Authorization"] == f"Bearer {SECRET}"
+
+
+def test_a_requests_own_key_replaces_the_services_when_allowed():
+    with recording_server(answering("ok")) as upstream:
+        client = make_client(upstream.url("/v1"), OPENAI_API_KEY=SECRET, ALLOW_REQUEST_API_KEYS="1")
+        ask(client, "Hi", openai_api_keys=["sk-from-the-request"], openai_api_organizations=["org-1"])
+    assert upstream.requests[0].headers["Authorization"] == "Bearer sk-from-the-request"
+    assert upstream.requests[0].headers["OpenAI-Organization"] == "org-1"
+
+
+def test_the_key_field_named_after_the_cards_key_variable_is_accepted():
+    with recording_server(answering("ok")) as upstream:
+        client = make_client(upstream.url("/v1"), OPENAI_API_KEY_ENV_VAR="GROQ_KEY", ALLOW_REQUEST_API_KEYS="true")
+        response = ask(client, "Hi", groq_keys=["gsk-from-the-skill"])
+    assert response.status_code == 200, response.text
+    assert upstream.requests[0].headers["Authorization"] == "Bearer gsk-from-the-skill"
+
+
+def test_an_upstream_401_is_a_502_that_does_not_echo_the_key(caplog):
+    def rejecting(request):
+        key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+        return Reply(401, {"error": {"message": f"Incorrect API key provided: {key}", "type": "invalid_request_error"}})
+
+    caplog.set_level(logging.DEBUG)
+    with recording_server(rejecting) as upstream:
+        response = ask(make_client(upstream.url("/v1"), OPENAI_API_KEY=SECRET), "Hi")
+    error = assert_dream_error(response, 502)
+    assert "401" in error["message"] and "Incorrect API key provided" in error["message"]
+    assert SECRET not in response.text
+    assert SECRET not in caplog.text
+
+
+def test_the_key_appears_in_no_log_line_of_a_whole_conversation(caplog):
+    caplog.set_level(logging.DEBUG)  # urllib3 and every logger of ours, at their most talkative
+    with recording_server(answering("ok")) as upstream:
+        client = make_client(upstream.url("/v1"), OPENAI_API_KEY=SECRET, ALLOW_REQUEST_API_KEYS="1")
+        ask(client, "Hi")
+        ask(client, "Hi", openai_api_keys=[SECRET + "-per-request"])
+        client.post("/generate_goals", json={"prompts": ["You are Chef Bot."]})
+        upstream.answer = lambda request: Reply(500, {"error": {"message": f"boom {SECRET}"}})
+        ask(client, "Hi")
+    assert len(upstream.requests) == 4
+    assert "forwards to" in caplog.text  # the log was captured
+    assert SECRET not in caplog.text
+
+
+def test_settings_repr_and_errors_never_show_the_key():
+    settings = Settings.from_env({"OPENAI_BASE_URL": "http://x/v1", "PRETRAINED_MODEL_NAME_OR_PATH": "m", "OPENAI_API_KEY": SECRET})
+    assert SECRET not in repr(settings) and SECRET not in str(settings.model_dump())
+    with pytest.raises(SettingsError) as raised:
+        Settings.from_env({"OPENAI_BASE_URL": SECRET, "PRETRAINED_MODEL_NAME_OR_PATH": "m"})
+    assert "OPENAI_BASE_URL" in str(raised.value) and SECRET not in str(raised.value)
+
+
+# --- upstream failures: an answer, never a hang ----------------------------------------------------
+
+def test_a_closed_port_is_a_502_at_once():
+    client = make_client(f"http://127.0.0.1:{free_port()}/v1", GENERATIVE_TIMEOUT="30")
+    started = time.monotonic()
+    response = ask(client, "Hi")
+    elapsed = time.monotonic() - started
+    error = assert_dream_error(response, 502)
+    assert "cannot reach the upstream" in error["message"]
+    assert elapsed < 10, f"a refused connection must not wait for the timeout ({elapsed:.1f}s)"
+
+
+def test_an_upstream_that_hangs_is_a_504_after_generative_timeout():
+    with recording_server(lambda request: Reply(200, completion("late"), delay_seconds=30)) as upstream:
+        client = make_client(upstream.url("/v1"), GENERATIVE_TIMEOUT="1")
+        started = time.monotonic()
+        response = ask(client, "Hi")
+        elapsed = time.monotonic() - started
+    assert_dream_error(response, 504)
+    assert 0.9 < elapsed < 10, f"answered after {elapsed:.1f}s with GENERATIVE_TIMEOUT=1"
+
+
+def test_an_upstream_500_is_a_502_naming_the_upstreams_message():
+    with recording_server(lambda request: Reply(500, {"error": {"message": "model overloaded"}})) as upstream:
+        response = ask(make_client(upstream.url("/v1")), "Hi")
+    error = assert_dream_error(response, 502)
+    assert "500" in error["message"] and "model overloaded" in error["message"]
+
+
+@pytest.mark.parametrize("body", [{"not": "a completion"}, ["a", "list"], {"choices": []}])
+def test_an_upstream_answer_that_is_not_a_chat_completion_is_a_502(body):
+    with recording_server(lambda request: Reply(200, body)) as upstream:
+        response = ask(make_client(upstream.url("/v1")), "Hi")
+    assert_dream_error(response, 502)
+
+
+def test_when_one_dialog_fails_the_request_fails_rather_than_answering_empty():
+    def failing_second(request):
+        if request.json()["messages"][-1]["content"] == "bad":
+            return Reply(500, {"error": {"message": "nope"}})
+        return Reply(200, completion("ok"))
+
+    with recording_server(failing_second) as upstream:
+        response = make_client(upstream.url("/v1")).post("/respond", json={"dialog_contexts": [["good"], ["bad"]]})
+    assert_dream_error(response, 502)
+
+
+# --- bad input: 400 naming the field ---------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        ({}, "dialog_contexts"),
+        ({"dialog_contexts": "Hi"}, "dialog_contexts"),
+        ({"dialog_contexts": [[]]}, "dialog_contexts[0]"),
+        ({"dialog_contexts": [["Hi"]], "prompts": ["a", "b"]}, "prompts"),
+        ({"dialog_contexts": [["Hi"]], "configs": [{"max_token": 5}]}, "configs[0].max_token"),
+        ({"dialog_contexts": [["Hi"]], "configs": [{"temperature": 3.0}]}, "configs[0].temperature"),
+        ({"dialog_contexts": [["Hi"]], "configs": [{"max_tokens": 100000}]}, "configs[0].max_new_tokens"),
+        ({"dialog_contexts": [["Hi"]], "configs": [{"n": 2, "num_return_sequences": 2}]}, "configs[0].n"),
+        ({"dialog_contexts": [["Hi"]], "openai_api_keys": ["a", "b"]}, "openai_api_keys"),
+        ({"dialog_contexts": [["Hi"]], "dialog_context": [["Hi"]]}, "dialog_context"),
+    ],
+)
+def test_bad_respond_input_is_a_400_naming_the_field(body, field):
+    with recording_server(answering("ok")) as upstream:
+        response = make_client(upstream.url("/v1")).post("/respond", json=body)
+    assert_dream_error(response, 400, field)
+    assert upstream.requests == []
+
+
+def test_generate_goals_without_prompts_is_a_400_naming_prompts():
+    response = make_client("http://127.0.0.1:9/v1").post("/generate_goals", json={"prompt": "x"})
+    assert_dream_error(response, 400)
+    assert_dream_error(make_client("http://127.0.0.1:9/v1").post("/generate_goals", json={}), 400, "prompts")
+
+
+def test_a_body_that_is_not_json_is_a_400():
+    response = make_client("http://127.0.0.1:9/v1").post("/respond", data="{", content_type="application/json")
+    assert_dream_error(response, 400)
+
+
+def test_a_body_over_max_request_bytes_is_a_413():
+    client = make_client("http://127.0.0.1:9/v1", MAX_REQUEST_BYTES="2048")
+    assert_dream_error(ask(client, "x" * 4096), 413)
+
+
+# --- settings, health, docs ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("missing", ["OPENAI_BASE_URL", "PRETRAINED_MODEL_NAME_OR_PATH"])
+def test_a_missing_required_setting_is_named(missing):
+    env = {"OPENAI_BASE_URL": "http://x/v1", "PRETRAINED_MODEL_NAME_OR_PATH": "m"}
+    del env[missing]
+    with pytest.raises(SettingsError, match=f"missing {missing}"):
+        Settings.from_env(env)
+
+
+@pytest.mark.parametrize(
+    "variable, value",
+    [("OPENAI_BASE_URL", "api.openai.com"), ("OPENAI_API_KEY_ENV_VAR", "sk-looks-like-a-key"), ("GENERATIVE_TIMEOUT", "0"), ("ALLOW_REQUEST_API_KEYS", "maybe")],
+)
+def test_a_malformed_setting_is_named(variable, value):
+    env = {"OPENAI_BASE_URL": "http://x/v1", "PRETRAINED_MODEL_NAME_OR_PATH": "m", variable: value}
+    with pytest.raises(SettingsError, match=variable):
+        Settings.from_env(env)
+
+
+def test_a_generative_config_with_an_unknown_key_stops_the_start(tmp_path):
+    config_file = tmp_path / "config.json"
+    config_file.write_text('{"max_new_token": 5}')
+    settings = Settings.from_env(
+        {"OPENAI_BASE_URL": "http://x/v1", "PRETRAINED_MODEL_NAME_OR_PATH": "m", "GENERATIVE_CONFIG": str(config_file)}
+    )
+    with pytest.raises(SettingsError, match="max_new_token"):
+        create_app(settings)
+
+
+def test_health_names_the_model_and_upstream_and_says_only_whether_a_key_is_set():
+    client = make_client("http://upstream:8000/v1", OPENAI_API_KEY=SECRET)
+    health = client.get("/health")
+    assert health.status_code == 200
+    assert health.get_json() == {
+        "status": "ok", "service": "openai-api-lm", "model": "upstream-model",
+        "upstream": "http://upstream:8000/v1", "api_key": "set",
+    }
+    assert client.get("/ping").get_json() == "pong" and client.post("/ping").get_json() == "pong"
+
+
+def test_every_setting_is_documented_in_the_readme():
+    readme = README.read_text()
+    undocumented = [name.upper() for name in Settings.model_fields if name != "api_key" and f"`{name.upper()}`" not in readme]
+    assert undocumented == []
