@@ -88,8 +88,9 @@ class EngineStats:
     prompt_tokens: int = 0
     forward_seconds: float = 0.0
     sampling_seconds: float = 0.0
-    scheduling_seconds: float = 0.0
+    step_seconds: float = 0.0
     rows_per_step_sum: int = 0
+    max_rows_in_step: int = 0
     requests_finished: int = 0
     request_seconds_ema: float = 0.0
 
@@ -100,9 +101,10 @@ class EngineStats:
             "tokens_generated": self.tokens_generated,
             "prompt_tokens": self.prompt_tokens,
             "mean_rows_per_step": self.rows_per_step_sum / steps,
+            "max_rows_in_step": self.max_rows_in_step,
             "forward_ms_per_step": 1000 * self.forward_seconds / steps,
             "sampling_ms_per_step": 1000 * self.sampling_seconds / steps,
-            "scheduling_ms_per_step": 1000 * self.scheduling_seconds / steps,
+            "step_ms": 1000 * self.step_seconds / steps,
             "requests_finished": self.requests_finished,
         }
 
@@ -118,6 +120,7 @@ class ContinuousBatchingEngine:
         self,
         model: torch.nn.Module,
         *,
+        context_length: int | None = None,
         max_batch_size: int = 16,
         max_queue_size: int = 64,
         max_prefill_tokens_per_step: int = DEFAULT_MAX_PREFILL_TOKENS_PER_STEP,
@@ -134,7 +137,7 @@ class ContinuousBatchingEngine:
         register_slot_attention()
         model.set_attn_implementation(SLOT_ATTENTION)
         config = model.config.get_text_config()
-        self.max_context_tokens = int(getattr(config, "max_position_embeddings", 0) or 4096)
+        self.max_context_tokens = int(context_length or getattr(config, "max_position_embeddings", 0) or 4096)
         self.vocab_size = int(config.vocab_size)
         parameter = next(model.parameters())
         self.device = parameter.device
@@ -176,7 +179,8 @@ class ContinuousBatchingEngine:
                     f"{self.max_batch_size} batch slots); retry later",
                     retry_after_seconds=self._retry_after_seconds(),
                 )
-            self._waiting.append(_Row(stream, RowSampler(request.sampling, request.prompt_token_ids, self.device), time.monotonic()))
+            sampler = RowSampler(request.sampling, request.prompt_token_ids)
+            self._waiting.append(_Row(stream, sampler, time.monotonic()))
             self._wake.notify()
         return stream
 
@@ -258,7 +262,8 @@ class ContinuousBatchingEngine:
         self._release(finished)
         self.stats.steps += 1
         self.stats.rows_per_step_sum += len(rows)
-        self.stats.scheduling_seconds += time.perf_counter() - started
+        self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(rows))
+        self.stats.step_seconds += time.perf_counter() - started
 
     def _drop_cancelled(self) -> None:
         with self._wake:
@@ -368,8 +373,8 @@ class ContinuousBatchingEngine:
     def _warm_up(self) -> None:
         """Run one tiny generation through the same path, so the first real request is not the slow one."""
         with torch.inference_mode():
-            row = _Row(TokenStream(GenerationRequest((0, 1, 2), SamplingParams(max_new_tokens=2))),
-                       RowSampler(SamplingParams(max_new_tokens=2), (0, 1, 2), self.device), time.monotonic())
+            request = GenerationRequest((0, 1, 2), SamplingParams(max_new_tokens=2))
+            row = _Row(TokenStream(request), RowSampler(request.sampling, request.prompt_token_ids), time.monotonic())
             with self._wake:
                 self._waiting.append(row)
             while row.stream.finish_reason is None:
