@@ -177,7 +177,7 @@ def check(no_tools, repo_path) -> None:
 @click.command(name="up")
 @click.argument("dist", default=DEFAULT_DIST)
 @click.option("--free-ports", is_flag=True, help="Give every service a free port instead of its own (for tests and side-by-side runs).")
-@click.option("--overlay", "overlays", metavar="FILE", multiple=True, default=("cpu.yml",), show_default=True, help="Overlay of the distribution to apply over its override (repeatable).")
+@click.option("--overlay", "overlays", metavar="FILE", multiple=True, help="Overlay of the distribution to apply over its override (repeatable); default: cpu.yml where the distribution has one.")
 @click.option("--timeout", "startup_timeout", type=float, default=600.0, show_default=True, help="Seconds each service may take to become healthy.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="Where volumes and rewritten files live (default: .cache/parley-up/DIST).")
 @repo_option
@@ -194,16 +194,24 @@ def up(dist, free_ports, overlays, startup_timeout, state_dir, repo_path) -> Non
       parley up
       parley up universal_prompted_assistant --free-ports
     """
+    import signal
+
     from parley.up import UpError, run_distribution, serve_forever
 
+    def interrupt(signum, frame):  # SIGTERM stops everything, as Ctrl-C does
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
     repo = _repo(repo_path)
     try:
         with run_distribution(
-            repo, dist, free_ports=free_ports, overlays=list(overlays), startup_timeout=startup_timeout, state_dir=state_dir, echo=True
+            repo, dist, free_ports=free_ports, overlays=list(overlays) or None, startup_timeout=startup_timeout, state_dir=state_dir, echo=True
         ) as running:
             serve_forever(running)
     except UpError as error:
         raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        click.echo("parley up: stopped every service", err=True)
 
 
 @click.command(name="chat")
