@@ -3,6 +3,8 @@
     POST /                  a user's turn -> dialog_id, utt_id, user_id, response, active_skill, ...
     GET  /api/dialogs/<id>  a stored dialog
     GET  /api/user/<id>     the ids of a user's dialogs
+    GET  /, /chat           the chat page; GET /api/llms: the LLMs it offers (services/agent/chat_page.py)
+    GET  /openapi.json      this API's OpenAPI document (services/agent/openapi_spec.py)
     GET  /ping, /health
 """
 
@@ -16,6 +18,9 @@ from flask import Flask, Response, jsonify, request
 from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from common.openapi import register_openapi
+from services.agent import chat_page
+from services.agent.openapi_spec import API
 from services.agent.pipeline import load_pipeline
 from services.agent.protocol import COMMANDS, TurnRequest
 from services.agent.service import Agent
@@ -77,6 +82,8 @@ def create_app(settings: Settings | None = None) -> Flask:
                 "pipeline": agent.pipeline.service_names(), "waiting_for": waiting}
         return jsonify(body), 200 if not waiting else 503
 
+    chat_page.init_app(app)
+    register_openapi(app, API)
     _register_error_handlers(app)
     return app
 

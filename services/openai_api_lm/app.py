@@ -15,6 +15,8 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.lm_protocol import RequestValidationError
+from common.openapi import register_openapi
+from services.openai_api_lm.openapi_spec import API
 from services.openai_api_lm.protocol import OpenAIGenerateGoalsRequest, OpenAIRespondRequest, parse_with_keys
 from services.openai_api_lm.service import OpenAIApiLM
 from services.openai_api_lm.settings import Settings, SettingsError
@@ -70,6 +72,7 @@ def create_app(settings: Settings | None = None, client: ChatCompletionsClient |
     def ping() -> Response:
         return jsonify("pong")
 
+    register_openapi(app, API)
     _register_error_handlers(app)
     return app
 

@@ -10,7 +10,9 @@ from pydantic import ValidationError
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.lm_protocol import RequestValidationError, validation_error_to_request_error
+from common.openapi import register_openapi
 from skills.prompted_skill.llm_client import LLMClient
+from skills.prompted_skill.openapi_spec import API
 from skills.prompted_skill.protocol import SkillRequest
 from skills.prompted_skill.service import PromptedSkill
 from skills.prompted_skill.settings import Settings
@@ -40,6 +42,7 @@ def create_app(settings: Settings | None = None, llm_client: LLMClient | None = 
     def ping() -> Response:
         return jsonify("pong")
 
+    register_openapi(app, API)
     _register_error_handlers(app)
     return app
 

@@ -1,0 +1,40 @@
+"""The OpenAI-API LLM service's API as OpenAPI operations (served at `/openapi.json` by `common.openapi`)."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel
+
+from common.lm_protocol import GenerateGoalsResponse, RespondResponse
+from common.openapi import Api, Body, Operation
+from services.openai_api_lm.protocol import OpenAIGenerateGoalsRequest, OpenAIRespondRequest
+
+
+class UpstreamHealth(BaseModel):
+    status: str
+    service: str
+    model: str
+    upstream: str
+    api_key: str
+
+
+ERRORS = (400, 413, 502, 504)
+
+API = Api(
+    title="Parley OpenAI-API LLM service",
+    version="0.1.0",
+    description="Dream's /respond and /generate_goals over an OpenAI-compatible upstream (one chat completion per dialog).",
+    operations=[
+        Operation(
+            "POST", "/respond", "Hypotheses for each dialog context (Dream's parallel lists)",
+            request=OpenAIRespondRequest,
+            request_example={"dialog_contexts": [["What is the capital of France?"]], "prompts": ["Answer briefly."]},
+            responses={200: Body(RespondResponse, "for each dialog, its hypotheses")},
+            errors=ERRORS,
+        ),
+        Operation("POST", "/generate_goals", "What a bot with each prompt can do", request=OpenAIGenerateGoalsRequest,
+                  responses={200: Body(GenerateGoalsResponse, "one description per prompt")}, errors=ERRORS),
+        Operation("GET", "/health", "Ready (the upstream is asked only per request)", responses={200: Body(UpstreamHealth)}),
+        Operation("GET", "/ping", "Liveness", responses={200: Body(str)}),
+        Operation("POST", "/ping", "Liveness", responses={200: Body(str)}),
+    ],
+)

@@ -1,0 +1,124 @@
+"""The LLM service's API as OpenAPI operations (served at `/openapi.json` by `common.openapi`):
+Dream's endpoints with Dream's error shape, OpenAI's `/v1` endpoints with OpenAI's."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from common.lm_protocol import GenerateGoalsResponse, RespondResponse
+from common.openapi import Api, Body, Operation, OpenAIError
+from services.transformers_lm.protocol import ChatCompletionRequest, CompletionRequest, GenerateGoalsRequest, RespondRequest
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"]
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"]
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: None
+    finish_reason: str | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"]
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None
+    finish_reason: str | None
+
+
+class TextCompletion(BaseModel):
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class LMHealth(BaseModel):
+    status: str
+    service: str
+    model: str
+    error: str | None = None
+    backend: str | None = None
+    device: str | None = None
+    dtype: str | None = None
+    context_length: int | None = None
+    prompt_style: str | None = None
+
+
+STREAM = Body(str, "with `stream: true`: server-sent events, `data: {chunk}` lines ending with `data: [DONE]`",
+              media_type="text/event-stream")
+DREAM_ERRORS = (400, 413, 429, 503)
+OPENAI_ERRORS = (400, 404, 413, 429, 503)
+
+API = Api(
+    title="Parley LLM service",
+    version="0.1.0",
+    description="One LLM behind Dream's /respond and /generate_goals and OpenAI's /v1 API.",
+    tags={"dream": "Dream's LLM endpoints", "openai": "OpenAI-compatible endpoints"},
+    operations=[
+        Operation(
+            "POST", "/respond", "Hypotheses for each dialog context (Dream's parallel lists)", tags=("dream",),
+            request=RespondRequest,
+            request_example={"dialog_contexts": [["What is the capital of France?"]], "prompts": ["Answer briefly."]},
+            responses={200: Body(RespondResponse, "for each dialog, its hypotheses")},
+            errors=DREAM_ERRORS,
+        ),
+        Operation(
+            "POST", "/generate_goals", "What a bot with each prompt can do", tags=("dream",),
+            request=GenerateGoalsRequest, responses={200: Body(GenerateGoalsResponse, "one description per prompt")},
+            errors=DREAM_ERRORS,
+        ),
+        Operation("GET", "/v1/models", "The model names this service answers to", tags=("openai",),
+                  responses={200: Body(ModelList)}, errors=(503,), error_type=OpenAIError),
+        Operation(
+            "POST", "/v1/chat/completions", "A chat completion", tags=("openai",),
+            request=ChatCompletionRequest,
+            responses={200: [Body(ChatCompletion, "the completion"), STREAM]},
+            errors=OPENAI_ERRORS, error_type=OpenAIError,
+        ),
+        Operation(
+            "POST", "/v1/completions", "A text completion (the prompt as is, no template)", tags=("openai",),
+            request=CompletionRequest,
+            responses={200: [Body(TextCompletion, "the completion"), STREAM]},
+            errors=OPENAI_ERRORS, error_type=OpenAIError,
+        ),
+        Operation("GET", "/health", "200 once the model is loaded and warmed up, 503 before",
+                  responses={200: Body(LMHealth, "ready"), 503: Body(LMHealth, "loading or failed")}),
+        Operation("GET", "/ping", "Liveness", responses={200: Body(str)}),
+        Operation("POST", "/ping", "Liveness", responses={200: Body(str)}),
+    ],
+)
