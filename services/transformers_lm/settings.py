@@ -1,0 +1,176 @@
+"""The LLM service's settings: one typed object, read once from the environment (`Settings.from_env()`).
+
+Every setting is an environment variable of the same name in upper case (Dream's names where Dream
+has one); the table in this service's README lists them all, and a test checks it does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common.lm_protocol import GenerationCaps
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
+
+
+class SettingsError(ValueError):
+    """A setting that is missing or malformed; the message names the variable and how to fix it."""
+
+
+class PromptFormat(BaseModel):
+    """A per-model prompt layout, with the fields of RayLLM's model YAML (`prompt_format`).
+
+    Each template holds `{instruction}` where the message goes; with `system_in_user` the user
+    template also holds `{system}`, filled on the first user message only.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    system: str = "{instruction}\n"
+    user: str = "{instruction}\n"
+    assistant: str = "{instruction}\n"
+    trailing_assistant: str = ""
+    default_system_message: str = ""
+    system_in_user: bool = False
+    strip_whitespace: bool = True
+
+    @field_validator("system", "user", "assistant")
+    @classmethod
+    def _has_instruction_slot(cls, template: str) -> str:
+        if "{instruction}" not in template:
+            raise ValueError("must contain {instruction}")
+        return template
+
+
+def _comma_list(value: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in value.split(",") if part.strip())
+
+
+def _json_string_list(value: str, name: str) -> tuple[str, ...]:
+    try:
+        items = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise SettingsError(f"{name} must be a JSON list of strings, e.g. [\"\\nUser:\"]: {error}") from None
+    if not isinstance(items, list) or not all(isinstance(item, str) and item for item in items):
+        raise SettingsError(f"{name} must be a JSON list of non-empty strings, e.g. [\"\\nUser:\"]")
+    return tuple(items)
+
+
+def _boolean(value: str, name: str) -> bool:
+    lowered = value.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise SettingsError(f"{name} must be 1 or 0 (true/false), not {value!r}")
+
+
+def resolve_repo_path(value: str | Path) -> Path:
+    """A relative path means the same in a checkout and in a container: relative to the repository root."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else REPO_ROOT / path
+
+
+class Settings(BaseModel):
+    """What the service reads from its environment. Field descriptions are the documentation."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    pretrained_model_name_or_path: str = Field(
+        "smollm2-135m-instruct",
+        description="the model: an embedded name (smollm2-135m-instruct), a local directory, a .gguf file or a Hugging Face id",
+    )
+    service_name: str = Field("transformers-lm", description="the service's name, shown in /health and logs")
+    service_port: int = Field(8180, ge=1, le=65535, description="the port gunicorn binds (read by common/gunicorn_conf.py)")
+    half_precision: bool = Field(False, description="1: float16 on CUDA, bfloat16 on CPU; 0: float32")
+    device: Literal["cpu", "cuda", "auto"] = Field("auto", description="cpu, cuda or auto (cuda when available)")
+    additional_eos_tokens: tuple[str, ...] = Field(
+        (), description="comma-separated strings that also end a hypothesis (single tokens end generation; longer ones cut the text)"
+    )
+    language: Literal["EN", "RU"] = Field("EN", description="speaker names of the plain prompt format: EN Human/AI, RU Human/Assistant")
+    generative_config: Path = Field(
+        Path(DEFAULT_GENERATIVE_CONFIG),
+        description="the model's default generative config (JSON); requests' configs are merged over it",
+    )
+    model_cache_dir: Path = Field(Path(".cache/models"), description="where converted models (GGUF → safetensors) are kept")
+    model_sha256: str | None = Field(None, description="pinned sha256 of the model file; a mismatch refuses to start")
+    backend: str = Field("auto", description="auto, transformers or llama_cpp (auto: llama_cpp for .gguf when installed)")
+    model_aliases: tuple[str, ...] = Field((), description="comma-separated extra model names accepted by /v1 endpoints")
+    max_new_tokens_cap: int = Field(1024, ge=1, description="the largest max_new_tokens / max_tokens a request may ask")
+    max_num_return_sequences: int = Field(8, ge=1, description="the largest num_return_sequences / n a request may ask")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    prompt_format: PromptFormat | None = Field(
+        None, description="JSON object with RayLLM's prompt_format fields; overrides the chat template"
+    )
+    stop_sequences: tuple[str, ...] = Field((), description="JSON list of strings where every hypothesis is cut")
+
+    @field_validator("model_sha256")
+    @classmethod
+    def _sha256_is_hex(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        value = value.strip().lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("must be 64 hex digits")
+        return value
+
+    @property
+    def generative_config_path(self) -> Path:
+        return resolve_repo_path(self.generative_config)
+
+    @property
+    def model_cache_path(self) -> Path:
+        return resolve_repo_path(self.model_cache_dir)
+
+    @property
+    def served_model_names(self) -> list[str]:
+        """The names /v1 endpoints accept: the model as configured, then its aliases."""
+        names = [self.pretrained_model_name_or_path, *self.model_aliases]
+        return list(dict.fromkeys(names))
+
+    @property
+    def caps(self) -> GenerationCaps:
+        return GenerationCaps(
+            max_new_tokens=self.max_new_tokens_cap, max_num_return_sequences=self.max_num_return_sequences
+        )
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
+        """Read every field from the variable of the same name in upper case; raise SettingsError."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            variable = name.upper()
+            raw = environ.get(variable)
+            if raw is None or (raw.strip() == "" and name != "stop_sequences"):
+                continue
+            if name in ("additional_eos_tokens", "model_aliases"):
+                values[name] = _comma_list(raw)
+            elif name == "stop_sequences":
+                values[name] = _json_string_list(raw, variable) if raw.strip() else ()
+            elif name == "half_precision":
+                values[name] = _boolean(raw, variable)
+            elif name == "prompt_format":
+                try:
+                    values[name] = json.loads(raw)
+                except json.JSONDecodeError as error:
+                    raise SettingsError(f"PROMPT_FORMAT must be a JSON object: {error}") from None
+            elif name in ("language",):
+                values[name] = raw.strip().upper()
+            else:
+                values[name] = raw.strip()
+        try:
+            return cls.model_validate(values)
+        except ValidationError as error:
+            first = error.errors(include_url=False)[0]
+            variable = str(first["loc"][0]).upper() if first["loc"] else "settings"
+            detail = ".".join(str(part) for part in first["loc"][1:])
+            where = f"{variable}{' (' + detail + ')' if detail else ''}"
+            message = first["msg"].removeprefix("Value error, ")
+            raise SettingsError(f"{where}: {message} (got {environ.get(variable)!r})") from None
