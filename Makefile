@@ -10,7 +10,7 @@ STAMP := $(VENV)/.parley-installed
 TORCH_PIP_ARGS ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install run test bench check
+.PHONY: install run test test-docker bench check
 
 install: $(STAMP)
 
@@ -32,3 +32,9 @@ run: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# The distribution in real Docker (as root): builds its images, runs a dialog through the containers
+# and the proxy overlay. Starts a Docker engine with `parley engine start` when none runs and stops
+# it after; about 15 minutes the first time, under 5 once the engine data root is warm.
+test-docker: install
+	PARLEY_DOCKER_TESTS=1 $(BIN)/python -m pytest -s -p no:cacheprovider tests/docker/test_distribution_in_docker.py

@@ -1,0 +1,227 @@
+"""The universal_prompted_assistant distribution in real Docker, the way its users run it.
+
+Its images build, `docker compose up -d --wait` (base, override, dev and cpu overlays) answers a
+dialog through the agent's published port, the dialog survives restarting the agent (the state
+volume), and with the proxy overlay the LLM's `/respond` goes through nginx. Run by `make
+test-docker` as root: it starts a Docker engine with `parley engine start` when none runs, and
+stops it again at the end; the stack is always taken down with `down -v`, also on failure. Every
+step prints its duration.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DIST = "universal_prompted_assistant"
+PROJECT = "parley-test-docker"
+LLM_SERVICE = "transformers-lm-smollm2"
+AGENT_URL = "http://127.0.0.1:4242"
+LLM_URL = "http://127.0.0.1:8180"
+# The proxy test's "remote host" that runs the LLM: a container of the real LLM image, kept under
+# its own tag because building the proxy overlay gives the LLM service's image name to nginx.
+UPSTREAM_LLM = f"{PROJECT}-upstream-llm"
+OUTPUT_DIR = REPO_ROOT / "tests" / "output"
+ENV_FILE = REPO_ROOT / ".cache" / "parley-engine.env"
+
+
+@contextlib.contextmanager
+def step(title: str) -> Iterator[None]:
+    """Print a step as it starts and its duration as it ends, also when it fails."""
+    print(f"\n==> {title}", flush=True)
+    started = time.monotonic()
+    outcome = "failed"
+    try:
+        yield
+        outcome = "done"
+    finally:
+        print(f"    {outcome} in {time.monotonic() - started:.1f}s: {title}", flush=True)
+
+
+def run(command: list[str], env: dict[str, str], log_name: str | None = None, timeout: float = 900) -> str:
+    """Run a command from the repository root; keep its output in tests/output/<log_name>, show
+    the lines that matter as they come, and fail with the output's tail."""
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    log_path = OUTPUT_DIR / (log_name or "docker-commands.log")
+    lines: list[str] = []
+    with open(log_path, "a") as log:
+        log.write(f"\n$ {' '.join(command)}\n")
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert process.stdout is not None
+        deadline = time.monotonic() + timeout
+        for line in process.stdout:
+            log.write(line)
+            lines.append(line.rstrip("\n"))
+            if log_name and _worth_showing(line):
+                print("    " + line.rstrip(), flush=True)
+            if time.monotonic() > deadline:
+                process.kill()
+        code = process.wait()
+    if code != 0:
+        tail = "\n".join(lines[-60:])
+        pytest.fail(f"`{' '.join(command)}` exited with {code} (full log: {log_path}):\n{tail}", pytrace=False)
+    return "\n".join(lines)
+
+
+def _worth_showing(line: str) -> bool:
+    """From BuildKit's plain progress, the steps that run and the images named, not every pip line."""
+    text = line.strip()
+    return (
+        text.startswith("#") and (" [" in text and ("RUN" in text or "FROM" in text) or "naming to" in text)
+        or text.endswith((" Built", " Healthy", " Started", " Running", " Removed"))
+        or "ERROR" in text
+    )
+
+
+def compose(*overlays: str) -> list[str]:
+    files = ["docker-compose.yml", f"assistant_dists/{DIST}/docker-compose.override.yml"]
+    files += [f"assistant_dists/{DIST}/{overlay}" for overlay in overlays]
+    return ["docker", "compose", "--project-name", PROJECT, *(arg for file in files for arg in ("-f", file))]
+
+
+def engine_environment() -> dict[str, str]:
+    """This process's environment plus what `parley engine start` wrote for compose (BASE_IMAGE)."""
+    environment = dict(os.environ)
+    if ENV_FILE.is_file():
+        for line in ENV_FILE.read_text().splitlines():
+            key, separator, value = line.partition("=")
+            if separator and not key.startswith("#"):
+                environment[key.strip()] = value.strip()
+    return environment
+
+
+def docker_answers() -> bool:
+    return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
+
+
+def wait_until_healthy(url: str, timeout_seconds: float = 120) -> None:
+    deadline = time.monotonic() + timeout_seconds
+    while time.monotonic() < deadline:
+        with contextlib.suppress(requests.RequestException):
+            if requests.get(url, timeout=3).status_code == 200:
+                return
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} not healthy after {timeout_seconds}s")
+
+
+@pytest.fixture(scope="module")
+def engine() -> Iterator[dict[str, str]]:
+    """A Docker engine: the one running, or one that `parley engine` starts now and stops after."""
+    if os.geteuid() != 0:
+        pytest.fail("make test-docker needs root (it may start dockerd): run it as root or with sudo", pytrace=False)
+    started_here = False
+    parley = str(Path(sys.executable).parent / "parley")
+    with step("docker engine (parley engine start)"):
+        started_here = not docker_answers()
+        run([parley, "engine", "start"], dict(os.environ), log_name="docker-engine.log", timeout=1500)
+        print((OUTPUT_DIR / "docker-engine.log").read_text().rsplit("$ ", 1)[-1], flush=True)
+    try:
+        yield engine_environment()
+    finally:
+        if started_here:
+            with step("stop the engine this test started (parley engine stop)"):
+                subprocess.run([parley, "engine", "stop"], check=False)
+
+
+@pytest.fixture(scope="module")
+def stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The distribution built and up with the base, override, dev and cpu overlays; always taken down."""
+    environment = engine
+    (OUTPUT_DIR / "docker-build.log").unlink(missing_ok=True)
+    try:
+        with step(f"build the {DIST} images (base + override + dev + cpu)"):
+            run([*compose("dev.yml", "cpu.yml"), "--progress", "plain", "build"], environment, "docker-build.log")
+            run(["docker", "tag", f"{PROJECT}-{LLM_SERVICE}", UPSTREAM_LLM], environment)
+            print(run(["docker", "image", "ls", "--format", "    {{.Repository}}:{{.Tag}}  {{.Size}}", f"{PROJECT}-*"], environment))
+        with step("docker compose up -d --wait (base + override + dev + cpu)"):
+            run([*compose("dev.yml", "cpu.yml"), "up", "-d", "--wait", "--wait-timeout", "300"], environment, "docker-up.log")
+        yield environment
+    finally:
+        with step("docker compose down -v (and the proxy test's upstream container)"):
+            with open(OUTPUT_DIR / "docker-compose-services.log", "w") as log:
+                subprocess.run([*compose("dev.yml", "cpu.yml"), "logs", "--no-color"], cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+            subprocess.run(["docker", "rm", "-f", UPSTREAM_LLM], capture_output=True)
+            subprocess.run(["docker", "image", "rm", UPSTREAM_LLM], capture_output=True)
+            subprocess.run([*compose("dev.yml", "cpu.yml", "proxy.yml"), "down", "-v", "--remove-orphans"], cwd=REPO_ROOT, env=environment, check=False)
+            print(f"    service logs: {OUTPUT_DIR / 'docker-compose-services.log'}")
+
+
+@pytest.fixture(scope="module")
+def first_turn(stack: dict[str, str]) -> dict:
+    with step("turn 1 through the agent on 127.0.0.1:4242"):
+        response = requests.post(
+            AGENT_URL + "/", json={"user_id": "docker-test", "payload": "What is the capital of France?"}, timeout=180
+        )
+        response.raise_for_status()
+        body = response.json()
+        print(f"    agent answered: {body['response']!r} (skill {body.get('active_skill')})")
+    return body
+
+
+def dialog_texts(dialog_id: str) -> list[str]:
+    response = requests.get(f"{AGENT_URL}/api/dialogs/{dialog_id}", timeout=30)
+    response.raise_for_status()
+    return [utterance["text"] for utterance in response.json()["utterances"]]
+
+
+def test_the_agent_answers_the_capital_of_france_with_paris_through_the_containers(first_turn):
+    assert "Paris" in first_turn["response"]
+
+
+def test_a_second_turn_is_stored_in_the_same_dialog(first_turn):
+    with step("turn 2 in the same dialog"):
+        second = requests.post(
+            AGENT_URL + "/", json={"user_id": "docker-test", "payload": "And of Italy?"}, timeout=180
+        ).json()
+
+    assert second["dialog_id"] == first_turn["dialog_id"]
+    assert dialog_texts(first_turn["dialog_id"]) == [
+        "What is the capital of France?", first_turn["response"], "And of Italy?", second["response"]
+    ]
+
+
+def test_the_dialog_is_still_readable_after_restarting_the_agent(stack, first_turn):
+    before = dialog_texts(first_turn["dialog_id"])
+
+    with step("docker compose restart agent"):
+        run([*compose("dev.yml", "cpu.yml"), "restart", "agent"], stack, "docker-up.log")
+        wait_until_healthy(AGENT_URL + "/health")
+
+    assert dialog_texts(first_turn["dialog_id"]) == before
+
+
+def test_with_the_proxy_overlay_the_llm_answers_respond_through_nginx(stack):
+    environment = {**stack, "PARLEY_PROXY_HOST": "llm-upstream"}
+    with step("an LLM on another 'host' (a container on the stack's network, alias llm-upstream)"):
+        run(
+            ["docker", "run", "-d", "--init", "--name", UPSTREAM_LLM, "--network", f"{PROJECT}_default",
+             "--network-alias", "llm-upstream", "--env", "DEVICE=cpu", UPSTREAM_LLM],
+            environment,
+        )
+    with step("build and up -d --wait with the proxy overlay: the LLM service becomes nginx"):
+        proxied = compose("dev.yml", "cpu.yml", "proxy.yml")
+        run([*proxied, "--progress", "plain", "build", LLM_SERVICE], environment, "docker-build.log")
+        run([*proxied, "up", "-d", "--wait", "--wait-timeout", "300"], environment, "docker-up.log")
+
+    with step("POST /respond on 127.0.0.1:8180 (nginx -> llm-upstream:8180)"):
+        response = requests.post(
+            LLM_URL + "/respond",
+            json={"dialog_contexts": [["What is the capital of France?"]], "configs": [{"max_new_tokens": 32}]},
+            timeout=180,
+        )
+        print(f"    {response.status_code} from {response.headers.get('Server')}: {response.text[:200]}")
+
+    assert response.status_code == 200
+    assert response.headers["Server"].startswith("nginx")
+    assert "Paris" in response.text
