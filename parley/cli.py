@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from parley.cards import CardError
+from parley.engine import engine
 from parley.repo import Repo, RepoError
 from parley.yamlio import YamlSyntaxError
 
@@ -260,3 +261,4 @@ cli.add_command(check)
 cli.add_command(up)
 cli.add_command(chat)
 cli.add_command(docs)
+cli.add_command(engine)
