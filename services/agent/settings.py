@@ -35,7 +35,7 @@ class Settings(BaseModel):
         default_factory=list, description="WAIT_HOSTS: `host:port, ...` that must accept connections before /health is 200"
     )
     response_time_limit: float = Field(
-        60.0, gt=0, description="RESPONSE_TIME_LIMIT: seconds a turn may take before the timeout_service answers"
+        90.0, gt=0, description="RESPONSE_TIME_LIMIT: seconds a turn may take before the timeout_service answers"
     )
     max_request_bytes: int = Field(64 * 1024, ge=1024, description="MAX_REQUEST_BYTES: the largest request body")
     max_payload_chars: int = Field(4000, ge=1, description="MAX_PAYLOAD_CHARS: the longest user utterance")
