@@ -87,7 +87,7 @@ def estimate_ram(source_kind: SourceKind | None, location: Path | None, half_pre
     factor = 7 if source_kind is SourceKind.GGUF_FILE else 1
     if half_precision and source_kind is SourceKind.GGUF_FILE:
         factor = 3.5
-    gib = (weights * factor) / 2**30 + 1
+    gib = round((weights * factor) / 2**30 + 1, 1)
     return f"{math.ceil(gib)}G"
 
 

