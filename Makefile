@@ -26,11 +26,17 @@ $(STAMP): pyproject.toml
 	@touch $@
 	@echo "==> installed into $(VENV)"
 
+# The universal_prompted_assistant distribution on this machine, without Docker: the agent on
+# http://127.0.0.1:4242 (it prints a sample curl once every service is healthy); Ctrl-C stops it all.
+# DIST=<name> runs another distribution; UP_ARGS="--free-ports" when the ports are taken.
+DIST ?= universal_prompted_assistant
+UP_ARGS ?=
 run: install
-	cd services/transformers_lm && PRETRAINED_MODEL_NAME_OR_PATH=smollm2-135m-instruct SERVICE_PORT=$${SERVICE_PORT:-8180} \
-		../../$(BIN)/gunicorn --config python:common.gunicorn_conf server:app
+	$(BIN)/parley up $(DIST) $(UP_ARGS)
 
+# `parley check` first: the bundle (cards, compose overlays, Dockerfiles) must be consistent.
 test: install
+	$(BIN)/parley check
 	$(BIN)/python -m pytest
 
 # The distribution in real Docker (as root): builds its images, runs a dialog through the containers

@@ -63,6 +63,8 @@ def load_model(settings: Settings, registry: BackendRegistry | None = None) -> L
         cache_dir=settings.model_cache_path,
         sha256=settings.model_sha256,
         additional_eos_tokens=settings.additional_eos_tokens,
+        max_batch_size=settings.max_batch_size,
+        max_queue_size=settings.max_queue_size,
     )
     logger.info("loading %s with the %s backend", settings.pretrained_model_name_or_path, backend.name)
     return backend().load(source, options)

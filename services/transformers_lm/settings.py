@@ -105,6 +105,12 @@ class Settings(BaseModel):
     max_new_tokens_cap: int = Field(1024, ge=1, description="the largest max_new_tokens / max_tokens a request may ask")
     max_num_return_sequences: int = Field(8, ge=1, description="the largest num_return_sequences / n a request may ask")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
+    max_batch_size: int = Field(
+        16, ge=1, description="sequences generated together in one batch (continuous batching); more wait in the queue"
+    )
+    max_queue_size: int = Field(
+        64, ge=0, description="sequences that may wait for a batch slot; beyond it requests get 429 with Retry-After"
+    )
     prompt_format: PromptFormat | None = Field(
         None, description="JSON object with RayLLM's prompt_format fields; overrides the chat template"
     )

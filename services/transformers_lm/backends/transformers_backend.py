@@ -25,12 +25,12 @@ from services.transformers_lm.backends import (
     ModelInfo,
     ModelLoadError,
 )
-from services.transformers_lm.engines.sequential import SequentialEngine
+from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine
 
 logger = logging.getLogger(__name__)
 
 # The engine this backend runs its models with; the one line to change for another engine.
-ENGINE_CLASS = SequentialEngine
+ENGINE_CLASS = ContinuousBatchingEngine
 
 _COMPLETE_MARKER = ".parley-complete"
 
@@ -114,11 +114,15 @@ def hub_snapshot_dir(model_id: str) -> Path:
 class TransformersModel(LoadedModel):
     """A transformers model and tokenizer, served through ENGINE_CLASS."""
 
-    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, info: ModelInfo, max_queue_size: int = 256):
+    def __init__(
+        self, model, tokenizer: PreTrainedTokenizerBase, info: ModelInfo, max_queue_size: int = 256, max_batch_size: int = 16
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
-        self.engine = ENGINE_CLASS(model, context_length=info.context_length, max_queue_size=max_queue_size)
+        self.engine = ENGINE_CLASS(
+            model, context_length=info.context_length, max_queue_size=max_queue_size, max_batch_size=max_batch_size
+        )
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
@@ -178,7 +182,9 @@ def load_transformers_model(directory: Path, options: LoadOptions) -> Transforme
         eos_token_ids=eos_ids,
         extra_stop_sequences=stop_sequences,
     )
-    return TransformersModel(model, tokenizer, info, max_queue_size=options.max_queue_size)
+    return TransformersModel(
+        model, tokenizer, info, max_queue_size=options.max_queue_size, max_batch_size=options.max_batch_size
+    )
 
 
 class TransformersBackend(Backend):
