@@ -144,18 +144,20 @@ def test_the_generative_config_file_is_the_default_and_a_request_config_override
     assert (overridden["max_tokens"], overridden["temperature"], overridden["n"]) == (9, 0.7, 2)
 
 
-def test_generate_goals_asks_as_dream_does_and_answers_one_text_per_prompt():
-    with recording_server(answering("Helps the user cook.")) as upstream:
+def test_generate_goals_asks_once_per_prompt_with_the_shared_goals_prompt_and_answers_one_text_each():
+    with recording_server(echoing_n) as upstream:
         response = make_client(upstream.url("/v1")).post(
-            "/generate_goals", json={"prompts": ["You are Chef Bot.", "You are Tutor Bot."]}
+            "/generate_goals",
+            json={"prompts": ["You are Chef Bot.", "You are Tutor Bot."], "configs": [None, {"num_return_sequences": 3}]},
         )
     assert response.status_code == 200, response.text
-    assert response.get_json() == ["Helps the user cook.", "Helps the user cook."]
-    messages = sorted((request.json()["messages"] for request in upstream.requests), key=str)
-    assert [m["role"] for m in messages[0]] == ["assistant", "user"]
-    assert messages[0][0]["content"] == "hi"
-    assert "Prompt: '''You are Chef Bot.'''" in messages[0][1]["content"]
-    assert messages[0][1]["content"].endswith("Result:")
+    assert response.get_json() == ["answer 0", "answer 0"]
+    sent = sorted((request.json() for request in upstream.requests), key=lambda body: body["messages"][0]["content"])
+    assert [body["n"] for body in sent] == [1, 1]
+    [[chef_message], [tutor_message]] = [body["messages"] for body in sent]
+    assert chef_message["role"] == "user"
+    assert "'''You are Chef Bot.'''" in chef_message["content"] and "{prompt}" not in chef_message["content"]
+    assert "'''You are Tutor Bot.'''" in tutor_message["content"]
 
 
 def test_a_null_content_is_an_empty_hypothesis():

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
 from services.openai_api_lm.protocol import OpenAIGenerationConfig, RequestKeys
-from services.openai_api_lm.settings import Settings
+from services.openai_api_lm.settings import REPO_ROOT, Settings
 from services.openai_api_lm.upstream import ChatCompletionsClient, Credentials, UpstreamResponseError
 from common.lm_protocol import GenerateGoalsItem, RespondItem, load_generation_config
 
@@ -22,16 +22,8 @@ logger = logging.getLogger(__name__)
 # Dialogs of one request asked at once; more wait for a free slot (within the same deadline).
 MAX_PARALLEL_UPSTREAM_CALLS = 8
 
-# /generate_goals, as Dream asks it: a greeting, then this instruction with the prompt; no system message.
-GOALS_INSTRUCTION = (
-    "Read the prompt below, which sets up a conversational assistant, and state in one short "
-    "sentence what that assistant helps its user to do.\n\n"
-    "Example:\n"
-    "Prompt: You are Chef Bot. Suggest recipes from the ingredients the user has at home and "
-    "explain each cooking step simply. Do not talk about anything else.\n"
-    "Result: Suggests recipes from the user's ingredients and explains how to cook them."
-)
-GOALS_GREETING = "hi"
+# /generate_goals asks what every Parley LLM service asks: this file's text with the prompt in it.
+GOALS_PROMPT_FILE = REPO_ROOT / "common" / "prompts" / "generate_goals.txt"
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -49,8 +41,9 @@ def chat_messages(prompt: str, dialog_context: Sequence[str]) -> list[dict[str, 
     return messages
 
 
-def goals_messages(prompt: str) -> list[dict[str, str]]:
-    return chat_messages("", [GOALS_GREETING, f"{GOALS_INSTRUCTION}\nPrompt: '''{prompt}'''\nResult:"])
+def goals_messages(goals_prompt: str, prompt: str) -> list[dict[str, str]]:
+    """One user message: the goals instruction with the bot's prompt in its `{prompt}` slot."""
+    return chat_messages("", [goals_prompt.replace("{prompt}", prompt)])
 
 
 def hypotheses_from(answer: dict[str, Any]) -> list[str]:
@@ -82,6 +75,7 @@ class OpenAIApiLM:
         path = settings.generative_config_path
         # A bad file is a RequestValidationError naming GENERATIVE_CONFIG, raised at start-up.
         self.default_config = load_generation_config(path, OpenAIGenerationConfig) if path else OpenAIGenerationConfig()
+        self.goals_prompt = GOALS_PROMPT_FILE.read_text().strip()
         self._pool = ThreadPoolExecutor(MAX_PARALLEL_UPSTREAM_CALLS, thread_name_prefix="upstream")
 
     def respond(self, items: Sequence[RespondItem], keys: RequestKeys) -> list[list[str]]:
@@ -98,10 +92,11 @@ class OpenAIApiLM:
     def generate_goals(self, items: Sequence[GenerateGoalsItem], keys: RequestKeys) -> list[str]:
         """For each prompt, a short description of what an assistant with that prompt is for."""
         deadline = time.monotonic() + self.settings.generative_timeout
-        configs = [self._config(item.config, f"configs[{index}]") for index, item in enumerate(items)]
+        one = OpenAIGenerationConfig(num_return_sequences=1)  # one description per prompt: ask for one
+        configs = [self._config(item.config, f"configs[{index}]").merged_with(one) for index, item in enumerate(items)]
         credentials = self._credentials(keys, len(items))
         calls = [
-            (goals_messages(item.prompt), config, credential)
+            (goals_messages(self.goals_prompt, item.prompt), config, credential)
             for item, config, credential in zip(items, configs, credentials, strict=True)
         ]
         return [texts[0] for texts in self._map(lambda call: self._hypotheses(*call, deadline), calls)]
