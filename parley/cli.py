@@ -33,7 +33,18 @@ repo_option = click.option(
 )
 
 
-@click.group()
+@click.group(
+    epilog="""\b
+Examples:
+  parley add-llm transformers-lm-qwen --model Qwen/Qwen2.5-0.5B-Instruct
+  parley remove-llm transformers-lm-qwen
+  parley generate --dry-run
+  parley check
+  parley up universal_prompted_assistant
+  parley chat http://127.0.0.1:4242
+  parley docs
+"""
+)
 @click.version_option(package_name="parley")
 def cli() -> None:
     """Maintain and run Parley distributions.

@@ -33,6 +33,8 @@ from parley.repo import BASE_COMPOSE, OVERRIDE, Repo
 
 CONTAINER_ROOT = "/app"
 READY_LINE = "PARLEY_READY"
+# Our own /health polls carry this User-Agent, so their access-log lines can be left out of the output.
+HEALTH_USER_AGENT = "parley-up-health"
 SERVICE_LINE = "PARLEY_SERVICE"
 STOP_GRACE_SECONDS = 10.0
 DEFAULT_OVERLAYS = ("cpu.yml",)
@@ -390,6 +392,8 @@ def _pump(service: RunningService, output: _Output) -> None:
     assert service.process.stdout is not None
     for raw in service.process.stdout:
         line = raw.decode(errors="replace").rstrip("\n")
+        if HEALTH_USER_AGENT in line:
+            continue
         service.lines.append(line)
         output.say(service.plan.name, line)
 
@@ -415,7 +419,8 @@ def _start(plan: ServicePlan, output: _Output) -> RunningService:
 
 def _healthy(service: RunningService) -> bool:
     with contextlib.suppress(requests.RequestException):
-        return requests.get(service.plan.url + "/health", timeout=2).status_code == 200
+        reply = requests.get(service.plan.url + "/health", timeout=2, headers={"User-Agent": HEALTH_USER_AGENT})
+        return reply.status_code == 200
     return False
 
 
@@ -493,7 +498,7 @@ def run_distribution(
                         f"service {name} did not become healthy on {service.plan.url}/health within {startup_timeout:.0f}s; "
                         f"its last lines:\n{service.last_lines()}"
                     )
-            time.sleep(0.2)
+            time.sleep(0.5)
         running = RunningDistribution(dist, {service.plan.name: service for service in started})
         if echo:
             for name in by_name:
