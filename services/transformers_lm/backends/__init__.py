@@ -47,6 +47,8 @@ class LoadOptions:
     sha256: str | None = None  # the pinned sha256 of the model file; a mismatch refuses to load
     additional_eos_tokens: tuple[str, ...] = ()
     max_queue_size: int = 256
+    threads: int | None = None  # CPU threads for backends that take a count; None: the cores this process may use
+    max_batch_size: int = 16  # sequences a batching engine decodes together
 
 
 @dataclass(frozen=True)
