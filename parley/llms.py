@@ -162,14 +162,20 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
     source_kind, location = None, None
     if api == "transformers":
         try:
-            resolved = resolve_model_source(str(model["source"]))
+            source = str(model["source"])
+            if not Path(source).expanduser().exists() and (repo.root / source).exists():
+                source = str(repo.root / source)  # a card's path inside the repository
+            resolved = resolve_model_source(source)
         except ModelSourceError as error:
             raise LlmError(f"--model: {error}") from None
         source_kind = resolved.kind
         if resolved.kind is not SourceKind.HF_ID:
             location = resolved.path
             if resolved.requested not in EMBEDDED_MODELS:
-                model["source"] = str(location)  # compose mounts it, so it must not depend on the cwd
+                # compose mounts it, so it must not depend on the cwd: relative to the repository
+                # root (compose's project directory) when inside it, else absolute
+                inside = location.resolve().is_relative_to(repo.root.resolve())
+                model["source"] = f"./{location.resolve().relative_to(repo.root.resolve()).as_posix()}" if inside else str(location)
         if model.get("sha256"):
             if location is None or not location.is_file():
                 raise LlmError("--sha256 checks a single model file (a .gguf or an embedded model); drop it for a directory or hub id")

@@ -135,6 +135,18 @@ def test_adding_the_same_model_twice_changes_nothing_the_second_time(checkout: P
     assert "nothing to change" in output
 
 
+def test_a_model_inside_the_repository_is_named_relative_to_it_so_the_files_work_on_any_machine(checkout: Path, gguf_model: Path):
+    (checkout / "models").mkdir()
+    shutil.copy(gguf_model, checkout / "models" / "tiny.gguf")
+
+    parley(checkout, "add-llm", "transformers-lm-tiny", "--model", str(checkout / "models" / "tiny.gguf"))
+    again = parley(checkout, "add-llm", "transformers-lm-tiny")
+
+    assert "source: ./models/tiny.gguf" in read(checkout, "components/transformers-lm-tiny.yml")
+    assert "- ./models/tiny.gguf:/models/transformers-lm-tiny/tiny.gguf:ro" in read(checkout, OVERRIDE)
+    assert "nothing to change" in again
+
+
 def test_dry_run_prints_the_diff_and_writes_nothing(checkout: Path, gguf_model: Path):
     before = snapshot(checkout)
 
