@@ -8,7 +8,12 @@ model answers through the real services in tests/test_openai_api_lm_real.py.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import re
+import socketserver
+import threading
 import time
 from pathlib import Path
 
@@ -264,6 +269,52 @@ def test_an_upstream_that_hangs_is_a_504_after_generative_timeout():
     assert 0.9 < elapsed < 10, f"answered after {elapsed:.1f}s with GENERATIVE_TIMEOUT=1"
 
 
+@contextlib.contextmanager
+def upstream_dropping_first_connections(dropped: int):
+    """A raw HTTP server that closes its first `dropped` connections unanswered, then answers "ok"."""
+    connections = []
+
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            connections.append(self.client_address)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += self.request.recv(65536)
+            if len(connections) <= dropped:
+                return  # closed without a word, as an upstream closing a kept-alive connection
+            length = int(re.search(rb"content-length: *(\d+)", head, re.I).group(1))
+            body = head.split(b"\r\n\r\n", 1)[1]
+            while len(body) < length:
+                body += self.request.recv(65536)
+            payload = json.dumps(completion("ok")).encode()
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n")
+            self.wfile.write(b"Content-Length: %d\r\n\r\n" % len(payload) + payload)
+
+    server = socketserver.ThreadingTCPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1", connections
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_connection_the_upstream_drops_unanswered_is_tried_once_more():
+    with upstream_dropping_first_connections(1) as (url, connections):
+        response = ask(make_client(url), "Hi")
+    assert response.get_json() == [["ok"]]
+    assert len(connections) == 2
+
+
+def test_an_upstream_that_keeps_dropping_connections_is_a_502():
+    with upstream_dropping_first_connections(10) as (url, connections):
+        response = ask(make_client(url), "Hi")
+    error = assert_dream_error(response, 502)
+    assert "closed the connection without answering" in error["message"]
+    assert len(connections) == 2
+
+
 def test_an_upstream_500_is_a_502_naming_the_upstreams_message():
     with recording_server(lambda request: Reply(500, {"error": {"message": "model overloaded"}})) as upstream:
         response = ask(make_client(upstream.url("/v1")), "Hi")
@@ -356,6 +407,12 @@ def test_a_generative_config_with_an_unknown_key_stops_the_start(tmp_path):
         {"OPENAI_BASE_URL": "http://x/v1", "PRETRAINED_MODEL_NAME_OR_PATH": "m", "GENERATIVE_CONFIG": str(config_file)}
     )
     with pytest.raises(SettingsError, match="max_new_token"):
+        create_app(settings)
+
+
+def test_a_default_config_over_the_caps_stops_the_start_instead_of_failing_every_request():
+    settings = Settings.from_env({"OPENAI_BASE_URL": "http://x/v1", "PRETRAINED_MODEL_NAME_OR_PATH": "m", "MAX_NEW_TOKENS_CAP": "24"})
+    with pytest.raises(SettingsError, match="max_new_tokens: 120 is above"):
         create_app(settings)
 
 

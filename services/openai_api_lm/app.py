@@ -30,8 +30,8 @@ def create_app(settings: Settings | None = None, client: ChatCompletionsClient |
     settings = settings or Settings.from_env()
     try:
         lm = OpenAIApiLM(settings, client)
-    except RequestValidationError as error:  # the default generative config file
-        raise SettingsError(error.message) from None
+    except RequestValidationError as error:  # the default generative config: unreadable, or over the caps
+        raise SettingsError(f"{error.message} (MAX_NEW_TOKENS_CAP, MAX_NUM_RETURN_SEQUENCES are the caps)") from None
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["openai_api_lm"] = lm

@@ -75,6 +75,8 @@ class OpenAIApiLM:
         path = settings.generative_config_path
         # A bad file is a RequestValidationError naming GENERATIVE_CONFIG, raised at start-up.
         self.default_config = load_generation_config(path, OpenAIGenerationConfig) if path else OpenAIGenerationConfig()
+        # A default over the caps would turn every request without a config into a 400: refuse to start.
+        self.default_config.check_caps(settings.caps, "GENERATIVE_CONFIG" if path else "the built-in default config")
         self.goals_prompt = GOALS_PROMPT_FILE.read_text().strip()
         self._pool = ThreadPoolExecutor(MAX_PARALLEL_UPSTREAM_CALLS, thread_name_prefix="upstream")
 

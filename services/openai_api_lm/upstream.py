@@ -51,6 +51,10 @@ class UpstreamResponseError(UpstreamError):
     """The upstream answered 2xx with something that is not a chat completion."""
 
 
+class _DroppedConnectionError(UpstreamUnreachableError):
+    """The connection closed before any answer (reset, or a kept-alive connection closed by the upstream)."""
+
+
 @dataclass(frozen=True)
 class Credentials:
     """What authenticates one call; `repr` never shows the key."""
@@ -90,12 +94,39 @@ class ChatCompletionsClient:
         """The upstream's JSON answer to `body`; UpstreamError (or a subclass) when there is none.
 
         `deadline` is a `time.monotonic()` value: the call fails with UpstreamTimeoutError once it passes.
+        A connection that the upstream drops before answering is tried once more on a fresh one:
+        that is how a kept-alive connection looks when the upstream closed it just as it was reused.
         """
+        secrets = (credentials.api_key,)
+        started = time.monotonic()
+        try:
+            status, raw = self._exchange(body, credentials, deadline)
+        except _DroppedConnectionError:
+            logger.info("upstream %s dropped the connection before answering; asking once more", self.url)
+            try:
+                status, raw = self._exchange(body, credentials, deadline)
+            except _DroppedConnectionError as error:
+                raise UpstreamUnreachableError(
+                    f"the upstream at {self.url} closed the connection without answering: {redact(str(error), secrets)}"
+                ) from None
+        logger.info("upstream %s answered %s in %.2fs (%d bytes)", self.url, status, time.monotonic() - started, len(raw))
+        if not 200 <= status < 300:
+            detail = redact(_error_text(raw), secrets)
+            raise UpstreamStatusError(f"the upstream answered {status}: {detail}", upstream_status=status)
+        try:
+            answer = json.loads(raw)
+        except ValueError:
+            raise UpstreamResponseError("the upstream's answer is not JSON") from None
+        if not isinstance(answer, dict):
+            raise UpstreamResponseError("the upstream's answer is not a JSON object")
+        return answer
+
+    def _exchange(self, body: dict[str, Any], credentials: Credentials, deadline: float) -> tuple[int, bytes]:
+        """One POST: the status and the whole body, or a typed error."""
         secrets = (credentials.api_key,)
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             raise UpstreamTimeoutError("the upstream was not asked: the request's time was already spent")
-        started = time.monotonic()
         try:
             with self.session.post(
                 self.url,
@@ -108,35 +139,21 @@ class ChatCompletionsClient:
                 # Headers as given: without this, a ~/.netrc entry would replace our Authorization.
                 auth=_headers_as_given,
             ) as response:
-                raw = _read_within(response, deadline)
+                return response.status_code, _read_within(response, deadline)
         except requests.ConnectTimeout:
             raise UpstreamTimeoutError(f"connecting to the upstream at {self.url} timed out") from None
         except requests.ReadTimeout:
             raise UpstreamTimeoutError(f"the upstream at {self.url} did not answer within {remaining:.1f}s") from None
         except requests.ConnectionError as error:
-            if _is_read_timeout(error):  # requests reports a timeout while reading the body this way
+            if _has_arg(error, urllib3.exceptions.ReadTimeoutError):  # a timeout while reading the body
                 raise UpstreamTimeoutError(f"the upstream at {self.url} did not answer within {remaining:.1f}s") from None
+            if _has_arg(error, urllib3.exceptions.ProtocolError):
+                raise _DroppedConnectionError(_reason(error)) from None
             raise UpstreamUnreachableError(
                 f"cannot reach the upstream at {self.url}: {redact(_reason(error), secrets)}"
             ) from None
         except requests.RequestException as error:
             raise UpstreamError(f"request to the upstream at {self.url} failed: {redact(_reason(error), secrets)}") from None
-        logger.info(
-            "upstream %s answered %s in %.2fs (%d bytes)", self.url, response.status_code, time.monotonic() - started, len(raw)
-        )
-        if not 200 <= response.status_code < 300:
-            detail = redact(_error_text(raw), secrets)
-            raise UpstreamStatusError(
-                f"the upstream answered {response.status_code}: {detail}", upstream_status=response.status_code
-            )
-        try:
-            answer = json.loads(raw)
-        except ValueError:
-            raise UpstreamResponseError("the upstream's answer is not JSON") from None
-        if not isinstance(answer, dict):
-            raise UpstreamResponseError("the upstream's answer is not a JSON object")
-        return answer
-
 
 def _headers_as_given(request: requests.PreparedRequest) -> requests.PreparedRequest:
     return request
@@ -173,8 +190,8 @@ def _error_text(raw: bytes) -> str:
     return text or "(empty body)"
 
 
-def _is_read_timeout(error: requests.ConnectionError) -> bool:
-    return any(isinstance(arg, urllib3.exceptions.ReadTimeoutError) for arg in error.args)
+def _has_arg(error: requests.ConnectionError, kind: type[BaseException]) -> bool:
+    return any(isinstance(arg, kind) for arg in error.args)
 
 
 def _reason(error: BaseException) -> str:
