@@ -86,6 +86,19 @@ def test_hypotheses_come_back_in_dreams_skill_format_with_confidences():
     assert sent["prompts"] == ["Be brief."]
 
 
+def test_the_endpoints_generative_config_is_sent_whole_so_the_llms_defaults_cannot_override_it(tmp_path):
+    greedy = tmp_path / "greedy.json"
+    greedy.write_text(json.dumps({"do_sample": False, "num_return_sequences": 1, "max_new_tokens": 24}))
+    with recording_server(answering("Paris.")) as llm:
+        client = make_client(
+            GENERATIVE_SERVICE_URL=llm.url("/respond"),
+            LLM_ENDPOINTS=json.dumps({llm.url("/respond"): {"key_env_vars": [], "generative_config": str(greedy)}}),
+        )
+        client.post("/respond", json=turn())
+    [config] = llm.requests[0].json()["configs"]
+    assert (config["do_sample"], config["num_return_sequences"], config["max_new_tokens"]) == (False, 1, 24)
+
+
 def test_a_turns_own_prompt_replaces_the_default():
     with recording_server(answering("Arr.")) as llm:
         client = make_client(GENERATIVE_SERVICE_URL=llm.url("/respond"), PROMPT="Be brief.")

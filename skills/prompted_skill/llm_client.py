@@ -35,7 +35,9 @@ class LLMClient:
         body: dict[str, Any] = {
             "dialog_contexts": [dialog_context],
             "prompts": [prompt],
-            "configs": [config.model_dump(mode="json", exclude_defaults=True)],
+            # Every key, defaults included: the LLM merges what it gets over its own default config,
+            # so a key left out (do_sample: false) would silently become the LLM's (do_sample: true).
+            "configs": [config.model_dump(mode="json", exclude_none=True)],
             **key_fields,
         }
         try:
