@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
@@ -174,6 +175,52 @@ def check_wait_hosts(repo: Repo, cards: dict[str, Card], documents: dict[str, An
             for name in waited:
                 if name not in services:
                     report.add(f"{where}: services.{agent.name}.environment.WAIT_HOSTS: {name} is not a service of {dist}")
+
+
+def check_ports_in_use_match_cards(repo: Repo, cards: dict[str, Card], documents: dict[str, Any], report: Report) -> None:
+    """Hand-written services and pipelines name the ports and LLMs their cards hold."""
+    for relative, document in documents.items():
+        for name, service in _services(document).items():
+            environment = _environment(service)
+            card = cards.get(name)
+            port = environment.get("SERVICE_PORT")
+            if card is not None and port and port != str(card.port):
+                report.add(f"{relative}: services.{name}.environment.SERVICE_PORT: {port}, but components/{name}.yml says {card.port}")
+            url = environment.get("GENERATIVE_SERVICE_URL")
+            if url:
+                llm = cards.get(urlsplit(url).hostname or "")
+                if llm is None or not llm.is_llm or url != llm.respond_url:
+                    known = ", ".join(sorted(c.respond_url for c in cards.values() if c.is_llm)) or "none"
+                    report.add(f"{relative}: services.{name}.environment.GENERATIVE_SERVICE_URL: {url} is not an LLM's /respond URL (cards: {known})")
+    for dist in repo.distributions():
+        relative = repo.dist_file(dist, "pipeline_conf.json")
+        path = repo.path(relative)
+        if not path.is_file():
+            continue
+        try:
+            pipeline = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            report.add(f"{relative}: line {error.lineno}: not JSON: {error.msg}")
+            continue
+        for where, connector in _pipeline_connectors(pipeline.get("services") or {}, "services"):
+            url = connector.get("url")
+            if connector.get("protocol") != "http" or not isinstance(url, str):
+                continue
+            host, port = urlsplit(url).hostname, urlsplit(url).port
+            card = cards.get(host or "")
+            if card is None:
+                report.add(f"{relative}: {where}.connector.url: {url} names {host}, which has no card components/{host}.yml")
+            elif port != card.port:
+                report.add(f"{relative}: {where}.connector.url: port {port}, but components/{host}.yml says {card.port}")
+
+
+def _pipeline_connectors(node: dict, where: str):
+    for key, value in node.items():
+        if isinstance(value, dict):
+            if isinstance(value.get("connector"), dict):
+                yield f"{where}.{key}", value["connector"]
+            else:
+                yield from _pipeline_connectors(value, f"{where}.{key}")
 
 
 def check_files_exist(repo: Repo, documents: dict[str, Any], report: Report) -> None:
@@ -359,6 +406,7 @@ def run_checks(repo: Repo, *, tools: bool = True) -> Report:
     check_ports(repo, cards, report)
     check_services_and_cards(repo, cards, documents, report)
     check_wait_hosts(repo, cards, documents, report)
+    check_ports_in_use_match_cards(repo, cards, {k: v for k, v in documents.items() if v is not None}, report)
     check_files_exist(repo, documents, report)
     if not problems and syntax_ok:
         check_generated(repo, cards, report)

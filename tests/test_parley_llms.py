@@ -346,6 +346,26 @@ def test_check_runs_hadolint_on_every_dockerfile(checkout: Path):
     assert "DL3003" in output  # "Use WORKDIR to switch to a directory"
 
 
+def test_check_catches_a_hand_written_service_on_another_port_than_its_card(checkout: Path):
+    edit(checkout, "components/prompted-skill.yml", "prompted-skill:8147", "prompted-skill:8148")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert f"{OVERRIDE}: services.prompted-skill.environment.SERVICE_PORT: 8147, but components/prompted-skill.yml says 8148" in output
+    assert (
+        f"assistant_dists/{DIST}/pipeline_conf.json: services.skills.prompted_skill.connector.url: port 8147, "
+        "but components/prompted-skill.yml says 8148"
+    ) in output
+
+
+def test_check_catches_a_default_llm_that_is_not_an_llm_of_the_cards(checkout: Path):
+    edit(checkout, OVERRIDE, "GENERATIVE_SERVICE_URL: http://transformers-lm-smollm2:8180/respond", "GENERATIVE_SERVICE_URL: http://transformers-lm-gone:8180/respond")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert f"{OVERRIDE}: services.prompted-skill.environment.GENERATIVE_SERVICE_URL: http://transformers-lm-gone:8180/respond is not an LLM's /respond URL" in output
+
+
 def test_check_catches_a_generated_file_edited_by_hand(checkout: Path):
     edit(checkout, f"assistant_dists/{DIST}/cpu.yml", "      DEVICE: cpu", "      DEVICE: cuda")
 
