@@ -103,9 +103,6 @@ class OpenAIApiLM:
         ]
         return [texts[0] for texts in self._map(lambda call: self._hypotheses(*call, deadline), calls)]
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-
     def _config(self, override: Any, field: str) -> OpenAIGenerationConfig:
         config = self.default_config.merged_with(override)
         config.check_caps(self.settings.caps, field)
