@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import click
 import requests
 
 from parley.checks import compose_binary
@@ -376,15 +377,22 @@ class RunningDistribution:
 class _Output:
     """Prefixed, line-buffered output of every child (`name | line`), thread-safe."""
 
-    def __init__(self, echo: bool, width: int):
+    COLORS = ("cyan", "green", "yellow", "magenta", "blue", "red")
+
+    def __init__(self, echo: bool, names: list[str]):
         self.echo = echo
-        self.width = width
+        self.width = max((len(name) for name in names), default=0)
         self.lock = threading.Lock()
+        colored = echo and sys.stdout.isatty()
+        self.prefixes = {
+            name: click.style(f"{name:<{self.width}} |", fg=self.COLORS[index % len(self.COLORS)]) if colored else f"{name:<{self.width}} |"
+            for index, name in enumerate(names)
+        }
 
     def say(self, name: str, line: str) -> None:
         if self.echo:
             with self.lock:
-                sys.stdout.write(f"{name:<{self.width}} | {line}\n")
+                sys.stdout.write(f"{self.prefixes[name]} {line}\n")
                 sys.stdout.flush()
 
 
@@ -465,7 +473,7 @@ def run_distribution(
                 f"port {plan.port} of service {plan.name} is already in use: stop what listens there "
                 f"(`ss -ltnp 'sport = :{plan.port}'` shows it) or run `parley up --free-ports`"
             )
-    output = _Output(echo, max(len(plan.name) for plan in plans) if plans else 0)
+    output = _Output(echo, [plan.name for plan in plans])
     started: list[RunningService] = []
     by_name = {plan.name: plan for plan in plans}
     try:

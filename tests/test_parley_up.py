@@ -106,6 +106,13 @@ def test_services_start_in_dependency_order_with_hostnames_rewritten_to_localhos
         assert beta["env"]["DATA_DIR"] == str(tmp_path / "state" / "rootfs" / "var" / "lib" / "tiny")
 
 
+def test_an_unknown_distribution_is_refused_naming_the_known_ones(tiny: Path):
+    process = subprocess.run([*PARLEY, "up", "nosuch", "--repo", str(tiny)], capture_output=True, text=True, timeout=60)
+
+    assert process.returncode == 1
+    assert "no distribution 'nosuch' (no assistant_dists/nosuch/docker-compose.override.yml); known: tiny" in process.stderr
+
+
 def test_a_port_already_in_use_is_refused_naming_the_service_and_port(tmp_path: Path):
     alpha_port = free_port()
     root = write_tiny_distribution(tmp_path / "checkout", alpha_port, free_port())
