@@ -44,3 +44,17 @@ test: install
 # it after; about 15 minutes the first time, under 5 once the engine data root is warm.
 test-docker: install
 	PARLEY_DOCKER_TESTS=1 $(BIN)/python -m pytest -s -p no:cacheprovider tests/docker/test_distribution_in_docker.py
+
+# Throughput and latency of the LLM service against raw `model.generate` and the peer
+# (`transformers serve --continuous-batching`, from the bench extra), all in one run: a progress line
+# per step, then the table with ratios, also written as JSON under bench/results/. About 5 minutes
+# on an idle 2-core machine. BENCH_ARGS="--only raw_generate --rounds 1" runs less.
+BENCH_STAMP := $(VENV)/.parley-bench-installed
+BENCH_ARGS ?=
+$(BENCH_STAMP): $(STAMP)
+	@echo "==> the bench extra (transformers[serving]: the peer server)"
+	$(PIP) install -q -e '.[bench]'
+	@touch $@
+
+bench: install $(BENCH_STAMP)
+	$(BIN)/python -m bench.run $(BENCH_ARGS)

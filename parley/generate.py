@@ -18,6 +18,7 @@ from typing import Any, Iterable
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
 
+from common.model_sources import EMBEDDED_MODELS
 from parley.cards import LLM_SERVICE_FOLDERS, Card
 from parley.repo import OVERLAYS, OVERRIDE, Repo
 from parley.yamlio import dump_yaml, load_yaml_text
@@ -103,8 +104,6 @@ def service_config_dir(card: Card) -> str:
 
 def container_model_path(card: Card) -> str | None:
     """Where a local model source is mounted in the container (None for embedded names and hub ids)."""
-    from common.model_sources import EMBEDDED_MODELS
-
     assert card.model is not None
     source = card.model.source
     if card.model.api != "transformers" or source in EMBEDDED_MODELS:
