@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -14,6 +13,7 @@ from typing import Callable, Iterator
 
 import requests
 
+from bench.load import percentile
 # The test suite's helpers for real servers: a free port, and stopping a process group for good.
 from tests.support.servers import free_port, stop_process  # noqa: F401 - free_port is re-exported for steps
 
@@ -73,14 +73,6 @@ class Measurement:
 
     def as_dict(self) -> dict:
         return {**asdict(self), "tokens_per_second": self.tokens_per_second, "p50_seconds": self.p50, "p95_seconds": self.p95}
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    if len(values) == 1:
-        return values[0]
-    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
 
 
 @dataclass

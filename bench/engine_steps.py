@@ -12,7 +12,6 @@ from collections import defaultdict
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.closed_loop import run_closed_loop
 from bench.common import QUESTIONS, BenchContext, Measurement, chat_messages
 from services.transformers_lm.engine import GenerationRequest, SamplingParams
 from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine
@@ -90,17 +89,18 @@ def continuous_batching_engine(ctx: BenchContext) -> None:
     clients = max(ctx.client_counts)
     engine = ContinuousBatchingEngine(model, max_batch_size=clients)
     try:
-        def send(index: int) -> int:
-            stream = engine.submit(GenerationRequest(prompts[index % len(prompts)], SamplingParams(max_new_tokens=ctx.new_tokens)))
-            return len(stream.collect())
-
-        ctx.progress(f"continuous-batching engine in-process: {clients} closed-loop clients")
-        engine.stats = type(engine.stats)()
-        result = run_closed_loop(send, clients=clients, requests_per_client=ctx.rounds)
+        ctx.progress(f"continuous-batching engine in-process: {clients} requests at once, {ctx.rounds} rounds")
+        latencies, tokens = [], 0
+        started = time.perf_counter()
+        for _ in range(ctx.rounds):
+            round_started = time.perf_counter()
+            streams = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=ctx.new_tokens))) for p in prompts[:clients]]
+            tokens += sum(len(stream.collect()) for stream in streams)
+            latencies += [time.perf_counter() - round_started] * len(streams)
         ctx.record(
             Measurement(
-                "engine in-process", "closed loop", clients, len(result.latencies), result.new_tokens, result.seconds,
-                result.latencies, {"engine_stats": engine.stats.as_dict()},
+                "engine in-process", f"batch of {clients}", clients, len(latencies), tokens,
+                time.perf_counter() - started, latencies,
             )
         )
         ctx.progress("continuous-batching engine in-process: profiling one full batch")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from bench.common import REPO_ROOT, VENV_BIN, BenchContext, free_port, server_process
-from bench.service_steps import chat_sender, measure_closed_loops, measure_startup
+from bench.service_steps import chat_payload, measure_closed_loops, measure_startup
 
 
 def transformers_serve(ctx: BenchContext) -> None:
@@ -16,9 +16,10 @@ def transformers_serve(ctx: BenchContext) -> None:
     ]
     ctx.progress(f"transformers serve --continuous-batching: starting on port {port}")
     with server_process(command, port=port, cwd=REPO_ROOT, env={}, log_path=REPO_ROOT / "bench/results/transformers-serve.log") as server:
-        chat = chat_sender(server.base_url, model, ctx.new_tokens)
-        measure_startup(ctx, "transformers serve", server, chat)
-        measure_closed_loops(ctx, "transformers serve --cb", chat)
+        chat_url = server.base_url + "/v1/chat/completions"
+        chat = chat_payload(model, ctx.new_tokens)
+        measure_startup(ctx, "transformers serve", server, chat_url, chat)
+        measure_closed_loops(ctx, "transformers serve --cb", chat_url, chat)
 
 
 STEPS = [transformers_serve]

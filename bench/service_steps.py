@@ -11,7 +11,6 @@ import time
 
 import requests
 
-from bench.closed_loop import run_closed_loop
 from bench.common import (
     MODEL_NAME,
     QUESTIONS,
@@ -24,74 +23,64 @@ from bench.common import (
     server_process,
     wait_ready,
 )
+from bench.load import greedy_respond_payload, run_closed_loop
 
 SERVICE_DIR = REPO_ROOT / "services" / "transformers_lm"
 REQUEST_TIMEOUT_SECONDS = 900
 
 
-def respond_sender(base_url: str, new_tokens: int):
-    session = requests.Session()
+def chat_payload(model: str, new_tokens: int):
+    """OpenAI chat completions, greedy, at most `new_tokens` (the questions' answers all run longer)."""
 
-    def send(index: int) -> int:
-        body = {
-            "dialog_contexts": [[QUESTIONS[index % len(QUESTIONS)]]],
-            "configs": [
-                {"max_new_tokens": new_tokens, "min_new_tokens": new_tokens, "do_sample": False, "num_return_sequences": 1}
-            ],
-        }
-        response = session.post(base_url + "/respond", json=body, timeout=REQUEST_TIMEOUT_SECONDS)
-        response.raise_for_status()
-        assert response.json()[0][0], "empty hypothesis"
-        return new_tokens  # min_new_tokens = max_new_tokens: exactly this many were generated
+    def payload(index: int) -> dict:
+        question = QUESTIONS[index % len(QUESTIONS)]
+        return {"model": model, "messages": chat_messages(question), "max_tokens": new_tokens, "temperature": 0}
 
-    return send
+    return payload
 
 
-def chat_sender(base_url: str, model: str, new_tokens: int):
-    """OpenAI chat completions with greedy decoding; counts the tokens the server reports."""
-    session = requests.Session()
-
-    def send(index: int) -> int:
-        body = {
-            "model": model,
-            "messages": chat_messages(QUESTIONS[index % len(QUESTIONS)]),
-            "max_tokens": new_tokens,
-            "temperature": 0,
-        }
-        response = session.post(base_url + "/v1/chat/completions", json=body, timeout=REQUEST_TIMEOUT_SECONDS)
-        response.raise_for_status()
-        return int(response.json()["usage"]["completion_tokens"])
-
-    return send
+def respond_payload(new_tokens: int):
+    return lambda index: greedy_respond_payload(QUESTIONS[index % len(QUESTIONS)], new_tokens)
 
 
-def measure_closed_loops(ctx: BenchContext, system: str, send) -> None:
+def measure_closed_loops(ctx: BenchContext, system: str, url: str, payload) -> None:
     for clients in ctx.client_counts:
         ctx.progress(f"{system}: {clients} closed-loop clients, {ctx.rounds} requests each")
-        result = run_closed_loop(send, clients=clients, requests_per_client=ctx.rounds)
-        if result.errors:
-            ctx.progress(f"  {len(result.errors)} requests failed, first: {result.errors[0]}")
+        stats = run_closed_loop(
+            url, payload, clients, ctx.rounds, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
+        )
+        if stats.errors:
+            ctx.progress(f"  {len(stats.errors)} requests failed, first: {stats.errors[0]}")
         ctx.record(
             Measurement(
-                system, "closed loop", clients, len(result.latencies), result.new_tokens, result.seconds,
-                result.latencies, {"errors": len(result.errors)},
+                system, "closed loop", clients, stats.requests, stats.new_tokens, stats.seconds, stats.latencies,
+                {"errors": len(stats.errors)},
             )
         )
 
 
-def measure_startup(ctx: BenchContext, name: str, server, send) -> None:
-    """Ready time, then the first request and a few more at one client, one after another."""
+def measure_startup(ctx: BenchContext, name: str, server, chat_url: str, payload) -> None:
+    """Ready time, then the first request and a few more at one client, one after another.
+
+    These chat requests also check that every answer has exactly `new_tokens` tokens, which the
+    closed-loop runs count on.
+    """
     ready_seconds = wait_ready(server)
     ctx.progress(f"{name}: /health ready {ready_seconds:.1f} s after the process started")
-    latencies = []
+    latencies, token_counts = [], []
     for index in range(4):
         sent = time.perf_counter()
-        send(index)
+        response = requests.post(chat_url, json=payload(index), timeout=REQUEST_TIMEOUT_SECONDS)
         latencies.append(time.perf_counter() - sent)
+        response.raise_for_status()
+        token_counts.append(response.json()["usage"]["completion_tokens"])
+    if set(token_counts) != {ctx.new_tokens}:
+        ctx.progress(f"  WARNING: answers had {token_counts} tokens, not {ctx.new_tokens}: tokens/s are overstated")
     ctx.facts[f"{name} startup"] = {
         "ready_seconds": ready_seconds,
         "first_request_seconds": latencies[0],
         "later_requests_seconds": latencies[1:],
+        "completion_tokens": token_counts,
     }
     ctx.progress(f"{name}: first request {latencies[0]:.2f} s, later ones {', '.join(f'{s:.2f}' for s in latencies[1:])} s")
 
@@ -107,10 +96,11 @@ def parley_service(ctx: BenchContext) -> None:
     command = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
     ctx.progress(f"parley service: starting gunicorn on port {port}")
     with server_process(command, port=port, cwd=SERVICE_DIR, env=env, log_path=REPO_ROOT / "bench/results/parley-service.log") as server:
-        chat = chat_sender(server.base_url, MODEL_NAME, ctx.new_tokens)
-        measure_startup(ctx, "parley service", server, chat)
-        measure_closed_loops(ctx, "parley /respond", respond_sender(server.base_url, ctx.new_tokens))
-        measure_closed_loops(ctx, "parley /v1/chat/completions", chat)
+        chat_url = server.base_url + "/v1/chat/completions"
+        chat = chat_payload(MODEL_NAME, ctx.new_tokens)
+        measure_startup(ctx, "parley service", server, chat_url, chat)
+        measure_closed_loops(ctx, "parley /respond", server.base_url + "/respond", respond_payload(ctx.new_tokens))
+        measure_closed_loops(ctx, "parley /v1/chat/completions", chat_url, chat)
 
 
 STEPS = [parley_service]
