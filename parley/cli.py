@@ -54,16 +54,18 @@ def cli() -> None:
     """
 
 
-def _report_plan(plan, dry_run: bool, what: str) -> None:
+def _report_plan(plan, dry_run: bool, what: str) -> list[str]:
+    """Print the diff (dry run) or write the plan and list what it wrote; the paths written."""
     if dry_run:
         diff = plan.diff()
         click.echo(diff if diff else f"nothing to change: {what} is already in place", nl=not diff)
-        return
+        return []
     written = plan.apply()
     for relative in written:
         click.echo(f"{'removed' if plan.files[relative] is None else 'wrote'} {relative}")
     if not written:
         click.echo(f"nothing to change: {what} is already in place")
+    return written
 
 
 @click.command(name="add-llm")
@@ -108,10 +110,11 @@ def add_llm(name, model, api, base_url, key_env, port, dists, half_precision, co
     )
     repo = _repo(repo_path)
     try:
-        _, plan = plan_add_llm(repo, options)
+        card, plan = plan_add_llm(repo, options)
     except (LlmError, CardError, YamlSyntaxError) as error:
         raise _fail(error) from None
-    _report_plan(plan, dry_run, name)
+    if _report_plan(plan, dry_run, name):
+        click.echo(f"next: `parley check`, then `parley up` to try {name} (its URL: http://127.0.0.1:{card.port})", err=True)
 
 
 @click.command(name="remove-llm")
