@@ -219,6 +219,18 @@ def test_a_body_over_the_limit_is_a_413(client):
     assert_dream_error(client.post("/", json={"user_id": "ann", "payload": "x", "note": "y" * 5000}), 413)
 
 
+def test_attributes_nested_too_deep_are_a_400_naming_the_field(client):
+    deep = []
+    for _ in range(100):
+        deep = [deep]
+    assert_dream_error(client.post("/", json={"user_id": "ann", "payload": "x", "memo": deep}), 400, "memo")
+
+
+def test_json_nested_past_the_parsers_limit_is_a_400(client):
+    body = "[" * 1800 + "]" * 1800  # under the 4096-byte limit, past the parser's recursion limit
+    assert_dream_error(client.post("/", data=body, content_type="application/json"), 400, None)
+
+
 def test_an_unknown_dialog_id_is_a_404(client):
     assert_dream_error(client.get("/api/dialogs/0123456789abcdef"), 404)
 

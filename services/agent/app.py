@@ -28,6 +28,8 @@ from services.agent.settings import Settings
 from services.agent.store import DialogStore
 
 logger = logging.getLogger(__name__)
+# A turn's attributes are stored and copied for every service; deeper ones are refused at the edge.
+MAX_ATTRIBUTE_DEPTH = 32
 
 
 class BadRequest(ValueError):
@@ -91,10 +93,13 @@ def create_app(settings: Settings | None = None) -> Flask:
 def parse_turn(settings: Settings) -> TurnRequest:
     try:
         data = json.loads(request.get_data(cache=False))
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise BadRequest("the request body must be JSON, e.g. {\"user_id\": \"me\", \"payload\": \"Hi\"}") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object with user_id and payload")
+    for name, value in data.items():
+        if nesting_depth(value) > MAX_ATTRIBUTE_DEPTH:
+            raise BadRequest(f"{name}: nested more than {MAX_ATTRIBUTE_DEPTH} levels deep", name)
     try:
         turn_request = TurnRequest.model_validate(data)
     except ValidationError as error:
@@ -106,6 +111,19 @@ def parse_turn(settings: Settings) -> TurnRequest:
         raise BadRequest(f"payload: {len(turn_request.payload)} characters, over the limit of "
                          f"{settings.max_payload_chars} (MAX_PAYLOAD_CHARS)", "payload", status=413)
     return turn_request
+
+
+def nesting_depth(value) -> int:
+    """How many lists and objects deep a JSON value goes (without recursion)."""
+    deepest, stack = 0, [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(item, dict):
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def _accepts(host_port: str) -> bool:

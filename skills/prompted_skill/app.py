@@ -51,7 +51,7 @@ def _parse(model):
     body = request.get_data(cache=False)
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RequestValidationError("the request body must be JSON", None) from None
     if not isinstance(data, dict):
         raise RequestValidationError("the request body must be a JSON object", None)
