@@ -274,6 +274,10 @@ class ContinuousBatchingEngine:
         cancelled = [row for row in self._active if row.stream.cancelled]
         for row in cancelled:
             row.stream.finish(FinishReason.CANCELLED)
+            logger.info(
+                "sequence cancelled after %d of %d new tokens; its batch slot is free",
+                len(row.new_token_ids), row.sampling.max_new_tokens,
+            )
         self._release(cancelled)
 
     def _admit(self) -> list[_Row]:

@@ -1,0 +1,98 @@
+"""Bounded memory, seen over HTTP: a full engine answers 429 with Retry-After, and a client that goes away frees its slot.
+
+The real service under gunicorn, on the tiny model the tests build, with one batch slot and no
+queue, so a second request while one runs is refused at once.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+
+import pytest
+import requests
+from support.servers import REPO_ROOT, VENV_BIN, free_port, running_server
+from support.tiny_model import tiny_model_dir
+
+SERVICE_DIR = REPO_ROOT / "services" / "transformers_lm"
+GUNICORN_COMMAND = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
+LONG_ANSWER_TOKENS = 1000  # the tiny model runs to the limit: it never emits its end-of-sequence token here
+
+
+@pytest.fixture(scope="module")
+def server():
+    port = free_port()
+    env = {
+        "PRETRAINED_MODEL_NAME_OR_PATH": str(tiny_model_dir()),
+        "BACKEND": "transformers",
+        "SERVICE_PORT": str(port),
+        "MAX_BATCH_SIZE": "1",
+        "MAX_QUEUE_SIZE": "0",
+        "GUNICORN_THREADS": "4",
+    }
+    with running_server(GUNICORN_COMMAND, port=port, cwd=SERVICE_DIR, env=env, startup_timeout_seconds=300) as server:
+        yield server
+
+
+def chat_body(max_tokens: int, stream: bool = False) -> dict:
+    return {
+        "model": str(tiny_model_dir()),
+        "messages": [{"role": "user", "content": "Count to a thousand."}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": stream,
+    }
+
+
+def post_when_a_slot_is_free(server, body: dict, timeout_seconds: float = 120) -> requests.Response:
+    """POST a chat completion, retrying while the service answers 429 (an earlier request still holds the slot)."""
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        response = requests.post(server.url("/v1/chat/completions"), json=body, stream=body["stream"], timeout=60)
+        if response.status_code != 429 or time.monotonic() > deadline:
+            return response
+        response.close()
+        time.sleep(0.05)
+
+
+def start_long_stream(server) -> requests.Response:
+    """A streamed answer that holds the only batch slot; returns once its first token arrived."""
+    response = post_when_a_slot_is_free(server, chat_body(LONG_ANSWER_TOKENS, stream=True))
+    assert response.status_code == 200, response.text
+    for line in response.iter_lines():
+        if line.startswith(b"data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+            return response
+    raise AssertionError("the stream ended before its first token")
+
+
+def test_a_request_while_the_only_slot_is_busy_gets_429_with_retry_after(server):
+    running = start_long_stream(server)
+    try:
+        refused = requests.post(server.url("/v1/chat/completions"), json=chat_body(4), timeout=60)
+        refused_dream = requests.post(server.url("/respond"), json={"dialog_contexts": [["Hi"]]}, timeout=60)
+    finally:
+        running.close()
+
+    assert refused.status_code == 429
+    assert int(refused.headers["Retry-After"]) >= 1
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+    assert refused_dream.status_code == 429
+    assert int(refused_dream.headers["Retry-After"]) >= 1
+    assert "queue" in refused_dream.json()["error"]["message"]
+
+
+CANCELLED_LOG_LINE = r"sequence cancelled after (\d+) of 1000 new tokens"
+
+
+def test_a_client_that_disconnects_frees_its_slot_for_the_next_request(server):
+    running = start_long_stream(server)
+    cancelled_before = len(re.findall(CANCELLED_LOG_LINE, server.log()))
+
+    running.close()  # the client goes away mid-answer
+
+    answer = post_when_a_slot_is_free(server, chat_body(4))
+
+    assert answer.status_code == 200, answer.text
+    cancelled = [int(n) for n in re.findall(CANCELLED_LOG_LINE, server.log())[cancelled_before:]]
+    assert len(cancelled) == 1 and cancelled[0] < LONG_ANSWER_TOKENS  # freed by the disconnect, not by finishing
