@@ -64,7 +64,9 @@ class ModelSection(_Strict):
     context_length: int | None = Field(None, ge=1)
     half_precision: bool = False
     license: str | None = None
-    prompt_format: str | None = Field(None, description="a str.format template with {system} and {messages}; none: the tokenizer's chat template")
+    # RayLLM's prompt_format fields (system, user, assistant, trailing_assistant, ...), as the LLM
+    # service takes them in PROMPT_FORMAT; none: the tokenizer's chat template.
+    prompt_format: dict[str, Any] | None = None
     stop: list[str] = []
     # The model's default generative config (common/generative_configs/<name>.json): only the keys an
     # LLM service accepts (common.lm_protocol.GenerationConfig), kept as written.
@@ -77,6 +79,18 @@ class ModelSection(_Strict):
     def _hex_digest(cls, value: str | None) -> str | None:
         if value is not None and not re.fullmatch(r"[0-9a-f]{64}", value):
             raise ValueError("must be 64 lowercase hex digits")
+        return value
+
+    @field_validator("prompt_format")
+    @classmethod
+    def _valid_prompt_format(cls, value: dict[str, Any] | None) -> dict[str, Any] | None:
+        if value is not None:
+            from services.transformers_lm.settings import PromptFormat
+
+            try:
+                PromptFormat.model_validate(value)
+            except ValidationError as error:
+                raise ValueError("; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())) from None
         return value
 
     @field_validator("key_env_vars")

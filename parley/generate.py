@@ -135,8 +135,14 @@ def llm_environment(card: Card) -> dict[str, Any]:
     else:
         environment["PRETRAINED_MODEL_NAME_OR_PATH"] = container_model_path(card) or model.source
         environment["HALF_PRECISION"] = "true" if model.half_precision else "false"
+        if model.sha256:
+            environment["MODEL_SHA256"] = model.sha256
+        if model.aliases:
+            environment["MODEL_ALIASES"] = ",".join(model.aliases)
         if model.stop:
-            environment["ADDITIONAL_EOS_TOKENS"] = json.dumps(model.stop)
+            environment["STOP_SEQUENCES"] = json.dumps(model.stop)
+        if model.prompt_format:
+            environment["PROMPT_FORMAT"] = json.dumps(model.prompt_format)
     environment["GENERATIVE_CONFIG"] = generative_config_path(card)
     return environment
 

@@ -187,7 +187,6 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
         embedded = EMBEDDED_MODELS.get(resolved.requested)
         if embedded is not None:
             model.setdefault("license", embedded.license)
-            model.setdefault("aliases", [embedded.name])
     else:
         if not model.get("base_url"):
             raise LlmError("--api openai needs --base-url, the upstream's OpenAI API root (e.g. https://api.openai.com/v1)")

@@ -384,3 +384,61 @@ def test_generate_repairs_what_check_found(checkout: Path):
     parley(checkout, "generate")
 
     assert parley(checkout, "check", "--no-tools") == "ok: the bundle is consistent\n"
+
+
+# --- the generated environment is what each service reads --------------------------------------
+
+
+def _generated_environment(root: Path, service: str) -> dict[str, str]:
+    from ruamel.yaml import YAML
+
+    document = YAML(typ="safe").load(read(root, OVERRIDE))
+    return {key: str(value) for key, value in document["services"][service]["environment"].items()}
+
+
+def test_the_llm_service_reads_every_setting_its_card_generates(checkout: Path, gguf_model: Path, tmp_path: Path):
+    from services.transformers_lm.settings import Settings
+
+    card = tmp_path / "card.yml"
+    parley(checkout, "add-llm", "transformers-lm-tiny", "--model", str(gguf_model), "--alias", "tiny", "--stop", "</s>")
+    card.write_text(
+        read(checkout, "components/transformers-lm-tiny.yml").replace(
+            "prompt_format:\n", "prompt_format:\n    user: '<|user|>{instruction}\\n'\n    trailing_assistant: '<|assistant|>'\n"
+        )
+    )
+    parley(checkout, "add-llm", "transformers-lm-tiny", "--from", str(card))
+
+    settings = Settings.from_env(_generated_environment(checkout, "transformers-lm-tiny"))
+
+    assert settings.served_model_names == ["/models/transformers-lm-tiny/tiny-chat.gguf", "tiny"]
+    assert settings.stop_sequences == ("</s>",)
+    assert settings.prompt_format is not None and settings.prompt_format.trailing_assistant == "<|assistant|>"
+    assert settings.service_port == 8181
+    assert str(settings.generative_config) == "common/generative_configs/transformers-lm-tiny.json"
+
+
+def test_an_invalid_prompt_format_in_a_card_is_refused_naming_the_field(checkout: Path):
+    card = checkout / "components/transformers-lm-smollm2.yml"
+    card.write_text(card.read_text().replace("prompt_format:\n", "prompt_format:\n    usr: '{instruction}'\n"))
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "components/transformers-lm-smollm2.yml: model.prompt_format: usr: Extra inputs are not permitted" in output
+
+
+def test_the_openai_api_service_and_the_skill_read_what_add_llm_generates(checkout: Path, monkeypatch: pytest.MonkeyPatch):
+    from services.openai_api_lm.settings import Settings as OpenAISettings
+    from skills.prompted_skill.settings import Settings as SkillSettings
+
+    parley(
+        checkout, "add-llm", "openai-api-mini", "--api", "openai", "--base-url", "http://127.0.0.1:9/v1",
+        "--model", "mini", "--key-env", "MINI_API_KEY",
+    )
+
+    upstream = OpenAISettings.from_env({**_generated_environment(checkout, "openai-api-mini"), "MINI_API_KEY": "sk-test"})
+    skill = SkillSettings.from_env(_generated_environment(checkout, "prompted-skill"))
+
+    assert upstream.openai_base_url == "http://127.0.0.1:9/v1" and upstream.pretrained_model_name_or_path == "mini"
+    assert upstream.api_key is not None and upstream.api_key.get_secret_value() == "sk-test"
+    assert skill.llm_endpoints["http://openai-api-mini:8181/respond"].key_env_vars == ["MINI_API_KEY"]
+    assert "http://transformers-lm-smollm2:8180/respond" in skill.llm_endpoints
