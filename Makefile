@@ -10,7 +10,7 @@ STAMP := $(VENV)/.parley-installed
 TORCH_PIP_ARGS ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 
-.PHONY: install run test test-docker bench check
+.PHONY: install run test test-docker bench check system-packages
 
 install: $(STAMP)
 
@@ -34,8 +34,13 @@ UP_ARGS ?=
 run: install
 	$(BIN)/parley up $(DIST) $(UP_ARGS)
 
+# Debian packages the tests need beyond Python (chromium and chromium-driver for the chat page's
+# browser test): installed when missing, as root (scripts/install-system-packages).
+system-packages:
+	@scripts/install-system-packages
+
 # `parley check` first: the bundle (cards, compose overlays, Dockerfiles) must be consistent.
-test: install
+test: install system-packages
 	$(BIN)/parley check
 	$(BIN)/python -m pytest
 

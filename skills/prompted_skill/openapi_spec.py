@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from common.openapi import Api, Body, Operation
 from skills.prompted_skill.protocol import SkillRequest
 
 # Dream's reply for one dialog: [texts, confidences, human_attributes, bot_attributes, attributes], each a
 # list with one item per hypothesis; with no hypothesis, ["", 0.0, {}, {}, {why}].
-DialogReply = tuple[list[str] | str, list[float] | float, list[dict[str, Any]] | dict[str, Any],
-                    list[dict[str, Any]] | dict[str, Any], list[dict[str, Any]] | dict[str, Any]]
+DialogReply = Annotated[
+    list[list[str] | list[float] | list[dict[str, Any]] | str | float | dict[str, Any]],
+    Field(min_length=5, max_length=5),
+]
 
 
 class SkillHealth(BaseModel):
