@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 
 import requests
 
-from bench.load import percentile
+from bench.load import LoadStats
 # The test suite's helpers for real servers: a free port, and stopping a process group for good.
 from tests.support.servers import free_port, stop_process  # noqa: F401 - free_port is re-exported for steps
 
@@ -47,29 +47,12 @@ QUESTIONS = (
 
 
 @dataclass
-class Measurement:
-    """One measured configuration: a system, a way of loading it, and what came out."""
+class Measurement(LoadStats):
+    """One measured configuration: a system, the way it was loaded, and what came out (LoadStats' fields)."""
 
-    system: str  # e.g. "parley /v1/chat/completions", "raw generate", "transformers serve --cb"
-    mode: str  # e.g. "closed loop", "sequential", "static batch"
-    clients: int
-    requests: int
-    new_tokens: int  # tokens generated in all requests together
-    seconds: float
-    latencies: list[float] = field(default_factory=list)
+    system: str = ""  # e.g. "parley /v1/chat/completions", "raw generate", "transformers serve --cb"
+    mode: str = ""  # e.g. "closed loop", "sequential", "static batch 16"
     extra: dict = field(default_factory=dict)
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds else 0.0
-
-    @property
-    def p50(self) -> float | None:
-        return percentile(self.latencies, 50)
-
-    @property
-    def p95(self) -> float | None:
-        return percentile(self.latencies, 95)
 
     def as_dict(self) -> dict:
         return {**asdict(self), "tokens_per_second": self.tokens_per_second, "p50_seconds": self.p50, "p95_seconds": self.p95}

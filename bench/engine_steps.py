@@ -99,8 +99,8 @@ def continuous_batching_engine(ctx: BenchContext) -> None:
             latencies += [time.perf_counter() - round_started] * len(streams)
         ctx.record(
             Measurement(
-                "engine in-process", f"batch of {clients}", clients, len(latencies), tokens,
-                time.perf_counter() - started, latencies,
+                clients=clients, requests=len(latencies), seconds=time.perf_counter() - started, new_tokens=tokens,
+                latencies=latencies, system="engine in-process", mode=f"batch of {clients}",
             )
         )
         ctx.progress("continuous-batching engine in-process: profiling one full batch")

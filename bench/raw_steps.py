@@ -48,7 +48,12 @@ def raw_generate(ctx: BenchContext) -> None:
         _generate(model, tokenizer, [text], ctx.new_tokens)
         latencies.append(time.perf_counter() - request_started)
     seconds = time.perf_counter() - started
-    ctx.record(Measurement("raw generate", "sequential", 1, len(texts), len(texts) * ctx.new_tokens, seconds, latencies))
+    ctx.record(
+        Measurement(
+            clients=1, requests=len(texts), seconds=seconds, new_tokens=len(texts) * ctx.new_tokens,
+            latencies=latencies, system="raw generate", mode="sequential",
+        )
+    )
 
     batch = texts[:STATIC_BATCH]
     ctx.progress(f"raw model.generate: static batch of {len(batch)}, {ctx.rounds} rounds")
@@ -61,8 +66,9 @@ def raw_generate(ctx: BenchContext) -> None:
     seconds = time.perf_counter() - started
     ctx.record(
         Measurement(
-            "raw generate", f"static batch {len(batch)}", len(batch), len(batch) * ctx.rounds,
-            len(batch) * ctx.rounds * ctx.new_tokens, seconds, latencies,
+            clients=len(batch), requests=len(batch) * ctx.rounds, seconds=seconds,
+            new_tokens=len(batch) * ctx.rounds * ctx.new_tokens, latencies=latencies,
+            system="raw generate", mode=f"static batch {len(batch)}",
         )
     )
 

@@ -8,6 +8,7 @@ the latency of the first request after ready, and closed-loop load on /respond a
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 
 import requests
 
@@ -51,12 +52,7 @@ def measure_closed_loops(ctx: BenchContext, system: str, url: str, payload) -> N
         )
         if stats.errors:
             ctx.progress(f"  {len(stats.errors)} requests failed, first: {stats.errors[0]}")
-        ctx.record(
-            Measurement(
-                system, "closed loop", clients, stats.requests, stats.new_tokens, stats.seconds, stats.latencies,
-                {"errors": len(stats.errors)},
-            )
-        )
+        ctx.record(Measurement(**asdict(stats), system=system, mode="closed loop"))
 
 
 def measure_startup(ctx: BenchContext, name: str, server, chat_url: str, payload) -> None:
