@@ -536,6 +536,7 @@ def serve_forever(running: RunningDistribution) -> None:
             flush=True,
         )
         _note(f"or chat in the terminal: parley chat {url}  (Ctrl-C stops everything)")
+        _note(f"or in the browser, the chat page: {url}/")
 
     while True:
         running.check_alive()
