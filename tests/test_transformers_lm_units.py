@@ -454,6 +454,27 @@ def test_an_unknown_backend_is_a_load_error_listing_the_known_ones():
         default_registry().choose("vllm", resolve_model_source(str(tiny_model_dir())))
 
 
+def test_additional_eos_tokens_end_generation_when_one_token_and_cut_the_text_otherwise():
+    options = LoadOptions(device="cpu", additional_eos_tokens=("<|endoftext|>", "\nHuman:"))
+    model = TransformersBackend().load(resolve_model_source(str(tiny_model_dir())), options)
+    try:
+        endoftext = model.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        assert endoftext in model.info.eos_token_ids
+        assert model.info.extra_stop_sequences == ("\nHuman:",)
+    finally:
+        model.close()
+
+
+def test_half_precision_on_cpu_loads_bfloat16():
+    options = LoadOptions(device="cpu", half_precision=True)
+    model = TransformersBackend().load(resolve_model_source(str(tiny_model_dir())), options)
+    try:
+        assert model.info.dtype == "bfloat16"
+        assert next(model.model.parameters()).dtype.is_floating_point
+    finally:
+        model.close()
+
+
 def test_a_sha256_pin_that_does_not_match_refuses_to_load():
     settings = Settings(pretrained_model_name_or_path=str(tiny_model_dir()), model_sha256="0" * 64, backend="transformers")
 
