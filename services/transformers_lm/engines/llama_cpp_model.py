@@ -11,6 +11,7 @@ backend and tell the user how to install it when the package is missing.
 from __future__ import annotations
 
 import ctypes
+import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,11 @@ def import_llama_cpp() -> ModuleType:
         ) from error
     with _backend_lock:
         if not _backend_ready:
+            # llama-cpp-python prints every llama.cpp log line (hundreds per context) unless its
+            # logger says otherwise: keep warnings and errors, as its `verbose=False` does.
+            library_logger = logging.getLogger("llama-cpp-python")
+            if library_logger.level == logging.NOTSET:
+                library_logger.setLevel(logging.WARNING)
             llama_cpp.llama_backend_init()
             _backend_ready = True
     return llama_cpp
@@ -105,6 +111,13 @@ class LlamaCppModel:
             bos_token=self.token_text(self.llama_cpp.llama_vocab_bos(self.vocab)),
             eos_token=self.token_text(self.llama_cpp.llama_vocab_eos(self.vocab)),
         )
+
+    def quantization(self) -> str:
+        """The weights' type as llama.cpp names it (the last word of its model description, e.g. Q4_1)."""
+        buffer = ctypes.create_string_buffer(256)
+        self.llama_cpp.llama_model_desc(self.pointer, buffer, 256)
+        words = buffer.value.decode("utf-8", errors="replace").split()
+        return words[-1] if words else "unknown"
 
     def end_of_generation_token_ids(self) -> tuple[int, ...]:
         """Every token llama.cpp's vocabulary marks as ending generation (EOS, EOT, ...)."""

@@ -1,0 +1,134 @@
+"""The llama.cpp backend: GGUF files served by llama.cpp (llama-cpp-python), batched by `LlamaCppEngine`.
+
+It reads the GGUF natively, so under `BACKEND=auto` a `.gguf` source comes here whenever
+llama-cpp-python is installed. Tokens, the chat template and the EOS ids all come from the GGUF
+file itself, so prompts are built as the transformers backend builds them for the same model.
+Importing this module does not import llama_cpp; `is_available()` only looks for it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from common.model_sources import ModelSource, SourceKind
+from services.transformers_lm.backends import (
+    Backend,
+    ChatMessage,
+    LoadedModel,
+    LoadOptions,
+    ModelInfo,
+    ModelLoadError,
+)
+from services.transformers_lm.backends.llama_cpp_chat_template import ChatTemplateError, render_chat_template
+from services.transformers_lm.engines.llama_cpp_engine import LlamaCppEngine, LlamaCppEngineConfig, default_threads
+from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel, LlamaCppUnavailableError
+
+logger = logging.getLogger(__name__)
+
+
+class LlamaCppLoadedModel(LoadedModel):
+    """A GGUF model on llama.cpp: its vocabulary for text <-> ids, its template, its batching engine."""
+
+    def __init__(self, model: LlamaCppModel, engine: LlamaCppEngine, info: ModelInfo):
+        self.model = model
+        self.engine = engine
+        self.info = info
+
+    def encode(self, text: str) -> list[int]:
+        # Special tokens written by the chat template (<|im_start|>) are parsed as such, as
+        # transformers' tokenizers do; BOS is added only where the GGUF says the model wants it.
+        return self.model.tokenize(text, add_special=True, parse_special=True)
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.model.detokenize(token_ids, skip_special=True)
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(self.model.metadata.chat_template)
+
+    def render_chat(self, messages: list[ChatMessage]) -> str:
+        metadata = self.model.metadata
+        if not metadata.chat_template:
+            raise ChatTemplateError("this GGUF file has no chat template (tokenizer.chat_template)")
+        return render_chat_template(
+            metadata.chat_template,
+            [{"role": message.role, "content": message.content} for message in messages],
+            bos_token=metadata.bos_token,
+            eos_token=metadata.eos_token,
+        )
+
+    def close(self) -> None:
+        self.engine.close()
+        self.model.close()
+
+
+def eos_token_ids_and_stop_sequences(model: LlamaCppModel, additional_eos_tokens: tuple[str, ...]):
+    """The GGUF's end-of-generation ids plus ADDITIONAL_EOS_TOKENS: ids when one token, else text."""
+    ids = set(model.end_of_generation_token_ids())
+    stop_sequences: list[str] = []
+    for text in additional_eos_tokens:
+        token_ids = model.tokenize(text, add_special=False, parse_special=True)
+        if len(token_ids) == 1:
+            ids.add(token_ids[0])
+        else:
+            stop_sequences.append(text)
+    return tuple(sorted(ids)), tuple(stop_sequences)
+
+
+class LlamaCppBackend(Backend):
+    name = "llama_cpp"
+    supports_half_precision = False  # the GGUF's own quantisation decides the precision
+    loads_gguf_natively = True
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return importlib.util.find_spec("llama_cpp") is not None
+
+    def load(self, source: ModelSource, options: LoadOptions) -> LoadedModel:
+        if source.kind is not SourceKind.GGUF_FILE:
+            raise ModelLoadError(
+                f"BACKEND=llama_cpp loads .gguf files only, and {source.requested!r} is not one: "
+                "point PRETRAINED_MODEL_NAME_OR_PATH at a .gguf file or set BACKEND=transformers"
+            )
+        if options.device == "cuda":
+            raise ModelLoadError("BACKEND=llama_cpp runs on the CPU here: set DEVICE=cpu or auto, or BACKEND=transformers")
+        if options.sha256:
+            from services.transformers_lm.backends.transformers_backend import check_sha256_pin
+
+            check_sha256_pin(source.path, options.sha256)
+        try:
+            model = LlamaCppModel.load(source.path)
+        except LlamaCppUnavailableError as error:
+            raise ModelLoadError(str(error)) from None
+        except ValueError as error:
+            raise ModelLoadError(f"{error}: is it a complete GGUF file of a model llama.cpp supports?") from None
+        config = LlamaCppEngineConfig(
+            slots=options.max_batch_size,
+            threads=options.threads or default_threads(),
+            max_queue_size=options.max_queue_size,
+            batch_tokens=max(512, options.max_batch_size),
+        )
+        try:
+            engine = LlamaCppEngine(model, config)
+        except Exception:
+            model.close()
+            raise
+        eos_ids, stop_sequences = eos_token_ids_and_stop_sequences(model, options.additional_eos_tokens)
+        info = ModelInfo(
+            backend=self.name,
+            device="cpu",
+            dtype=f"gguf {model.quantization()}",
+            context_length=engine.context_per_slot,
+            eos_token_ids=eos_ids,
+            extra_stop_sequences=stop_sequences,
+        )
+        logger.info(
+            "llama.cpp: %s, %d slots x %d tokens, %d threads",
+            source.path.name, config.slots, engine.context_per_slot, config.threads,
+        )
+        return LlamaCppLoadedModel(model, engine, info)
+
+
+def register_backends(register) -> None:
+    register(LlamaCppBackend)
