@@ -291,6 +291,10 @@ def test_malformed_json_is_a_400(client):
     assert_dream_error(client.post("/respond", data=b'{"dialog_contexts": [', content_type="application/json"), 400)
 
 
+def test_json_nested_too_deeply_to_parse_is_a_400(client):
+    assert_dream_error(client.post("/respond", data=b"[" * 100_000, content_type="application/json"), 400)
+
+
 def test_a_json_body_that_is_not_an_object_is_a_400(client):
     assert_dream_error(client.post("/respond", json=[["Hi"]]), 400)
 

@@ -205,6 +205,8 @@ def _json_body() -> object:
         return json.loads(body)
     except (ValueError, UnicodeDecodeError) as error:
         raise RequestValidationError(f"the request body is not valid JSON: {error}", None) from None
+    except RecursionError:
+        raise RequestValidationError("the request body is nested too deeply", None) from None
 
 
 def _openai_result(result) -> Response:
