@@ -181,6 +181,16 @@ def test_a_multi_turn_dialog_is_stored_in_order_and_readable(tmp_path):
     assert all(u["hypotheses"][0]["skill_name"] == "s" for u in dialog["human_utterances"])
 
 
+def test_a_long_dialog_is_stored_whole_but_skills_see_only_its_recent_utterances(tmp_path):
+    with recording_server(skill_reply("Noted.")) as skill:
+        client = make_client(tmp_path, {"s": (skill.url("/respond"), 5)})
+        for i in range(25):
+            dialog_id = client.post("/", json={"user_id": "ann", "payload": f"turn {i}"}).get_json()["dialog_id"]
+    [sent] = skill.requests[-1].json()["dialogs"]
+    assert len(sent["utterances"]) == 20 and sent["utterances"][-1]["text"] == "turn 24"
+    assert len(client.get(f"/api/dialogs/{dialog_id}").get_json()["utterances"]) == 50
+
+
 def test_start_begins_a_new_dialog(tmp_path):
     with recording_server(skill_reply("Hi.")) as skill:
         client = make_client(tmp_path, {"s": (skill.url("/respond"), 5)})

@@ -27,6 +27,8 @@ from services.agent.store import DialogStore, new_id, now
 
 logger = logging.getLogger(__name__)
 REDACTED = "[redacted]"
+# Utterances of a dialog that a turn loads for its services (Dream's formatters look at fewer still).
+HISTORY_UTTERANCES = 2 * formatters.SKILL_CONTEXT_UTTERANCES
 
 
 def redact(value: Any, secrets: list[str]) -> Any:
@@ -110,7 +112,7 @@ class Agent:
         started = time.monotonic()
         attributes, keys = request.split_attributes()
         secrets = sorted(set(keys.values()), key=len, reverse=True)
-        dialog = self.store.active_dialog(request.user_id)
+        dialog = self.store.active_dialog(request.user_id, last_utterances=HISTORY_UTTERANCES)
         human_utterance = {
             "utt_id": new_id(),
             "text": request.payload,

@@ -83,8 +83,11 @@ class DialogStore:
             raise
         db.execute("COMMIT")
 
-    def active_dialog(self, user_external_id: str) -> dict:
-        """The user's active dialog as Dream's dict (created with the user if there is none)."""
+    def active_dialog(self, user_external_id: str, last_utterances: int | None = None) -> dict:
+        """The user's active dialog as Dream's dict (created with the user if there is none).
+
+        With `last_utterances`, only that many of the latest utterances: what a turn's services see.
+        """
         with self._transaction() as db:
             stamp = now()
             db.execute(
@@ -101,7 +104,7 @@ class DialogStore:
                 )
             else:
                 dialog_id = row["dialog_id"]
-        return self.dialog(dialog_id)
+        return self.dialog(dialog_id, last_utterances)
 
     def close_active_dialog(self, user_external_id: str) -> None:
         """Dream's /start and /close: the user's next turn starts a new dialog."""
@@ -132,8 +135,11 @@ class DialogStore:
             db.execute("UPDATE dialogs SET date_finish = ?, bot_attributes = ? WHERE dialog_id = ?",
                        (bot_utterance["date_time"], json.dumps(merged_bot), dialog_id))
 
-    def dialog(self, dialog_id: str) -> dict | None:
-        """A dialog as Dream's dict: utterances (and human/bot ones) oldest first, the human, the bot."""
+    def dialog(self, dialog_id: str, last_utterances: int | None = None) -> dict | None:
+        """A dialog as Dream's dict: utterances (and human/bot ones) oldest first, the human, the bot.
+
+        With `last_utterances`, only that many of the latest utterances.
+        """
         db = self._connection()
         # One read transaction, so the dialog and its utterances are one consistent snapshot.
         db.execute("BEGIN")
@@ -144,10 +150,11 @@ class DialogStore:
             ).fetchone()
             if row is None:
                 return None
-            utterances = [
-                json.loads(r["data"])
-                for r in db.execute("SELECT data FROM utterances WHERE dialog_id = ? ORDER BY position", (dialog_id,))
-            ]
+            rows = db.execute(
+                "SELECT data FROM utterances WHERE dialog_id = ? ORDER BY position DESC LIMIT ?",
+                (dialog_id, -1 if last_utterances is None else last_utterances),
+            )
+            utterances = [json.loads(r["data"]) for r in rows][::-1]
         finally:
             db.execute("COMMIT")
         return {
