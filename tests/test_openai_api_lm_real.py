@@ -48,7 +48,9 @@ def embedded_lm():
         GUNICORN,
         port=port,
         cwd=REPO_ROOT / "services" / "transformers_lm",
-        env={"SERVICE_PORT": str(port), "PRETRAINED_MODEL_NAME_OR_PATH": "smollm2-135m-instruct"},
+        # The transformers backend whether or not llama.cpp is installed: these tests are about the
+        # forwarding, so they pin the upstream that runs the same everywhere.
+        env={"SERVICE_PORT": str(port), "PRETRAINED_MODEL_NAME_OR_PATH": "smollm2-135m-instruct", "BACKEND": "transformers"},
         startup_timeout_seconds=300,
     ) as server:
         yield server
