@@ -15,6 +15,7 @@ import pytest
 
 from services.agent.app import create_app
 from services.agent.pipeline import PipelineError, load_pipeline, parse_pipeline
+from services.agent.protocol import TurnRequest
 from services.agent.settings import Settings
 from support.errors import assert_dream_error
 from support.recording_server import Reply, recording_server
@@ -162,6 +163,13 @@ def test_keys_reach_the_skills_for_this_turn_but_are_never_stored_or_answered(tm
     stored = client.get(f"/api/dialogs/{first.get_json()['dialog_id']}").get_data(as_text=True)
     assert SECRET not in stored
     assert SECRET.encode() not in _all_bytes_of(tmp_path)
+
+
+@pytest.mark.parametrize("field", ["OPENAI_API_KEY", "openai_organization", "GIGACHAT_CREDENTIAL", "password", "token", "apikey"])
+def test_fields_named_like_credentials_are_keys_not_attributes(field):
+    attributes, keys = TurnRequest(user_id="ann", payload="Hi", **{field: SECRET}, mood="curious").split_attributes()
+    assert keys == {field.lower(): SECRET}
+    assert attributes == {"mood": "curious"}
 
 
 def _all_bytes_of(folder: Path) -> bytes:

@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
 # Request fields that carry credentials for a skill's LLM (OPENAI_API_KEY, openai_organization, ...):
 # passed to the skills for this turn only, never stored and never logged.
-KEY_FIELD = re.compile(r"^[A-Za-z][A-Za-z0-9_]*_(API_KEY|KEY|TOKEN|SECRET|CREDENTIALS?|PASSWORD|ORGANIZATION|SCOPE)$", re.I)
+KEY_FIELD = re.compile(r"^(?:[A-Za-z0-9]+_)*(API_?KEY|KEY|TOKEN|SECRET|CREDENTIALS?|PASSWORD|ORGANIZATION|SCOPE)$", re.I)
 COMMANDS = ("/start", "/close")
 
 
