@@ -7,7 +7,6 @@ one; response formatters turn the service's answer for that dialog into what the
 
 from __future__ import annotations
 
-import copy
 from typing import Any, Callable
 
 # Utterances a skill sees; Dream's formatters cut the history too (its get_last_n_turns).
@@ -113,7 +112,3 @@ def dialog_formatter(name: str | None) -> Callable[[dict], dict]:
 
 def response_formatter(name: str | None) -> Callable[[Any], Any]:
     return RESPONSE_FORMATTERS[short_name(name)] if name else simple
-
-
-def deep_copy(value: Any) -> Any:
-    return copy.deepcopy(value)
