@@ -95,18 +95,24 @@ def converted_gguf_dir(gguf_path: Path, cache_dir: Path, sha256: str) -> Path:
 def hub_snapshot_dir(model_id: str) -> Path:
     """A local snapshot of a hub model: downloaded when the hub is reachable, else the local HF cache."""
     from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError
 
     patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "tokenizer*"]
     try:
         return Path(snapshot_download(model_id, allow_patterns=patterns, etag_timeout=5))
-    except Exception as online_error:  # noqa: BLE001 - any hub failure falls back to the cache
+    except RepositoryNotFoundError:
+        raise ModelLoadError(
+            f"the Hugging Face hub has no model {model_id!r} (or it is private or gated: set HF_TOKEN); "
+            "check the id, or set PRETRAINED_MODEL_NAME_OR_PATH to a local model directory or .gguf file"
+        ) from None
+    except Exception as online_error:  # noqa: BLE001 - any other hub failure falls back to the cache
         logger.info("hub not usable for %s (%s); trying the local Hugging Face cache", model_id, type(online_error).__name__)
     try:
         return Path(snapshot_download(model_id, allow_patterns=patterns, local_files_only=True))
     except Exception:  # noqa: BLE001
         raise ModelLoadError(
             f"model {model_id!r} is not in the local Hugging Face cache and the hub cannot be reached: "
-            f"download it where the hub is reachable (huggingface-cli download {model_id}) or set "
+            f"download it where the hub is reachable (hf download {model_id}) or set "
             "PRETRAINED_MODEL_NAME_OR_PATH to a local model directory or .gguf file"
         ) from None
 
