@@ -32,7 +32,11 @@ HISTORY_UTTERANCES = 2 * formatters.SKILL_CONTEXT_UTTERANCES
 
 
 def redact(value: Any, secrets: list[str]) -> Any:
-    """`value` with every secret string replaced, however deep it sits."""
+    """`value` with every secret string replaced, however deep it sits.
+
+    Values only: dict keys are field names (`text`, `hypotheses`, ...), and a short secret (a key of
+    "e") replaced inside them broke the turn with a KeyError (found by schema fuzzing).
+    """
     if not secrets:
         return value
     if isinstance(value, str):
@@ -40,7 +44,7 @@ def redact(value: Any, secrets: list[str]) -> Any:
             value = value.replace(secret, REDACTED)
         return value
     if isinstance(value, dict):
-        return {redact(k, secrets): redact(v, secrets) for k, v in value.items()}
+        return {k: redact(v, secrets) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [redact(v, secrets) for v in value]
     return value
