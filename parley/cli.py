@@ -217,6 +217,7 @@ def up(dist, free_ports, overlays, startup_timeout, state_dir, repo_path) -> Non
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a shell started us with it ignored
     repo = _repo(repo_path)
     try:
         with run_distribution(
