@@ -119,6 +119,13 @@ class ModelSection(_Strict):
         return self
 
 
+class DeploySection(_Strict):
+    """How a swarm runs the component (`parley stack`): how many replicas and on which nodes."""
+
+    replicas: int = Field(1, ge=1, description="replicas in a swarm; the agent keeps its state on one")
+    placement: list[str] = Field([], description="Swarm placement constraints, e.g. 'node.labels.zone == eu'")
+
+
 class Card(_Strict):
     """A component card (Dream's fields) with an optional `model` section for LLMs."""
 
@@ -143,6 +150,7 @@ class Card(_Strict):
     service: str
     date_created: str
     model: ModelSection | None = None
+    deploy: DeploySection | None = None
 
     @field_validator("name")
     @classmethod
@@ -162,6 +170,12 @@ class Card(_Strict):
     def _url_names_the_service(self) -> "Card":
         if urlsplit(self.connector.url).hostname != self.name:
             raise ValueError(f"connector.url must name the service {self.name!r} as its host")
+        return self
+
+    @model_validator(mode="after")
+    def _agent_runs_once(self) -> "Card":
+        if self.group == AGENT_GROUP and self.deploy is not None and self.deploy.replicas != 1:
+            raise ValueError("deploy.replicas: the agent keeps its dialog state in one volume, so it runs 1 replica")
         return self
 
     @property
@@ -230,6 +244,8 @@ def load_card(path: Path, display_path: str | None = None) -> Card:
 def card_to_data(card: Card) -> dict[str, Any]:
     """The card as plain data in the schema's field order, without unset model defaults noise."""
     data = card.model_dump(mode="json")
+    if card.deploy is None:
+        data.pop("deploy")
     if card.model is not None:
         if card.model.api == "transformers":
             data["model"].pop("base_url")

@@ -10,6 +10,7 @@ import click
 from parley.cards import CardError
 from parley.engine import engine
 from parley.repo import Repo, RepoError
+from parley.stack import stack
 from parley.yamlio import YamlSyntaxError
 
 DEFAULT_DIST = "universal_prompted_assistant"
@@ -41,6 +42,7 @@ Examples:
   parley generate --dry-run
   parley check
   parley up universal_prompted_assistant
+  parley stack universal_prompted_assistant --overlay cpu.yml -o stack.yml
   parley chat http://127.0.0.1:4242
   parley docs
 """
@@ -277,3 +279,4 @@ cli.add_command(up)
 cli.add_command(chat)
 cli.add_command(docs)
 cli.add_command(engine)
+cli.add_command(stack)

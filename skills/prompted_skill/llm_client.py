@@ -41,7 +41,7 @@ class LLMClient:
             **key_fields,
         }
         try:
-            response = self.session.post(url, json=body, timeout=timeout_seconds)
+            response = self._post(url, body, timeout_seconds)
         except requests.Timeout:
             raise LLMCallError(f"the LLM at {url} did not answer within {timeout_seconds:g}s") from None
         except requests.RequestException as error:
@@ -56,6 +56,17 @@ class LLMClient:
         if len(hypotheses) != 1:
             raise LLMCallError(f"the LLM at {url} answered {len(hypotheses)} dialogs for 1")
         return hypotheses[0]
+
+    def _post(self, url: str, body: dict[str, Any], timeout_seconds: float) -> requests.Response:
+        """POST once more when the connection fails (not when it times out): a service name may stand
+        for several replicas (Swarm's DNS round robin), and a fresh connection reaches a live one when
+        the replica that held this one was killed or replaced mid-request."""
+        try:
+            return self.session.post(url, json=body, timeout=timeout_seconds)
+        except requests.ConnectionError as error:
+            if isinstance(error, requests.Timeout):
+                raise
+            return self.session.post(url, json=body, timeout=timeout_seconds)
 
 
 def _error_message(response: requests.Response) -> str:
