@@ -79,7 +79,7 @@ def test_previous_services_that_form_a_cycle_are_an_error():
 
 def test_the_answer_is_the_hypothesis_with_the_highest_confidence(tmp_path):
     with recording_server(skill_reply("Low.", 0.5)) as low, recording_server(skill_reply("High.", 0.9)) as high:
-        client = make_client(tmp_path, {"low_skill": (low.url("/respond"), 5), "high_skill": (high.url("/respond"), 5)})
+        client = make_client(tmp_path, {"low_skill": (low.url("/respond"), 30), "high_skill": (high.url("/respond"), 30)})
         body = client.post("/", json={"user_id": "ann", "payload": "Hello"}).get_json()
     assert (body["response"], body["active_skill"], body["confidence"]) == ("High.", "high_skill", 0.9)
     assert {h["skill_name"] for h in body["debug_output"]} == {"low_skill", "high_skill"}
@@ -102,7 +102,7 @@ def test_independent_skills_are_called_concurrently(tmp_path):
 
 def test_skills_get_the_dialog_in_dreams_skill_format(tmp_path):
     with recording_server(skill_reply("Hi.")) as skill:
-        client = make_client(tmp_path, {"s": (skill.url("/respond"), 5)})
+        client = make_client(tmp_path, {"s": (skill.url("/respond"), 30)})
         client.post("/", json={"user_id": "ann", "payload": "First"})
         client.post("/", json={"user_id": "ann", "payload": "Second", "prompt": "Be a pirate."})
     [dialog] = skill.requests[-1].json()["dialogs"]
@@ -126,14 +126,14 @@ def test_a_skill_that_hangs_past_its_timeout_gives_the_last_chance_answer_within
 def test_a_failing_skill_is_skipped_and_another_answers(tmp_path):
     failing = lambda request: Reply(500, {"error": "boom"})  # noqa: E731
     with recording_server(failing) as broken, recording_server(skill_reply("Still here.")) as healthy:
-        client = make_client(tmp_path, {"broken": (broken.url("/respond"), 5), "ok": (healthy.url("/respond"), 5)})
+        client = make_client(tmp_path, {"broken": (broken.url("/respond"), 30), "ok": (healthy.url("/respond"), 30)})
         body = client.post("/", json={"user_id": "ann", "payload": "Hello"}).get_json()
     assert (body["response"], body["active_skill"]) == ("Still here.", "ok")
 
 
 def test_a_skill_with_a_malformed_answer_is_skipped(tmp_path):
     with recording_server(lambda request: Reply(200, {"not": "a list"})) as odd:
-        client = make_client(tmp_path, {"odd": (odd.url("/respond"), 5)})
+        client = make_client(tmp_path, {"odd": (odd.url("/respond"), 30)})
         body = client.post("/", json={"user_id": "ann", "payload": "Hello"}).get_json()
     assert body["response"] == LAST_CHANCE
 
@@ -153,7 +153,7 @@ def test_keys_reach_the_skills_for_this_turn_but_are_never_stored_or_answered(tm
         return Reply(200, [[f"Your keys: {keys}.", 0.9, {"keys": keys}, {}, {}]])
 
     with recording_server(echoing) as skill:
-        client = make_client(tmp_path, {"echo": (skill.url("/respond"), 5)})
+        client = make_client(tmp_path, {"echo": (skill.url("/respond"), 30)})
         first = client.post("/", json={"user_id": "ann", "payload": "Hi", "OPENAI_API_KEY": SECRET})
         client.post("/", json={"user_id": "ann", "payload": "Again"})
     sent_first, sent_second = (r.json()["dialogs"][0] for r in skill.requests)
@@ -180,7 +180,7 @@ def _all_bytes_of(folder: Path) -> bytes:
 
 def test_a_multi_turn_dialog_is_stored_in_order_and_readable(tmp_path):
     with recording_server(skill_reply("Noted.")) as skill:
-        client = make_client(tmp_path, {"s": (skill.url("/respond"), 5)})
+        client = make_client(tmp_path, {"s": (skill.url("/respond"), 30)})
         ids = {client.post("/", json={"user_id": "ann", "payload": f"turn {i}"}).get_json()["dialog_id"] for i in range(3)}
     [dialog_id] = ids
     dialog = client.get(f"/api/dialogs/{dialog_id}").get_json()
@@ -191,7 +191,7 @@ def test_a_multi_turn_dialog_is_stored_in_order_and_readable(tmp_path):
 
 def test_a_long_dialog_is_stored_whole_but_skills_see_only_its_recent_utterances(tmp_path):
     with recording_server(skill_reply("Noted.")) as skill:
-        client = make_client(tmp_path, {"s": (skill.url("/respond"), 5)})
+        client = make_client(tmp_path, {"s": (skill.url("/respond"), 30)})
         for i in range(25):
             dialog_id = client.post("/", json={"user_id": "ann", "payload": f"turn {i}"}).get_json()["dialog_id"]
     [sent] = skill.requests[-1].json()["dialogs"]
@@ -201,7 +201,7 @@ def test_a_long_dialog_is_stored_whole_but_skills_see_only_its_recent_utterances
 
 def test_start_begins_a_new_dialog(tmp_path):
     with recording_server(skill_reply("Hi.")) as skill:
-        client = make_client(tmp_path, {"s": (skill.url("/respond"), 5)})
+        client = make_client(tmp_path, {"s": (skill.url("/respond"), 30)})
         first = client.post("/", json={"user_id": "ann", "payload": "one"}).get_json()["dialog_id"]
         client.post("/", json={"user_id": "ann", "payload": "/start"})
         second = client.post("/", json={"user_id": "ann", "payload": "two"}).get_json()["dialog_id"]
