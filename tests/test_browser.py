@@ -1,0 +1,145 @@
+"""The chat page in a real browser (Debian's chromium and chromium-driver, headless), on the
+universal_prompted_assistant run by `parley up` on the embedded SmolLM2.
+
+A person types a question and sees the answer with the skill's name; after a reload the turn is
+still there (from the agent's state); a second tab is a separate dialog. The screenshot goes to
+tests/output/chat.png (docs/chat.png is a copy of one).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import textwrap
+from pathlib import Path
+
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+
+from parley.repo import Repo
+from parley.up import run_distribution
+from support.servers import REPO_ROOT
+
+pytestmark = pytest.mark.model
+
+DIST = "universal_prompted_assistant"
+LINKED = ["services", "skills", "common", "components", "docker-compose.yml", ".env", "components.tsv"]
+ANSWER_TIMEOUT = 300  # the real model on a shared 2-core CPU
+OUTPUT = REPO_ROOT / "tests" / "output"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+def write_checkout(root: Path) -> Path:
+    """A checkout whose code is this one's (links), with a greedy, short config so the answer is reproducible."""
+    root.mkdir(parents=True)
+    for name in LINKED:
+        if (REPO_ROOT / name).exists():
+            (root / name).symlink_to(REPO_ROOT / name)
+    dist = root / "assistant_dists" / DIST
+    shutil.copytree(REPO_ROOT / "assistant_dists" / DIST, dist)
+    greedy = dist / "greedy_generative_config.json"
+    greedy.write_text(json.dumps({"do_sample": False, "num_return_sequences": 1, "max_new_tokens": 32}))
+    (dist / "test.yml").write_text(textwrap.dedent(f"""\
+        services:
+          agent:
+            environment:
+              RESPONSE_TIME_LIMIT: "{ANSWER_TIMEOUT}"
+          prompted-skill:
+            environment:
+              GENERATIVE_SERVICE_CONFIG: {greedy}
+              GENERATIVE_TIMEOUT: "{ANSWER_TIMEOUT - 30}"
+        """))
+    pipeline = json.loads((dist / "pipeline_conf.json").read_text())
+    pipeline["services"]["skills"]["prompted_skill"]["connector"]["timeout"] = ANSWER_TIMEOUT - 10
+    (dist / "pipeline_conf.json").write_text(json.dumps(pipeline, indent=2))
+    return root
+
+
+@pytest.fixture(scope="module")
+def agent_url(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("browser")
+    checkout = write_checkout(workdir / "checkout")
+    with run_distribution(Repo(checkout), DIST, free_ports=True, overlays=["cpu.yml", "test.yml"],
+                          state_dir=workdir / "state", startup_timeout=600) as running:
+        yield running.url("agent")
+
+
+@pytest.fixture
+def browser():
+    if not Path(CHROMIUM).exists() or not Path(CHROMEDRIVER).exists():
+        pytest.fail("chromium and chromium-driver are missing: run scripts/install-system-packages (make test does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    profile = tempfile.mkdtemp(prefix="parley-chromium-")
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-dev-shm-usage", f"--user-data-dir={profile}", "--window-size=420,860"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def bot_turns(driver) -> list:
+    return driver.find_elements(By.CSS_SELECTOR, "#log .turn.bot:not(.pending)")
+
+
+def test_a_person_asks_sees_the_answer_with_its_skill_and_finds_it_after_a_reload(agent_url, browser):
+    browser.get(agent_url + "/")
+    message = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.ID, "message")))
+    message.send_keys("What is the capital of France?", Keys.ENTER)  # Enter sends
+
+    WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: bot_turns(d) or d.find_element(By.ID, "error").is_displayed())
+    assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
+    answer = bot_turns(browser)[0]
+    assert "Paris" in answer.text
+    assert answer.find_element(By.CSS_SELECTOR, ".skill").text == "prompted_skill"
+    assert " s" in answer.find_element(By.CSS_SELECTOR, ".meta").text  # its latency
+    OUTPUT.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(OUTPUT / "chat.png"))
+
+    browser.refresh()
+    WebDriverWait(browser, 30).until(lambda d: bot_turns(d))
+    users = browser.find_elements(By.CSS_SELECTOR, "#log .turn.user")
+    assert [u.text for u in users] == ["What is the capital of France?"]
+    assert "Paris" in bot_turns(browser)[0].text
+    assert bot_turns(browser)[0].find_element(By.CSS_SELECTOR, ".skill").text == "prompted_skill"
+    first_dialog = browser.find_element(By.ID, "dialog-id").text
+    assert first_dialog.startswith("dialog ")
+
+    # A second tab is another person: an empty page, then a dialog of its own.
+    browser.switch_to.new_window("tab")
+    browser.get(agent_url + "/chat")
+    message = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.ID, "message")))
+    assert not bot_turns(browser) and not browser.find_elements(By.CSS_SELECTOR, "#log .turn.user")
+    message.send_keys("Hello!", Keys.ENTER)
+    WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: bot_turns(d) or d.find_element(By.ID, "error").is_displayed())
+    assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
+    second_dialog = browser.find_element(By.ID, "dialog-id").text
+    assert second_dialog.startswith("dialog ") and second_dialog != first_dialog
+    assert [u.text for u in browser.find_elements(By.CSS_SELECTOR, "#log .turn.user")] == ["Hello!"]
+
+
+def test_the_page_lists_the_distributions_llms_and_shows_errors_to_the_person(agent_url, browser):
+    browser.get(agent_url + "/chat")
+    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#llm option")) > 1)
+    # (textContent: the options sit in the closed "Prompt and LLM" panel, so .text would be empty)
+    names = [o.get_attribute("textContent") for o in browser.find_elements(By.CSS_SELECTOR, "#llm option")]
+    assert any("transformers-lm-smollm2" in name for name in names), names
+
+    # A message over the agent's limit: the agent's error is on the page, the text back in the box.
+    browser.execute_script("document.getElementById('message').value = 'x'.repeat(5000);")
+    browser.find_element(By.ID, "send").click()
+    error = WebDriverWait(browser, 30).until(ec.visibility_of_element_located((By.ID, "error")))
+    assert "payload" in error.text and "limit" in error.text
+    assert len(browser.find_element(By.ID, "message").get_attribute("value")) == 5000
