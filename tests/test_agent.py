@@ -120,7 +120,7 @@ def test_a_skill_that_hangs_past_its_timeout_gives_the_last_chance_answer_within
     assert response.status_code == 200
     assert response.get_json()["response"] == LAST_CHANCE
     assert response.get_json()["active_skill"] == "last_chance_service"
-    assert elapsed < 3.0, elapsed  # the skill's 1 s timeout plus the agent's own work, not the skill's 10 s
+    assert elapsed < 5.0, elapsed  # the skill's 1 s timeout plus the agent's own work, not the skill's 10 s
 
 
 def test_a_failing_skill_is_skipped_and_another_answers(tmp_path):

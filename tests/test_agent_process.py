@@ -23,7 +23,7 @@ DIST_PIPELINE = REPO_ROOT / "assistant_dists/universal_prompted_assistant/pipeli
 SECRET = "sk-process-test-secret-7f3a"
 
 
-def pipeline_with_skill(tmp_path: Path, skill_url: str, timeout: float = 10) -> Path:
+def pipeline_with_skill(tmp_path: Path, skill_url: str, timeout: float = 30) -> Path:
     pipeline = json.loads(DIST_PIPELINE.read_text())
     pipeline["services"]["skills"]["prompted_skill"]["connector"].update(url=skill_url, timeout=timeout)
     path = tmp_path / "pipeline_conf.json"

@@ -10,6 +10,7 @@ logged, and scrubbed from anything a service gives back.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -64,7 +65,7 @@ class Turn:
 
     def view(self) -> dict:
         """What services see: the dialog with this turn's keys in the user's last utterance's attributes."""
-        dialog = formatters.deep_copy(self.dialog)
+        dialog = copy.deepcopy(self.dialog)  # services must not change the turn's state
         if self.keys:
             last = dialog["utterances"][-1]
             last["attributes"]["api_keys"] = dict(self.keys)
@@ -177,20 +178,20 @@ class Agent:
                 if pending and not any(all(p in outcomes for p in s.previous_services) for s in pending):
                     raise RuntimeError("pipeline stalled: " + ", ".join(s.name for s in pending))
                 continue
-            now_ = time.monotonic()
-            if now_ >= deadline:
+            current = time.monotonic()
+            if current >= deadline:
                 for future, (service, _) in running.items():
                     future.cancel()
                     logger.warning("%s skipped: the turn passed RESPONSE_TIME_LIMIT", service.name)
                 return True
             next_deadline = min([d for _, d in running.values()] + [deadline])
-            finished, _ = wait(list(running), timeout=max(0.0, next_deadline - now_), return_when=FIRST_COMPLETED)
+            finished, _ = wait(list(running), timeout=max(0.0, next_deadline - current), return_when=FIRST_COMPLETED)
             for future in finished:
                 service, _ = running.pop(future)
                 outcomes[service.name] = self._finish(service, future, turn, secrets)
-            now_ = time.monotonic()
+            current = time.monotonic()
             for future, (service, service_deadline) in list(running.items()):
-                if now_ >= service_deadline and not future.done():
+                if current >= service_deadline and not future.done():
                     running.pop(future)
                     future.cancel()
                     logger.warning("%s skipped: no answer within its timeout of %gs",
