@@ -172,6 +172,13 @@ def test_fields_named_like_credentials_are_keys_not_attributes(field):
     assert attributes == {"mood": "curious"}
 
 
+def test_a_short_key_does_not_garble_the_answer(tmp_path):
+    with recording_server(skill_reply("The capital of France is Paris.")) as skill:
+        client = make_client(tmp_path, {"s": (skill.url("/respond"), 30)})
+        body = client.post("/", json={"user_id": "ann", "payload": "Capital?", "api_key": "e"}).get_json()
+    assert body["response"] == "The capital of France is Paris."
+
+
 def _all_bytes_of(folder: Path) -> bytes:
     return b"".join(path.read_bytes() for path in folder.rglob("*") if path.is_file() and "pipeline" not in path.name)
 

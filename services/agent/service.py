@@ -28,6 +28,8 @@ from services.agent.store import DialogStore, new_id, now
 
 logger = logging.getLogger(__name__)
 REDACTED = "[redacted]"
+# Secrets this long are scrubbed wherever they appear in a text; shorter ones only as a whole value.
+MIN_SUBSTRING_SECRET = 8
 # Utterances of a dialog that a turn loads for its services (Dream's formatters look at fewer still).
 HISTORY_UTTERANCES = 2 * formatters.SKILL_CONTEXT_UTTERANCES
 
@@ -42,7 +44,10 @@ def redact(value: Any, secrets: list[str]) -> Any:
         return value
     if isinstance(value, str):
         for secret in secrets:
-            value = value.replace(secret, REDACTED)
+            if len(secret) >= MIN_SUBSTRING_SECRET:
+                value = value.replace(secret, REDACTED)
+            elif value == secret:  # a short "key" inside words would garble every text
+                value = REDACTED
         return value
     if isinstance(value, dict):
         return {k: redact(v, secrets) for k, v in value.items()}
