@@ -24,7 +24,7 @@ LLAMA_CPP_PROGRESS := awk '/^ *\[[0-9]+\/[0-9]+\] / { split(substr($$1, 2, lengt
 	if (step[1] - shown >= 20 || step[1] == step[2]) { printf "    compiling llama.cpp: step %d of %d\n", step[1], step[2]; shown = step[1]; fflush() }; next } \
 	/^ *(Successfully installed .*llama|Requirement already satisfied: llama|Using cached llama|Building wheel for llama|Created wheel for llama)/ { sub(/^ +/, ""); print "    " $$0; fflush() }'
 
-.PHONY: install run test test-docker bench check system-packages
+.PHONY: install run test test-docker test-swarm bench check system-packages
 
 install: $(STAMP) $(LLAMA_CPP_STAMP)
 
@@ -70,6 +70,12 @@ test: install system-packages
 # it after; about 15 minutes the first time, under 5 once the engine data root is warm.
 test-docker: install
 	PARLEY_DOCKER_TESTS=1 $(BIN)/python -m pytest -s -p no:cacheprovider tests/docker/test_distribution_in_docker.py
+
+# The distribution as a Docker Swarm stack on a real single-node swarm (as root, after test-docker,
+# on its engine and images): `parley stack`, 2 LLM replicas, a replica killed while dialogs run, a
+# rolling update; `docker stack rm` and `docker swarm leave --force` at the end, also on failure.
+test-swarm: install
+	PARLEY_SWARM_TESTS=1 $(BIN)/python -m pytest -s -p no:cacheprovider tests/swarm/test_stack_in_swarm.py
 
 # Throughput and latency of the LLM service against raw `model.generate` and the peer
 # (`transformers serve --continuous-batching`, from the bench extra), all in one run: a progress line

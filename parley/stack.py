@@ -244,8 +244,9 @@ def make_stack(repo: Repo, options: StackOptions, compose_binary: str) -> Stack:
     return stack
 
 
-def push_images(images: dict[str, str], echo: Callable[[str], None], run: Callable[..., Any] = subprocess.run) -> None:
+def push_images(images: dict[str, str], echo: Callable[[str], None]) -> None:
     """Tag each locally built image with its registry name and push it."""
+    run = subprocess.run
     for local, remote in images.items():
         if run(["docker", "image", "inspect", local], capture_output=True).returncode != 0:
             raise StackError(f"no local image {local}: build the distribution first (docker compose -p PROJECT ... build)")

@@ -1,0 +1,253 @@
+"""The universal_prompted_assistant distribution as a Docker Swarm stack, on a real single-node swarm.
+
+The steps are the README's "Beyond one machine": build the images (make test-docker's, reused from
+its build cache), `parley stack --endpoint-mode dnsrr` (this kernel has no IPVS), `docker swarm
+init`, label the node that keeps the agent's state, `docker stack deploy`, `docker service scale`
+the LLM to 2 replicas. Then: a dialog through the agent answers Paris; turns reach both LLM
+replicas; killing one replica's container while 4 dialogs run loses no turn and the replica is
+replaced; `docker service update --env-add` rolls the LLM over, start-first, while dialogs go on.
+`docker stack rm` and `docker swarm leave --force` always run at the end, also on failure, and the
+test checks that nothing of the stack is left. Run by `make test-swarm` as root, on the engine of
+`make test-docker` (its `engine` fixture: started by `parley engine start` when none runs, stopped
+after). Every step prints its duration.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import importlib.util
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+import requests
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _docker_test_module():
+    """make test-docker's module: its engine fixture, its step/run helpers and its image names."""
+    path = REPO_ROOT / "tests" / "docker" / "test_distribution_in_docker.py"
+    spec = importlib.util.spec_from_file_location("parley_docker_tests", path)
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+docker_tests = _docker_test_module()
+engine = docker_tests.engine  # the fixture: pytest finds it by name in this module
+step, run, compose = docker_tests.step, docker_tests.run, docker_tests.compose
+
+DIST = docker_tests.DIST
+# make test-docker's compose project: the stack runs the images it built (PROJECT-SERVICE).
+IMAGES_PROJECT = docker_tests.PROJECT
+STACK = "parley-test-swarm"
+LLM_SERVICE = "transformers-lm-smollm2"
+LLM = f"{STACK}_{LLM_SERVICE}"
+AGENT_URL = "http://127.0.0.1:4242"
+SKILL = "prompted_skill"
+OUTPUT_DIR = REPO_ROOT / "tests" / "output"
+STACK_FILE = OUTPUT_DIR / "swarm-stack.yml"
+QUESTIONS = ["What is the capital of France?", "What is the capital of Italy?", "Name a colour.", "Say hello."]
+
+
+def docker(*args: str, check: bool = True, timeout: float = 120) -> str:
+    completed = subprocess.run(["docker", *args], capture_output=True, text=True, timeout=timeout)
+    if check and completed.returncode != 0:
+        pytest.fail(f"`docker {' '.join(args)}` exited with {completed.returncode}:\n{completed.stdout}{completed.stderr}", pytrace=False)
+    return completed.stdout.strip()
+
+
+def llm_containers() -> list[str]:
+    """The running containers of the LLM service's tasks."""
+    return docker("ps", "-q", "--filter", f"label=com.docker.swarm.service.name={LLM}").split()
+
+
+def stack_leftovers() -> list[str]:
+    """Whatever of the stack still exists: containers, networks, volumes."""
+    label = f"label=com.docker.stack.namespace={STACK}"
+    found = docker("ps", "-aq", "--filter", label, check=False).split()
+    found += docker("network", "ls", "-q", "--filter", label, check=False).split()
+    found += docker("volume", "ls", "-q", "--filter", label, check=False).split()
+    return found
+
+
+def wait_for(what: str, condition, timeout_seconds: float) -> float:
+    """Poll `condition` until it is true; the seconds it took."""
+    started = time.monotonic()
+    while time.monotonic() - started < timeout_seconds:
+        if condition():
+            return time.monotonic() - started
+        time.sleep(1)
+    pytest.fail(f"{what}: not after {timeout_seconds:.0f}s", pytrace=False)
+
+
+def agent_healthy() -> bool:
+    with contextlib.suppress(requests.RequestException):
+        return requests.get(AGENT_URL + "/health", timeout=3).status_code == 200
+    return False
+
+
+def turn(user_id: str, text: str) -> dict:
+    response = requests.post(AGENT_URL + "/", json={"user_id": user_id, "payload": text}, timeout=180)
+    response.raise_for_status()
+    return response.json()
+
+
+def dialogs_in_parallel(prefix: str, turns_each: int = 2, during=None) -> list[dict]:
+    """4 users talk at once, `turns_each` turns each; `during()` runs once they have started."""
+    def talk(index: int) -> list[dict]:
+        return [turn(f"{prefix}-{index}", QUESTIONS[(index + n) % len(QUESTIONS)]) for n in range(turns_each)]
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
+        futures = [pool.submit(talk, index) for index in range(4)]
+        if during is not None:
+            during()
+        return [answer for future in futures for answer in future.result()]
+
+
+def respond_requests_per_container() -> dict[str, int]:
+    """How many POST /respond each running LLM replica has served (from its gunicorn access log)."""
+    counts = {}
+    for container in llm_containers():
+        logs = subprocess.run(["docker", "logs", container], capture_output=True, text=True).stdout
+        counts[container] = sum(1 for line in logs.splitlines() if '"POST /respond' in line)
+    return counts
+
+
+def running_llm_tasks() -> int:
+    states = docker("service", "ps", LLM, "--filter", "desired-state=running", "--format", "{{.CurrentState}}", check=False)
+    return sum(1 for state in states.splitlines() if state.startswith("Running"))
+
+
+@pytest.fixture(scope="module")
+def swarm_stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
+    """The stack deployed on a single-node swarm, with 2 LLM replicas; always removed, swarm left."""
+    environment = engine
+    parley = str(Path(sys.executable).parent / "parley")
+    if docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "inactive":
+        pytest.fail("this engine is already part of a swarm: the test makes and leaves its own", pytrace=False)
+    had_gateway_bridge = bool(docker("network", "ls", "-q", "--filter", "name=^docker_gwbridge$"))
+    with step("build the images (make test-docker's, from its build cache)"):
+        run([*compose("cpu.yml"), "--progress", "plain", "build"], environment, "swarm-build.log")
+    with step(f"parley stack {DIST} --overlay cpu.yml --endpoint-mode dnsrr"):
+        run([parley, "stack", DIST, "--overlay", "cpu.yml", "--endpoint-mode", "dnsrr",
+             "--project", IMAGES_PROJECT, "-o", str(STACK_FILE)], environment)
+        print(f"    {STACK_FILE}")
+    try:
+        with step("docker swarm init --advertise-addr 127.0.0.1"):
+            docker("swarm", "init", "--advertise-addr", "127.0.0.1")
+            docker("node", "update", "--label-add", "parley-state=true", docker("info", "--format", "{{.Swarm.NodeID}}"))
+        with step(f"docker stack deploy {STACK}, then docker service scale {LLM}=2"):
+            docker("stack", "deploy", "--resolve-image", "never", "-c", str(STACK_FILE), STACK, timeout=300)
+            docker("service", "scale", "--detach", f"{LLM}=2")
+            waited = wait_for("2 LLM replicas running", lambda: running_llm_tasks() == 2, 600)
+            print(f"    2 LLM replicas running after {waited:.1f}s")
+            wait_for("the agent's /health on 127.0.0.1:4242", agent_healthy, 300)
+            print(docker("service", "ls", "--format", "    {{.Name}} {{.Replicas}} {{.Image}}"))
+        yield environment
+    finally:
+        with step(f"docker stack rm {STACK}; docker swarm leave --force"):
+            with open(OUTPUT_DIR / "swarm-services.log", "w") as log:
+                for service in docker("stack", "services", "-q", STACK, check=False).split():
+                    subprocess.run(["docker", "service", "logs", "--raw", service], stdout=log, stderr=subprocess.STDOUT)
+            docker("stack", "rm", STACK, check=False)
+            with contextlib.suppress(BaseException):
+                wait_for("the stack's containers gone", lambda: not docker("ps", "-aq", "--filter", f"label=com.docker.stack.namespace={STACK}", check=False), 120)
+            docker("swarm", "leave", "--force", check=False)
+            if not had_gateway_bridge:  # swarm init made it; nothing else uses it once the swarm is gone
+                docker("network", "rm", "docker_gwbridge", check=False)
+            for volume in docker("volume", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={STACK}", check=False).split():
+                docker("volume", "rm", volume, check=False)
+            print(f"    service logs: {OUTPUT_DIR / 'swarm-services.log'}")
+            leftovers, swarm_state = stack_leftovers(), docker("info", "--format", "{{.Swarm.LocalNodeState}}", check=False)
+            print(f"    left: {leftovers or 'nothing'}; swarm: {swarm_state}")
+    assert leftovers == [] and swarm_state == "inactive", "the stack or the swarm was left behind"
+
+
+def test_a_dialog_through_the_agent_of_the_stack_answers_paris(swarm_stack):
+    with step("a turn through the agent (published in host mode on 127.0.0.1:4242)"):
+        answer = turn("swarm-paris", "What is the capital of France?")
+        print(f"    {answer['response']!r} ({answer['active_skill']})")
+
+    assert "Paris" in answer["response"]
+
+
+def test_turns_reach_both_llm_replicas(swarm_stack):
+    with step("rounds of 4 parallel dialogs until both LLM replicas have served /respond"):
+        for round_number in range(1, 6):
+            dialogs_in_parallel(f"swarm-spread-{round_number}", turns_each=1)
+            counts = respond_requests_per_container()
+            print(f"    round {round_number}: POST /respond per replica {counts}")
+            if len(counts) == 2 and all(counts.values()):
+                break
+            time.sleep(6)  # past the LLM's keep-alive, so the skill opens fresh connections
+
+    assert len(counts) == 2
+    assert all(count > 0 for count in counts.values())
+
+
+def test_killing_an_llm_replica_while_4_dialogs_run_loses_no_turn_and_the_replica_is_replaced(swarm_stack):
+    victim = llm_containers()[0]
+    killed_at: list[float] = []
+
+    def kill_one_replica() -> None:
+        time.sleep(1.0)  # the dialogs' first turns are at the LLMs by now
+        docker("kill", victim)
+        killed_at.append(time.monotonic())
+        print(f"    killed {victim[:12]}")
+
+    with step("4 dialogs of 2 turns while one LLM replica's container is killed"):
+        answers = dialogs_in_parallel("swarm-kill", turns_each=2, during=kill_one_replica)
+        print(f"    {len(answers)} turns answered by {sorted({a['active_skill'] for a in answers})}")
+    with step("swarm replaces the killed replica"):
+        replaced = wait_for(
+            "a new healthy LLM replica", lambda: running_llm_tasks() == 2 and victim not in llm_containers(), 600
+        )
+        print(f"    2 replicas running again {time.monotonic() - killed_at[0]:.1f}s after the kill")
+
+    assert len(answers) == 8
+    assert all(answer["active_skill"] == SKILL and answer["response"] for answer in answers)
+    assert replaced >= 0
+    assert victim not in llm_containers()
+
+
+def test_a_rolling_update_with_a_changed_env_keeps_answering(swarm_stack):
+    before = set(llm_containers())
+    answers: list[dict] = []
+    failures: list[str] = []
+    updating = threading.Event()
+    updating.set()
+
+    def keep_talking() -> None:
+        number = 0
+        while updating.is_set():
+            number += 1
+            try:
+                answers.append(turn("swarm-rolling", QUESTIONS[number % len(QUESTIONS)]))
+            except (requests.RequestException, ValueError) as error:
+                failures.append(f"turn {number}: {error}")
+
+    talker = threading.Thread(target=keep_talking)
+    talker.start()
+    try:
+        with step(f"docker service update --env-add PARLEY_ROLLOUT=2 {LLM} (start-first, one at a time)"):
+            docker("service", "update", "--env-add", "PARLEY_ROLLOUT=2", LLM, timeout=900)
+    finally:
+        updating.clear()
+        talker.join()
+    print(f"    {len(answers)} turns during the update, {len(failures)} failed")
+
+    assert docker("service", "inspect", "--format", "{{.UpdateStatus.State}}", LLM) == "completed"
+    after = set(llm_containers())
+    assert len(after) == 2 and not after & before
+    for container in after:
+        assert "PARLEY_ROLLOUT=2" in docker("inspect", "--format", "{{json .Config.Env}}", container)
+    assert failures == []
+    assert answers and all(answer["active_skill"] == SKILL and answer["response"] for answer in answers)
