@@ -145,6 +145,51 @@ def test_a_turn_over_the_response_time_limit_gets_the_timeout_answer(tmp_path):
     assert (body["response"], body["active_skill"]) == (TIMEOUT_TEXT, "timeout_service")
 
 
+def write_pipeline_with_annotator(tmp_path: Path, annotator_url: str, skill_url: str, required: bool) -> Path:
+    """A Dream-style pipeline: a named connector, an annotator before the skill, a disabled service."""
+    pipeline = json.loads(write_pipeline(tmp_path, {"s": (skill_url, 30)}).read_text())
+    pipeline["connectors"] = {"spelling": {"protocol": "http", "url": annotator_url, "timeout": 30}}
+    pipeline["services"]["annotators"] = {
+        "spelling": {
+            "connector": "spelling",
+            "dialog_formatter": "state_formatters.dp_formatters:last_utt_dialog",
+            "response_formatter": "state_formatters.dp_formatters:simple_formatter_service",
+            "state_manager_method": "add_annotation",
+        },
+        "disabled": {"connector": {"protocol": "http", "url": "http://127.0.0.1:9/x"}, "is_enabled": False},
+    }
+    skill = pipeline["services"]["skills"]["s"]
+    skill["previous_services"] = ["annotators"]
+    if required:
+        skill["required_previous_services"] = ["annotators.spelling"]
+    path = tmp_path / "pipeline_conf.json"
+    path.write_text(json.dumps(pipeline))
+    return path
+
+
+def client_for(tmp_path: Path, pipeline: Path):
+    settings = Settings.from_env({"PIPELINE_CONFIG": str(pipeline), "STATE_DB_PATH": str(tmp_path / "state.sqlite3")})
+    return create_app(settings).test_client()
+
+
+def test_an_annotators_result_is_stored_and_seen_by_the_skills_after_it(tmp_path):
+    annotate = lambda request: Reply(200, [{"corrected": request.json()["sentences"][0].upper()}])  # noqa: E731
+    with recording_server(annotate) as annotator, recording_server(skill_reply("Hi.")) as skill:
+        pipeline = write_pipeline_with_annotator(tmp_path, annotator.url("/respond"), skill.url("/respond"), required=False)
+        body = client_for(tmp_path, pipeline).post("/", json={"user_id": "ann", "payload": "hello"}).get_json()
+    [dialog] = skill.requests[0].json()["dialogs"]
+    assert dialog["human_utterances"][-1]["annotations"] == {"spelling": {"corrected": "HELLO"}}
+    assert body["response"] == "Hi."
+
+
+def test_a_service_whose_required_service_failed_is_skipped(tmp_path):
+    with recording_server(lambda request: Reply(500, {})) as annotator, recording_server(skill_reply("Hi.")) as skill:
+        pipeline = write_pipeline_with_annotator(tmp_path, annotator.url("/respond"), skill.url("/respond"), required=True)
+        body = client_for(tmp_path, pipeline).post("/", json={"user_id": "ann", "payload": "hello"}).get_json()
+    assert skill.requests == []
+    assert body["response"] == LAST_CHANCE
+
+
 # --- keys ------------------------------------------------------------------------------------------
 
 def test_keys_reach_the_skills_for_this_turn_but_are_never_stored_or_answered(tmp_path):
