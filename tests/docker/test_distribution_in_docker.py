@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -27,6 +28,7 @@ PROJECT = "parley-test-docker"
 LLM_SERVICE = "transformers-lm-smollm2"
 AGENT_URL = "http://127.0.0.1:4242"
 LLM_URL = "http://127.0.0.1:8180"
+PUBLISHED_PORTS = (4242, 8147, 8180)  # what dev.yml publishes on 127.0.0.1
 # The proxy test's "remote host" that runs the LLM: a container of the real LLM image, kept under
 # its own tag because building the proxy overlay gives the LLM service's image name to nginx.
 UPSTREAM_LLM = f"{PROJECT}-upstream-llm"
@@ -105,6 +107,16 @@ def docker_answers() -> bool:
     return subprocess.run(["docker", "info"], capture_output=True).returncode == 0
 
 
+def ports_taken(ports: tuple[int, ...]) -> list[int]:
+    """The ports among these that something on this machine already listens on (127.0.0.1)."""
+    taken = []
+    for port in ports:
+        with socket.socket() as probe:
+            if probe.connect_ex(("127.0.0.1", port)) == 0:
+                taken.append(port)
+    return taken
+
+
 def wait_until_healthy(url: str, timeout_seconds: float = 120) -> None:
     deadline = time.monotonic() + timeout_seconds
     while time.monotonic() < deadline:
@@ -138,6 +150,9 @@ def engine() -> Iterator[dict[str, str]]:
 def stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
     """The distribution built and up with the base, override, dev and cpu overlays; always taken down."""
     environment = engine
+    taken = ports_taken(PUBLISHED_PORTS)
+    if taken:
+        pytest.fail(f"dev.yml publishes {PUBLISHED_PORTS} on 127.0.0.1, but {taken} are taken here: stop what listens there", pytrace=False)
     (OUTPUT_DIR / "docker-build.log").unlink(missing_ok=True)
     try:
         with step(f"build the {DIST} images (base + override + dev + cpu)"):
