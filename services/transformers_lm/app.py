@@ -65,6 +65,7 @@ def load_model(settings: Settings, registry: BackendRegistry | None = None) -> L
         additional_eos_tokens=settings.additional_eos_tokens,
         max_batch_size=settings.max_batch_size,
         max_queue_size=settings.max_queue_size,
+        threads=settings.threads,
     )
     logger.info("loading %s with the %s backend", settings.pretrained_model_name_or_path, backend.name)
     return backend().load(source, options)

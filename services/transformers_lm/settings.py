@@ -111,6 +111,9 @@ class Settings(BaseModel):
     max_queue_size: int = Field(
         64, ge=0, description="sequences that may wait for a batch slot; beyond it requests get 429 with Retry-After"
     )
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads of the llama_cpp backend; default: the cores this process may use"
+    )
     prompt_format: PromptFormat | None = Field(
         None, description="JSON object with RayLLM's prompt_format fields; overrides the chat template"
     )
