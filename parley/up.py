@@ -277,8 +277,11 @@ def plan_distribution(
         if not command:
             raise UpError(f"service {name}: neither its compose command nor {dockerfile_path} has a CMD")
         mapper = _PathMapper(repo, state_dir, _service_mounts(service, state_dir))
-        env = {key: mapper.map_value(value) for key, value in image.env.items() if key != "PATH"}
+        # Container paths in the image's ENV and in the compose environment alike (a state file on a
+        # named volume, say) must land in the checkout or the state dir, never on the host's own /var.
+        env = {key: value for key, value in image.env.items() if key != "PATH"}
         env.update({key: "" if value is None else str(value) for key, value in (service.get("environment") or {}).items()})
+        env = {key: mapper.map_value(value) for key, value in env.items()}
         port_text = env.get("SERVICE_PORT", "")
         if not port_text.isdigit():
             raise UpError(f"service {name} has no SERVICE_PORT in its environment or build args: parley up needs the port it listens on")

@@ -106,6 +106,17 @@ def test_services_start_in_dependency_order_with_hostnames_rewritten_to_localhos
         assert beta["env"]["DATA_DIR"] == str(tmp_path / "state" / "rootfs" / "var" / "lib" / "tiny")
 
 
+def test_container_paths_in_the_compose_environment_land_in_the_state_dir_not_on_the_host(tmp_path: Path):
+    checkout = write_tiny_distribution(
+        tmp_path / "checkout", free_port(), free_port(), beta_environment={"STATE_FILE": "/var/lib/tiny-state/db.sqlite3"}
+    )
+
+    with run_distribution(Repo(checkout), "tiny", free_ports=True, state_dir=tmp_path / "state") as running:
+        beta = requests.get(running.url("beta") + "/env", timeout=5).json()
+
+    assert beta["env"]["STATE_FILE"] == str(tmp_path / "state" / "rootfs" / "var" / "lib" / "tiny-state" / "db.sqlite3")
+
+
 def test_an_unknown_distribution_is_refused_naming_the_known_ones(tiny: Path):
     process = subprocess.run([*PARLEY, "up", "nosuch", "--repo", str(tiny)], capture_output=True, text=True, timeout=60)
 

@@ -41,7 +41,7 @@ SERVER = textwrap.dedent(
                 self._send(200, {
                     "pid": os.getpid(),
                     "cwd": os.getcwd(),
-                    "env": {key: os.environ.get(key) for key in ("UPSTREAM_URL", "CONFIG_FILE", "GREETING", "PYTHONPATH", "DATA_DIR")},
+                    "env": {key: os.environ.get(key) for key in ("UPSTREAM_URL", "CONFIG_FILE", "GREETING", "PYTHONPATH", "DATA_DIR", "STATE_FILE")},
                     "config": open(config_file).read() if config_file else None,
                     "upstream_healthy_at_start": upstream_healthy_at_start,
                 })
