@@ -15,12 +15,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import requests
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support import expected_conditions as ec
-from selenium.webdriver.support.ui import WebDriverWait
+from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from parley.repo import Repo
 from parley.up import run_distribution
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.model
 
 DIST = "universal_prompted_assistant"
 LINKED = ["services", "skills", "common", "components", "docker-compose.yml", ".env", "components.tsv"]
+PROMPT = "You are a cheerful assistant. Answer in one short sentence."
 ANSWER_TIMEOUT = 300  # the real model on a shared 2-core CPU
 OUTPUT = REPO_ROOT / "tests" / "output"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -117,17 +119,36 @@ def test_a_person_asks_sees_the_answer_with_its_skill_and_finds_it_after_a_reloa
     first_dialog = browser.find_element(By.ID, "dialog-id").text
     assert first_dialog.startswith("dialog ")
 
-    # A second tab is another person: an empty page, then a dialog of its own.
+    # A second tab is another person: an empty page, then a dialog of its own, with a prompt and an
+    # LLM of the person's choosing.
     browser.switch_to.new_window("tab")
     browser.get(agent_url + "/chat")
     message = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.ID, "message")))
     assert not bot_turns(browser) and not browser.find_elements(By.CSS_SELECTOR, "#log .turn.user")
+    browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
+    browser.find_element(By.ID, "prompt").send_keys(PROMPT)
+    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#llm option")) > 1)
+    llm = Select(browser.find_element(By.ID, "llm"))
+    llm.select_by_index(1)
+    chosen_llm = llm.first_selected_option.get_attribute("value")
     message.send_keys("Hello!", Keys.ENTER)
     WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: bot_turns(d) or d.find_element(By.ID, "error").is_displayed())
     assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
     second_dialog = browser.find_element(By.ID, "dialog-id").text
     assert second_dialog.startswith("dialog ") and second_dialog != first_dialog
     assert [u.text for u in browser.find_elements(By.CSS_SELECTOR, "#log .turn.user")] == ["Hello!"]
+    stored = requests.get(f"{agent_url}/api/dialogs/{second_dialog.removeprefix('dialog ')}", timeout=30).json()
+    attributes = stored["human_utterances"][0]["attributes"]
+    assert attributes["prompt"] == PROMPT and attributes["lm_service_url"] == chosen_llm
+    assert stored["bot_utterances"][0]["active_skill"] == "prompted_skill"  # the skill took that LLM
+
+    # "New dialog" closes it: an empty page, also after a reload.
+    browser.find_element(By.ID, "new-dialog").click()
+    WebDriverWait(browser, 30).until(lambda d: not d.find_elements(By.CSS_SELECTOR, "#log .turn"))
+    assert browser.find_element(By.ID, "dialog-id").text == ""
+    browser.refresh()
+    WebDriverWait(browser, 30).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#log .empty"))
+    assert not browser.find_elements(By.CSS_SELECTOR, "#log .turn")
 
 
 def test_the_page_lists_the_distributions_llms_and_shows_errors_to_the_person(agent_url, browser):
