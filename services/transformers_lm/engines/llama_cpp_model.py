@@ -25,6 +25,33 @@ class LlamaCppUnavailableError(ImportError):
     """llama-cpp-python is not installed; the message says how to install it."""
 
 
+_log_callbacks: list = []  # ctypes callbacks must outlive every call llama.cpp makes to them
+logger = logging.getLogger("llama_cpp")
+# ggml's log levels (ggml.h): 1 debug, 2 info, 3 warn, 4 error, 5 continues the previous line.
+_GGML_WARN, _GGML_ERROR, _GGML_CONT = 3, 4, 5
+
+
+def _forward_llama_log(llama_cpp: ModuleType):
+    """A llama.cpp log callback passing warnings and errors to Python logging and dropping the rest.
+
+    llama-cpp-python's own callback maps ggml's levels by an older numbering and prints hundreds of
+    info lines for every model and context.
+    """
+    state = {"level": 0}
+
+    @llama_cpp.llama_log_callback
+    def forward(level: int, text: bytes, _user_data) -> None:
+        if level != _GGML_CONT:
+            state["level"] = level
+        if state["level"] in (_GGML_WARN, _GGML_ERROR):
+            message = text.decode("utf-8", errors="replace").rstrip()
+            if message:
+                logger.log(logging.ERROR if state["level"] == _GGML_ERROR else logging.WARNING, "%s", message)
+
+    _log_callbacks.append(forward)
+    return forward
+
+
 def import_llama_cpp() -> ModuleType:
     """The low-level llama_cpp module, with llama.cpp's backend initialised once per process."""
     global _backend_ready
@@ -37,11 +64,7 @@ def import_llama_cpp() -> ModuleType:
         ) from error
     with _backend_lock:
         if not _backend_ready:
-            # llama-cpp-python prints every llama.cpp log line (hundreds per context) unless its
-            # logger says otherwise: keep warnings and errors, as its `verbose=False` does.
-            library_logger = logging.getLogger("llama-cpp-python")
-            if library_logger.level == logging.NOTSET:
-                library_logger.setLevel(logging.WARNING)
+            llama_cpp.llama_log_set(_forward_llama_log(llama_cpp), ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
             _backend_ready = True
     return llama_cpp
