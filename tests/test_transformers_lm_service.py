@@ -83,6 +83,15 @@ def test_the_capital_of_france_is_answered_greedily_with_paris(lm_url):
     assert "Paris" in hypotheses[0][0]
 
 
+def test_the_issues_own_wording_is_answered_with_paris_by_the_transformers_backend(lm_url, backend):
+    # The wording users try first; llama.cpp's Q4_1 arithmetic answers it differently, so only here.
+    if backend != "transformers":
+        pytest.skip("checked on the transformers backend, which runs the dequantised weights")
+    body = {"dialog_contexts": [["What is the capital of France?"]], "configs": [{**GREEDY, "max_new_tokens": 20}]}
+
+    assert "Paris" in respond(lm_url, body).json()[0][0]
+
+
 def test_a_russian_dialog_gets_a_non_empty_answer(lm_url):
     body = {
         "dialog_contexts": [["Привет!", "Привет! Чем могу помочь?", "Расскажи что-нибудь о Москве."]],
