@@ -165,8 +165,7 @@ def served_model_dir(model: str) -> Path:
 @contextlib.contextmanager
 def started_service(model: str, env: dict[str, str]) -> Iterator[str]:
     """The LLM service under gunicorn on a free port, as `make run` starts it; yields its base URL."""
-    sys.path.insert(0, str(REPO_ROOT / "tests"))
-    from support.servers import free_port, running_server
+    from tests.support.servers import free_port, running_server
 
     port = free_port()
     command = [str(Path(sys.executable).parent / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
