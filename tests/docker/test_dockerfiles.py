@@ -45,7 +45,7 @@ def test_a_service_image_runs_gunicorn_from_its_folder_on_a_base_image_given_as_
 
 
 # Imports an image may lack on purpose: torch is installed from a CPU wheel before the requirements;
-# llama_cpp is an optional backend the LLM image does not compile (it serves GGUF with transformers).
+# llama_cpp is compiled in the LLM image's own llama-cpp stage (build arg LLAMA_CPP=no leaves it out).
 INSTALLED_APART = {"torch"}
 OPTIONAL_IMPORTS = {"llama_cpp"}
 
