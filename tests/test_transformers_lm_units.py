@@ -28,6 +28,7 @@ from services.transformers_lm.backends import (
     default_registry,
 )
 from services.transformers_lm.backends.transformers_backend import TransformersBackend
+from services.transformers_lm.engine import GenerationRequest, SamplingParams
 from services.transformers_lm.prompting import (
     ChatTemplateRenderer,
     Conversation,
@@ -358,6 +359,27 @@ def test_a_failure_inside_generation_is_a_500_and_the_next_request_is_served(tin
     assert_dream_error(failed, 500)
     assert served.status_code == 200 and len(served.get_json()[0]) == 1
     assert any("POST /respond failed" in record.getMessage() and record.exc_info for record in caplog.records)
+
+
+def test_a_full_generation_queue_is_a_429_with_retry_after(settings):
+    options = LoadOptions(device="cpu", max_batch_size=1, max_queue_size=1)
+    model = TransformersBackend().load(resolve_model_source(str(tiny_model_dir())), options)
+    client = create_app(settings, model).test_client()
+    long_request = GenerationRequest((5, 6, 7), SamplingParams(max_new_tokens=4000))
+    running = model.engine.submit(long_request)
+    next(iter(running))  # it holds the only batch slot now
+    waiting = model.engine.submit(long_request)  # and this one the only place in the queue
+    try:
+        dream = client.post("/respond", json=respond_body())
+        openai_style = client.post("/v1/completions", json={"model": "tiny", "prompt": "Hi", "max_tokens": 2})
+    finally:
+        running.cancel()
+        waiting.cancel()
+        model.close()
+
+    assert_dream_error(dream, 429)
+    assert int(dream.headers["Retry-After"]) >= 1
+    assert openai_style.status_code == 429 and openai_style.get_json()["error"]["code"] == "queue_full"
 
 
 # --- the model's lifecycle ------------------------------------------------------------------------
