@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 import statistics
 import sys
 import threading
@@ -192,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens every request generates")
     parser.add_argument("--json", type=Path, help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the service this started is stopped too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     client_counts = [int(count) for count in args.clients.split(",") if count.strip()]
 
     def payload(_: int) -> dict:
