@@ -22,7 +22,7 @@ from services.transformers_lm.backends import (
 )
 from services.transformers_lm.backends.llama_cpp_chat_template import ChatTemplateError, render_chat_template
 from services.transformers_lm.engines.llama_cpp_engine import LlamaCppEngine, LlamaCppEngineConfig, default_threads
-from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel, LlamaCppUnavailableError
+from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel, LlamaCppUnavailableError, import_llama_cpp
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,15 @@ class LlamaCppBackend(Backend):
 
     @classmethod
     def is_available(cls) -> bool:
-        return importlib.util.find_spec("llama_cpp") is not None
+        """Installed and loadable: a library that fails to load (a missing libgomp, say) counts as absent."""
+        if importlib.util.find_spec("llama_cpp") is None:
+            return False
+        try:
+            import_llama_cpp()
+        except Exception as error:  # noqa: BLE001 - ctypes raises OSError or RuntimeError for a broken library
+            logger.warning("the llama_cpp backend is installed but cannot load: %s", error)
+            return False
+        return True
 
     def load(self, source: ModelSource, options: LoadOptions) -> LoadedModel:
         if source.kind is not SourceKind.GGUF_FILE:

@@ -1,0 +1,89 @@
+"""The llama.cpp backend builds the prompts the transformers backend builds, and is chosen for GGUF files.
+
+The chat template comes from the GGUF file and is rendered with jinja2 as transformers renders it;
+the tokens come from llama.cpp's vocabulary. Both are compared with transformers' own tokenizer of
+the same file.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install installs it)")
+
+from common.model_sources import DEFAULT_MODEL_NAME, resolve_model_source  # noqa: E402
+from services.transformers_lm.backends import ChatMessage, LoadOptions, ModelLoadError, default_registry  # noqa: E402
+from services.transformers_lm.backends.llama_cpp_backend import LlamaCppBackend  # noqa: E402
+from support.tiny_model import tiny_model_dir  # noqa: E402
+
+pytestmark = pytest.mark.model
+
+CONVERSATIONS = [
+    [ChatMessage("user", "Which city is the capital of France?")],
+    [ChatMessage("system", "You are a helpful assistant."), ChatMessage("user", "Hi!")],
+    [
+        ChatMessage("system", "Answer in French."),
+        ChatMessage("user", "Hello"),
+        ChatMessage("assistant", "Bonjour ! Comment puis-je vous aider ?"),
+        ChatMessage("user", "Quelle heure est-il ? Réponds avec des émojis 🙂"),
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def llama_model():
+    loaded = LlamaCppBackend().load(resolve_model_source(DEFAULT_MODEL_NAME), LoadOptions(threads=1, max_batch_size=2))
+    yield loaded
+    loaded.close()
+
+
+@pytest.fixture(scope="module")
+def hf_tokenizer():
+    from transformers import AutoTokenizer
+
+    from common.model_sources import file_sha256
+    from services.transformers_lm.backends.transformers_backend import converted_gguf_dir
+    from services.transformers_lm.settings import REPO_ROOT
+
+    source = resolve_model_source(DEFAULT_MODEL_NAME)
+    directory = converted_gguf_dir(source.path, REPO_ROOT / ".cache" / "models", file_sha256(source.path))
+    return AutoTokenizer.from_pretrained(str(directory))
+
+
+def test_auto_serves_a_gguf_file_with_llama_cpp_and_a_model_directory_with_transformers():
+    registry = default_registry()
+
+    assert registry.choose("auto", resolve_model_source(DEFAULT_MODEL_NAME)).name == "llama_cpp"
+    assert registry.choose("auto", resolve_model_source(str(tiny_model_dir()))).name == "transformers"
+
+
+@pytest.mark.parametrize("conversation", CONVERSATIONS, ids=["user only", "system and user", "several turns"])
+def test_the_prompt_and_its_tokens_equal_the_transformers_tokenizers(llama_model, hf_tokenizer, conversation):
+    expected_text = hf_tokenizer.apply_chat_template(
+        [{"role": m.role, "content": m.content} for m in conversation], tokenize=False, add_generation_prompt=True
+    )
+
+    text = llama_model.render_chat(conversation)
+
+    assert text == expected_text
+    assert llama_model.encode(text) == hf_tokenizer(expected_text, add_special_tokens=True)["input_ids"]
+
+
+def test_decoding_leaves_special_tokens_out_and_keeps_unicode(llama_model, hf_tokenizer):
+    text = "Bonjour ! 🙂 Ça va ?"
+    token_ids = llama_model.encode("<|im_start|>assistant\n" + text + "<|im_end|>")
+
+    assert llama_model.decode(token_ids) == hf_tokenizer.decode(token_ids, skip_special_tokens=True) == "assistant\n" + text
+
+
+def test_model_info_names_the_backend_the_quantisation_and_the_context_per_sequence(llama_model, hf_tokenizer):
+    info = llama_model.info
+
+    assert (info.backend, info.device, info.dtype) == ("llama_cpp", "cpu", "gguf Q4_1")
+    assert info.context_length == 2048
+    assert hf_tokenizer.convert_tokens_to_ids("<|im_end|>") in info.eos_token_ids
+
+
+def test_a_model_directory_is_refused_with_a_one_line_fix():
+    with pytest.raises(ModelLoadError, match="loads .gguf files only.*BACKEND=transformers"):
+        LlamaCppBackend().load(resolve_model_source(str(tiny_model_dir())), LoadOptions())
