@@ -124,6 +124,7 @@ class DeploySection(_Strict):
 
     replicas: int = Field(1, ge=1, description="replicas in a swarm; the agent keeps its state on one")
     placement: list[str] = Field([], description="Swarm placement constraints, e.g. 'node.labels.zone == eu'")
+    cpus: float | None = Field(None, gt=0, description="CPU cores per replica: its limit, and an LLM's model threads")
 
 
 class Card(_Strict):

@@ -122,6 +122,10 @@ def _stack_service(name: str, service: dict[str, Any], card: Card, options: Stac
             result[key] = service[key]
     if "environment" in result:
         result["environment"] = {key: "" if value is None else str(value) for key, value in result["environment"].items()}
+    if card.is_llm and card.deploy and card.deploy.cpus:
+        # The model's threads match the cores a replica is given: more threads than cores make every
+        # step wait on descheduled threads, which slows generation by orders of magnitude on a busy node.
+        result.setdefault("environment", {}).setdefault("OMP_NUM_THREADS", str(max(1, int(card.deploy.cpus))))
     if "healthcheck" in result:
         result["healthcheck"] = {key: value for key, value in result["healthcheck"].items() if key in HEALTHCHECK_KEYS}
     volumes = [_volume_mount(name, mount) for mount in service.get("volumes") or []]
@@ -195,8 +199,9 @@ def _deploy(service: dict[str, Any], card: Card, options: StackOptions, keeps_st
 
 
 def _resources(resources: dict[str, Any], card: Card) -> dict[str, Any]:
-    """Limits from the compose files (memory, and cpus quoted as the stack schema wants), the card's
-    ram_usage as the memory reservation, so the scheduler places a replica only where it fits."""
+    """Limits from the compose files (memory, and cpus quoted as the stack schema wants) or the card's
+    deploy.cpus, the card's ram_usage as the memory reservation, so the scheduler places a replica
+    only where it fits. No CPU reservation: a start-first update runs one replica more for a while."""
     limits = {}
     for key, value in (resources.get("limits") or {}).items():
         if key == "memory":
@@ -205,6 +210,8 @@ def _resources(resources: dict[str, Any], card: Card) -> dict[str, Any]:
             limits["cpus"] = str(value)
     if "memory" not in limits:
         limits["memory"] = card.ram_usage
+    if card.deploy and card.deploy.cpus:
+        limits["cpus"] = f"{card.deploy.cpus:g}"
     return {"limits": limits, "reservations": {"memory": card.ram_usage}}
 
 

@@ -68,7 +68,7 @@ def test_each_service_gets_limits_from_compose_and_its_cards_ram_usage_as_reserv
     stack, _ = write_stack(checkout, "--overlay", "cpu.yml")
 
     llm = stack["services"][LLM]["deploy"]
-    assert llm["resources"] == {"limits": {"memory": "2G"}, "reservations": {"memory": "2G"}}
+    assert llm["resources"] == {"limits": {"memory": "2G", "cpus": "1"}, "reservations": {"memory": "2G"}}
     assert llm["restart_policy"]["condition"] == "any"
     assert llm["update_config"]["order"] == "start-first"
     assert llm["replicas"] == 1
@@ -102,7 +102,8 @@ def test_endpoint_mode_dnsrr_publishes_the_agents_port_on_its_node(checkout: Pat
 
 
 def test_replicas_and_placement_come_from_the_cards_deploy_section(checkout: Path):
-    add_to_card(checkout, LLM, "deploy:\n  replicas: 3\n  placement:\n    - node.labels.zone == eu\n")
+    card = checkout / "components" / f"{LLM}.yml"
+    card.write_text(card.read_text().replace("  replicas: 1\n", "  replicas: 3\n  placement:\n    - node.labels.zone == eu\n"))
 
     stack, _ = write_stack(checkout)
 
@@ -179,3 +180,12 @@ def test_docker_stack_config_accepts_the_stack(checkout: Path, endpoint_mode: st
 
     assert result.returncode == 0, result.stderr
     assert "endpoint_mode: " + endpoint_mode in result.stdout
+
+
+def test_the_cards_cpus_limit_a_replica_and_its_models_threads(checkout: Path):
+    stack, _ = write_stack(checkout)
+
+    llm = stack["services"][LLM]
+    assert llm["deploy"]["resources"]["limits"]["cpus"] == "1"
+    assert llm["environment"]["OMP_NUM_THREADS"] == "1"
+    assert "cpus" not in llm["deploy"]["resources"]["reservations"]
