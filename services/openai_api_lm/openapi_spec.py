@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from common.lm_protocol import GenerateGoalsResponse, RespondResponse
 from common.openapi import Api, Body, Operation
 from services.openai_api_lm.protocol import OpenAIGenerateGoalsRequest, OpenAIRespondRequest
+
+
+class _RequestKeyFields(BaseModel):
+    """Dream's per-request key fields: taken out before the request is validated, used only with
+    ALLOW_REQUEST_API_KEYS=1. (A key variable other than OPENAI_API_KEY adds `<its name, lower case>s`.)"""
+
+    openai_api_keys: list[str | None] | None = Field(None, description="one key, or one per dialog")
+    openai_api_organizations: list[str | None] | None = Field(None, description="one organization, or one per dialog")
+    openai_organizations: list[str | None] | None = Field(None, description="the same, Dream's other name")
+
+
+class RespondRequestWithKeys(OpenAIRespondRequest, _RequestKeyFields):
+    """`POST /respond` as documented: the shared request plus the key fields."""
+
+
+class GenerateGoalsRequestWithKeys(OpenAIGenerateGoalsRequest, _RequestKeyFields):
+    """`POST /generate_goals` as documented: the shared request plus the key fields."""
 
 
 class UpstreamHealth(BaseModel):
@@ -26,12 +43,12 @@ API = Api(
     operations=[
         Operation(
             "POST", "/respond", "Hypotheses for each dialog context (Dream's parallel lists)",
-            request=OpenAIRespondRequest,
+            request=RespondRequestWithKeys,
             request_example={"dialog_contexts": [["What is the capital of France?"]], "prompts": ["Answer briefly."]},
             responses={200: Body(RespondResponse, "for each dialog, its hypotheses")},
             errors=ERRORS,
         ),
-        Operation("POST", "/generate_goals", "What a bot with each prompt can do", request=OpenAIGenerateGoalsRequest,
+        Operation("POST", "/generate_goals", "What a bot with each prompt can do", request=GenerateGoalsRequestWithKeys,
                   responses={200: Body(GenerateGoalsResponse, "one description per prompt")}, errors=ERRORS),
         Operation("GET", "/health", "Ready (the upstream is asked only per request)", responses={200: Body(UpstreamHealth)}),
         Operation("GET", "/ping", "Liveness", responses={200: Body(str)}),
