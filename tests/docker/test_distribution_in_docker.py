@@ -23,16 +23,17 @@ import pytest
 import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+OUTPUT_DIR = REPO_ROOT / "tests" / "output"
 DIST = "universal_prompted_assistant"
 PROJECT = "parley-test-docker"
 LLM_SERVICE = "transformers-lm-smollm2"
-AGENT_URL = "http://127.0.0.1:4242"
-LLM_URL = "http://127.0.0.1:8180"
-PUBLISHED_PORTS = (4242, 8147, 8180)  # what dev.yml publishes on 127.0.0.1
+# What dev.yml publishes on 127.0.0.1. Where one of them is taken (a shared machine), the test adds
+# an overlay of its own that publishes the same services on free ports instead.
+DEV_PORTS = {"agent": 4242, "prompted-skill": 8147, LLM_SERVICE: 8180}
+PORTS_OVERLAY = OUTPUT_DIR / "docker-ports.yml"
 # The proxy test's "remote host" that runs the LLM: a container of the real LLM image, kept under
 # its own tag because building the proxy overlay gives the LLM service's image name to nginx.
 UPSTREAM_LLM = f"{PROJECT}-upstream-llm"
-OUTPUT_DIR = REPO_ROOT / "tests" / "output"
 ENV_FILE = REPO_ROOT / ".cache" / "parley-engine.env"
 
 
@@ -49,7 +50,7 @@ def step(title: str) -> Iterator[None]:
         print(f"    {outcome} in {time.monotonic() - started:.1f}s: {title}", flush=True)
 
 
-def run(command: list[str], env: dict[str, str], log_name: str | None = None, timeout: float = 900) -> str:
+def run(command: list[str], env: dict[str, str], log_name: str | None = None, timeout: float = 1800) -> str:
     """Run a command from the repository root; keep its output in tests/output/<log_name>, show
     the lines that matter as they come, and fail with the output's tail."""
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
@@ -89,6 +90,8 @@ def _worth_showing(line: str) -> bool:
 def compose(*overlays: str) -> list[str]:
     files = ["docker-compose.yml", f"assistant_dists/{DIST}/docker-compose.override.yml"]
     files += [f"assistant_dists/{DIST}/{overlay}" for overlay in overlays]
+    if PORTS_OVERLAY.is_file():
+        files.append(str(PORTS_OVERLAY))
     return ["docker", "compose", "--project-name", PROJECT, *(arg for file in files for arg in ("-f", file))]
 
 
@@ -115,6 +118,28 @@ def ports_taken(ports: tuple[int, ...]) -> list[int]:
             if probe.connect_ex(("127.0.0.1", port)) == 0:
                 taken.append(port)
     return taken
+
+
+def publish_on_free_ports_where_taken() -> None:
+    """Keep dev.yml's ports when they are free; else write an overlay that publishes on free ones."""
+    PORTS_OVERLAY.unlink(missing_ok=True)
+    taken = ports_taken(tuple(DEV_PORTS.values()))
+    if not taken:
+        return
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    lines = ["# Written by tests/docker: dev.yml's ports are taken on this machine, so these are used.", "services:"]
+    for service, port in DEV_PORTS.items():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            free = probe.getsockname()[1]
+        lines += [f"  {service}:", "    ports: !override", f'      - "127.0.0.1:{free}:{port}"']
+        DEV_PORTS[service] = free
+    PORTS_OVERLAY.write_text("\n".join(lines) + "\n")
+    print(f"    ports {taken} are taken here: publishing on {DEV_PORTS} instead ({PORTS_OVERLAY})")
+
+
+def agent_url(path: str) -> str:
+    return f"http://127.0.0.1:{DEV_PORTS['agent']}{path}"
 
 
 def wait_until_healthy(url: str, timeout_seconds: float = 120) -> None:
@@ -150,9 +175,7 @@ def engine() -> Iterator[dict[str, str]]:
 def stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
     """The distribution built and up with the base, override, dev and cpu overlays; always taken down."""
     environment = engine
-    taken = ports_taken(PUBLISHED_PORTS)
-    if taken:
-        pytest.fail(f"dev.yml publishes {PUBLISHED_PORTS} on 127.0.0.1, but {taken} are taken here: stop what listens there", pytrace=False)
+    publish_on_free_ports_where_taken()
     (OUTPUT_DIR / "docker-build.log").unlink(missing_ok=True)
     try:
         with step(f"build the {DIST} images (base + override + dev + cpu)"):
@@ -169,14 +192,15 @@ def stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
             subprocess.run(["docker", "rm", "-f", UPSTREAM_LLM], capture_output=True)
             subprocess.run(["docker", "image", "rm", UPSTREAM_LLM], capture_output=True)
             subprocess.run([*compose("dev.yml", "cpu.yml", "proxy.yml"), "down", "-v", "--remove-orphans"], cwd=REPO_ROOT, env=environment, check=False)
+            PORTS_OVERLAY.unlink(missing_ok=True)
             print(f"    service logs: {OUTPUT_DIR / 'docker-compose-services.log'}")
 
 
 @pytest.fixture(scope="module")
 def first_turn(stack: dict[str, str]) -> dict:
-    with step("turn 1 through the agent on 127.0.0.1:4242"):
+    with step(f"turn 1 through the agent's published port ({agent_url('/')})"):
         response = requests.post(
-            AGENT_URL + "/", json={"user_id": "docker-test", "payload": "What is the capital of France?"}, timeout=180
+            agent_url("/"), json={"user_id": "docker-test", "payload": "What is the capital of France?"}, timeout=180
         )
         response.raise_for_status()
         body = response.json()
@@ -185,7 +209,7 @@ def first_turn(stack: dict[str, str]) -> dict:
 
 
 def dialog_texts(dialog_id: str) -> list[str]:
-    response = requests.get(f"{AGENT_URL}/api/dialogs/{dialog_id}", timeout=30)
+    response = requests.get(agent_url(f"/api/dialogs/{dialog_id}"), timeout=30)
     response.raise_for_status()
     return [utterance["text"] for utterance in response.json()["utterances"]]
 
@@ -197,7 +221,7 @@ def test_the_agent_answers_the_capital_of_france_with_paris_through_the_containe
 def test_a_second_turn_is_stored_in_the_same_dialog(first_turn):
     with step("turn 2 in the same dialog"):
         second = requests.post(
-            AGENT_URL + "/", json={"user_id": "docker-test", "payload": "And of Italy?"}, timeout=180
+            agent_url("/"), json={"user_id": "docker-test", "payload": "And of Italy?"}, timeout=180
         ).json()
 
     assert second["dialog_id"] == first_turn["dialog_id"]
@@ -211,7 +235,7 @@ def test_the_dialog_is_still_readable_after_restarting_the_agent(stack, first_tu
 
     with step("docker compose restart agent"):
         run([*compose("dev.yml", "cpu.yml"), "restart", "agent"], stack, "docker-up.log")
-        wait_until_healthy(AGENT_URL + "/health")
+        wait_until_healthy(agent_url("/health"))
 
     assert dialog_texts(first_turn["dialog_id"]) == before
 
@@ -229,9 +253,9 @@ def test_with_the_proxy_overlay_the_llm_answers_respond_through_nginx(stack):
         run([*proxied, "--progress", "plain", "build", LLM_SERVICE], environment, "docker-build.log")
         run([*proxied, "up", "-d", "--wait", "--wait-timeout", "300"], environment, "docker-up.log")
 
-    with step("POST /respond on 127.0.0.1:8180 (nginx -> llm-upstream:8180)"):
+    with step(f"POST /respond on 127.0.0.1:{DEV_PORTS[LLM_SERVICE]} (nginx -> llm-upstream:8180)"):
         response = requests.post(
-            LLM_URL + "/respond",
+            f"http://127.0.0.1:{DEV_PORTS[LLM_SERVICE]}/respond",
             json={"dialog_contexts": [["What is the capital of France?"]], "configs": [{"max_new_tokens": 32}]},
             timeout=180,
         )
