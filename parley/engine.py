@@ -105,11 +105,17 @@ def run(command: Sequence[str], *, what: str, timeout: float | None = None, **kw
     return completed.stdout
 
 
+def parley_command() -> str:
+    """How to call this `parley` under sudo, whose PATH may lack the virtualenv's bin folder."""
+    installed = Path(sys.executable).parent / "parley"
+    return str(installed) if installed.is_file() else "parley"
+
+
 def require_root(action: str) -> None:
     if os.geteuid() != 0:
         raise EngineError(
             f"parley engine {action} must run as root: it installs packages, starts dockerd and changes "
-            f"the network. Run: sudo {Path(sys.argv[0]).name} engine {action}"
+            f"the network. Run: sudo {parley_command()} engine {action}"
         )
 
 
