@@ -53,6 +53,10 @@ class EngineLayout:
         return self.exec_root / "dockerd.pid"
 
     @property
+    def forward_policy_file(self) -> Path:
+        return self.data_root / "parley-forward-policy"
+
+    @property
     def base_rootfs(self) -> Path:
         return self.data_root.parent / "parley-docker-base-rootfs"
 
@@ -67,6 +71,10 @@ DOCKER_CHAINS = {
     "filter": ("DOCKER-USER", "DOCKER-ISOLATION-STAGE-1", "DOCKER-ISOLATION-STAGE-2", "DOCKER"),
     "nat": ("DOCKER",),
 }
+
+
+# A rule that names one of dockerd's bridges (ACCEPT between containers, MASQUERADE of their subnet).
+DOCKER_BRIDGE_IN_RULE = re.compile(r"-[io] (docker0|docker_gwbridge|br-[0-9a-f]{12})\b")
 
 
 class EngineError(click.ClickException):
@@ -198,6 +206,7 @@ def start_daemon(layout: EngineLayout, timeout: float = 90) -> bool:
     for path in (layout.data_root, layout.exec_root, layout.log_file.parent):
         path.mkdir(parents=True, exist_ok=True)
     layout.pid_file.unlink(missing_ok=True)
+    remember_forward_policy(layout)
     command = [
         "dockerd",
         "--data-root", str(layout.data_root),
@@ -258,12 +267,13 @@ def remove_daemon_leftovers(layout: EngineLayout) -> list[str]:
             removed.append(f"bridge {bridge}")
     if shutil.which("iptables"):
         removed += remove_docker_chains()
+        removed += restore_forward_policy(layout)
     shutil.rmtree(layout.exec_root, ignore_errors=True)
     return removed
 
 
 def remove_docker_chains() -> list[str]:
-    """Drop every rule that jumps to a Docker chain or masquerades a Docker bridge, then the chains."""
+    """Drop every rule that jumps to a Docker chain or names a Docker bridge, then the chains."""
     removed = []
     for table, chains in DOCKER_CHAINS.items():
         listing = subprocess.run(["iptables", "-t", table, "-S"], capture_output=True, text=True)
@@ -274,16 +284,30 @@ def remove_docker_chains() -> list[str]:
             if parts[:1] != ["-A"] or parts[1] in chains or "-j" not in parts:
                 continue
             target = parts[parts.index("-j") + 1] if parts.index("-j") + 1 < len(parts) else ""
-            masquerades_a_bridge = target == "MASQUERADE" and any(
-                bridge in rule for bridge in ("docker0", "docker_gwbridge", "br-")
-            )
-            if target in chains or masquerades_a_bridge:
+            if target in chains or DOCKER_BRIDGE_IN_RULE.search(rule):
                 subprocess.run(["iptables", "-t", table, "-D", *parts[1:]], capture_output=True)
         for chain in chains:
             if subprocess.run(["iptables", "-t", table, "-F", chain], capture_output=True).returncode == 0:
                 subprocess.run(["iptables", "-t", table, "-X", chain], capture_output=True)
                 removed.append(f"iptables {table}/{chain}")
     return removed
+
+
+def remember_forward_policy(layout: EngineLayout) -> None:
+    """Note the FORWARD chain's policy before dockerd sets it to DROP, so `stop` can put it back."""
+    listing = subprocess.run(["iptables", "-S", "FORWARD"], capture_output=True, text=True) if shutil.which("iptables") else None
+    policy = next((line.split()[2] for line in (listing.stdout if listing else "").splitlines() if line.startswith("-P FORWARD")), None)
+    if policy and not layout.forward_policy_file.exists():
+        layout.forward_policy_file.write_text(policy + "\n")
+
+
+def restore_forward_policy(layout: EngineLayout) -> list[str]:
+    with contextlib.suppress(OSError):
+        policy = layout.forward_policy_file.read_text().strip()
+        if policy in ("ACCEPT", "DROP") and subprocess.run(["iptables", "-P", "FORWARD", policy], capture_output=True).returncode == 0:
+            layout.forward_policy_file.unlink()
+            return [f"iptables FORWARD policy back to {policy}"]
+    return []
 
 
 def docker_bridges() -> list[str]:
