@@ -125,7 +125,10 @@ def _stack_service(name: str, service: dict[str, Any], card: Card, options: Stac
     if card.is_llm and card.deploy and card.deploy.cpus:
         # The model's threads match the cores a replica is given: more threads than cores make every
         # step wait on descheduled threads, which slows generation by orders of magnitude on a busy node.
-        result.setdefault("environment", {}).setdefault("OMP_NUM_THREADS", str(max(1, int(card.deploy.cpus))))
+        # OMP_NUM_THREADS for torch (the transformers backend), THREADS for the llama_cpp backend.
+        threads = str(max(1, int(card.deploy.cpus)))
+        for variable in ("OMP_NUM_THREADS", "THREADS"):
+            result.setdefault("environment", {}).setdefault(variable, threads)
     if "healthcheck" in result:
         result["healthcheck"] = {key: value for key, value in result["healthcheck"].items() if key in HEALTHCHECK_KEYS}
     volumes = [_volume_mount(name, mount) for mount in service.get("volumes") or []]

@@ -188,4 +188,5 @@ def test_the_cards_cpus_limit_a_replica_and_its_models_threads(checkout: Path):
     llm = stack["services"][LLM]
     assert llm["deploy"]["resources"]["limits"]["cpus"] == "1"
     assert llm["environment"]["OMP_NUM_THREADS"] == "1"
+    assert llm["environment"]["THREADS"] == "1"
     assert "cpus" not in llm["deploy"]["resources"]["reservations"]
