@@ -280,19 +280,19 @@ def test_check_catches_a_stale_models_md(checkout: Path):
 
 
 def test_check_catches_a_bad_generative_config_key(checkout: Path):
-    edit(checkout, "common/generative_configs/transformers-lm-smollm2.json", '"temperature"', '"tempreture"')
+    edit(checkout, "common/generative_configs/transformers-lm-smollm2.json", '"do_sample"', '"do_sampel"')
 
     output = parley(checkout, "check", "--no-tools", code=1)
 
-    assert "common/generative_configs/transformers-lm-smollm2.json: tempreture: unknown key" in output
+    assert "common/generative_configs/transformers-lm-smollm2.json: do_sampel: unknown key" in output
 
 
 def test_check_catches_a_bad_generative_config_value(checkout: Path):
-    edit(checkout, "common/generative_configs/transformers-lm-smollm2.json", '"top_p": 0.9', '"top_p": 7')
+    edit(checkout, "common/generative_configs/transformers-lm-smollm2.json", '"min_new_tokens": 1', '"min_new_tokens": -7')
 
     output = parley(checkout, "check", "--no-tools", code=1)
 
-    assert "common/generative_configs/transformers-lm-smollm2.json: top_p: Input should be less than or equal to 1" in output
+    assert "common/generative_configs/transformers-lm-smollm2.json: min_new_tokens: Input should be greater than or equal to 0" in output
 
 
 def test_check_catches_a_missing_env_file(checkout: Path):
