@@ -256,7 +256,11 @@ def test_with_the_proxy_overlay_the_llm_answers_respond_through_nginx(stack):
     with step(f"POST /respond on 127.0.0.1:{DEV_PORTS[LLM_SERVICE]} (nginx -> llm-upstream:8180)"):
         response = requests.post(
             f"http://127.0.0.1:{DEV_PORTS[LLM_SERVICE]}/respond",
-            json={"dialog_contexts": [["What is the capital of France?"]], "configs": [{"max_new_tokens": 32}]},
+            json={
+                "dialog_contexts": [["What is the capital of France?"]],
+                # greedy and one hypothesis: the answer of the model, not of the sampler
+                "configs": [{"max_new_tokens": 24, "do_sample": False, "num_return_sequences": 1}],
+            },
             timeout=180,
         )
         print(f"    {response.status_code} from {response.headers.get('Server')}: {response.text[:200]}")
