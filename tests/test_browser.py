@@ -99,7 +99,7 @@ def bot_turns(driver) -> list:
 def test_a_person_asks_sees_the_answer_with_its_skill_and_finds_it_after_a_reload(agent_url, browser):
     browser.get(agent_url + "/")
     message = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.ID, "message")))
-    message.send_keys("Which city is the capital of France?", Keys.ENTER)  # Enter sends
+    message.send_keys("What is the capital of France?", Keys.ENTER)  # Enter sends
 
     WebDriverWait(browser, ANSWER_TIMEOUT).until(lambda d: bot_turns(d) or d.find_element(By.ID, "error").is_displayed())
     assert not browser.find_element(By.ID, "error").is_displayed(), browser.find_element(By.ID, "error").text
@@ -113,7 +113,7 @@ def test_a_person_asks_sees_the_answer_with_its_skill_and_finds_it_after_a_reloa
     browser.refresh()
     WebDriverWait(browser, 30).until(lambda d: bot_turns(d))
     users = browser.find_elements(By.CSS_SELECTOR, "#log .turn.user")
-    assert [u.text for u in users] == ["Which city is the capital of France?"]
+    assert [u.text for u in users] == ["What is the capital of France?"]
     assert "Paris" in bot_turns(browser)[0].text
     assert bot_turns(browser)[0].find_element(By.CSS_SELECTOR, ".skill").text == "prompted_skill"
     first_dialog = browser.find_element(By.ID, "dialog-id").text

@@ -144,7 +144,7 @@ def paris_dialog(dist):
     """Two turns of one user, the second carrying an API key; kept for the tests that read them back."""
     agent = dist.url("agent")
     return {
-        "first": say(agent, f"ann-{RUN}", "Which city is the capital of France?"),
+        "first": say(agent, f"ann-{RUN}", "What is the capital of France?"),
         "second": say(agent, f"ann-{RUN}", "Thank you!", OPENAI_API_KEY=SECRET),
     }
 
@@ -200,6 +200,6 @@ def test_a_multi_turn_dialog_is_stored_and_survives_an_agent_restart(dist, paris
             assert_dream_error(requests.post(restarted.url("/"), json=body, timeout=10), status, field)
         not_json = requests.post(restarted.url("/"), data="Hi", headers={"Content-Type": "application/json"}, timeout=10)
         assert_dream_error(not_json, 400, None)
-    assert texts == ["Which city is the capital of France?", "Thank you!"]
+    assert texts == ["What is the capital of France?", "Thank you!"]
     assert dialog["bot_utterances"][0]["text"] == paris_dialog["first"]["response"]
     assert stored_turns == 4

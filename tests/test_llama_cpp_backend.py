@@ -79,7 +79,7 @@ def test_decoding_leaves_special_tokens_out_and_keeps_unicode(llama_model, hf_to
 def test_model_info_names_the_backend_the_quantisation_and_the_context_per_sequence(llama_model, hf_tokenizer):
     info = llama_model.info
 
-    assert (info.backend, info.device, info.dtype) == ("llama_cpp", "cpu", "gguf Q4_1")
+    assert (info.backend, info.device, info.dtype) == ("llama_cpp", "cpu", "gguf Q4_1")  # GGUF_WEIGHTS=file
     assert info.context_length == 2048
     assert hf_tokenizer.convert_tokens_to_ids("<|im_end|>") in info.eos_token_ids
 
@@ -87,3 +87,31 @@ def test_model_info_names_the_backend_the_quantisation_and_the_context_per_seque
 def test_a_model_directory_is_refused_with_a_one_line_fix():
     with pytest.raises(ModelLoadError, match="loads .gguf files only.*BACKEND=transformers"):
         LlamaCppBackend().load(resolve_model_source(str(tiny_model_dir())), LoadOptions())
+
+
+def test_f16_weights_are_converted_once_and_answer_the_capital_of_france_with_paris(tmp_path):
+    from services.transformers_lm.backends.llama_cpp_backend import f16_copy
+    from services.transformers_lm.engine import GenerationRequest, SamplingParams
+
+    source = resolve_model_source(DEFAULT_MODEL_NAME)
+    options = LoadOptions(threads=1, max_batch_size=1, cache_dir=tmp_path, gguf_weights="f16")
+    loaded = LlamaCppBackend().load(source, options)
+    try:
+        prompt = loaded.render_chat([ChatMessage("user", "What is the capital of France?")])
+        sampling = SamplingParams(max_new_tokens=12, stop_token_ids=loaded.info.eos_token_ids)
+        stream = loaded.engine.submit(GenerationRequest(tuple(loaded.encode(prompt)), sampling))
+        answer = loaded.decode(stream.collect())
+    finally:
+        loaded.close()
+    copy = f16_copy(source.path, tmp_path)  # the second call finds the cached copy
+
+    assert loaded.info.dtype == "gguf F16"
+    assert "Paris" in answer
+    assert [path.name for path in tmp_path.iterdir()] == [copy.name]
+
+
+def test_auto_weights_are_f16_for_the_embedded_model_and_the_file_itself_otherwise():
+    from common.model_sources import llama_cpp_weights_for
+
+    assert llama_cpp_weights_for(DEFAULT_MODEL_NAME) == "f16"
+    assert llama_cpp_weights_for("/models/llama-3-8b.Q4_K_M.gguf") == "file"

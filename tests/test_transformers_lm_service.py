@@ -25,8 +25,9 @@ GUNICORN_COMMAND = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunic
 MODEL = "smollm2-135m-instruct"
 ALIAS = "parley-smollm2"
 GREEDY = {"do_sample": False, "num_return_sequences": 1}
-# Both backends answer this one with Paris (the Q4_1 weights on llama.cpp do not for every wording).
-CAPITAL_QUESTION = "Which city is the capital of France?"
+# llama.cpp runs the embedded model's F16 copy (GGUF_WEIGHTS=auto): on its Q4_1 kernels this very
+# question gets nonsense (see common/model_sources.py).
+CAPITAL_QUESTION = "What is the capital of France?"
 
 
 @pytest.fixture(scope="module", params=["transformers", "llama_cpp"])
@@ -81,15 +82,6 @@ def test_the_capital_of_france_is_answered_greedily_with_paris(lm_url):
 
     assert len(hypotheses) == 1 and len(hypotheses[0]) == 1
     assert "Paris" in hypotheses[0][0]
-
-
-def test_the_issues_own_wording_is_answered_with_paris_by_the_transformers_backend(lm_url, backend):
-    # The wording users try first; llama.cpp's Q4_1 arithmetic answers it differently, so only here.
-    if backend != "transformers":
-        pytest.skip("checked on the transformers backend, which runs the dequantised weights")
-    body = {"dialog_contexts": [["What is the capital of France?"]], "configs": [{**GREEDY, "max_new_tokens": 20}]}
-
-    assert "Paris" in respond(lm_url, body).json()[0][0]
 
 
 def test_a_russian_dialog_gets_a_non_empty_answer(lm_url):

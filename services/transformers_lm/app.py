@@ -19,7 +19,7 @@ from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.lm_protocol import GenerationConfig, RequestValidationError, load_generation_config, parse_request
-from common.model_sources import ModelSourceError, resolve_model_source
+from common.model_sources import ModelSourceError, llama_cpp_weights_for, resolve_model_source
 from common.openapi import register_openapi
 from services.transformers_lm import openai_api
 from services.transformers_lm.openapi_spec import API
@@ -66,6 +66,11 @@ def load_model(settings: Settings, registry: BackendRegistry | None = None) -> L
         max_batch_size=settings.max_batch_size,
         max_queue_size=settings.max_queue_size,
         threads=settings.threads,
+        gguf_weights=(
+            llama_cpp_weights_for(settings.pretrained_model_name_or_path)
+            if settings.gguf_weights == "auto"
+            else settings.gguf_weights
+        ),
     )
     logger.info("loading %s with the %s backend", settings.pretrained_model_name_or_path, backend.name)
     return backend().load(source, options)

@@ -111,6 +111,13 @@ class Settings(BaseModel):
     max_queue_size: int = Field(
         64, ge=0, description="sequences that may wait for a batch slot; beyond it requests get 429 with Retry-After"
     )
+    gguf_weights: Literal["auto", "file", "f16"] = Field(
+        "auto",
+        description=(
+            "what the llama_cpp backend runs: file (the GGUF's own quantisation), f16 (a copy dequantised once "
+            "to F16, cached in MODEL_CACHE_DIR) or auto (f16 for embedded models that need it, else file)"
+        ),
+    )
     threads: int | None = Field(
         None, ge=1, description="CPU threads of the llama_cpp backend; default: the cores this process may use"
     )

@@ -49,6 +49,7 @@ class LoadOptions:
     max_queue_size: int = 256
     threads: int | None = None  # CPU threads for backends that take a count; None: the cores this process may use
     max_batch_size: int = 16  # sequences a batching engine decodes together
+    gguf_weights: str = "file"  # llama_cpp: run the GGUF as it is ("file") or a cached F16 copy ("f16")
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,13 @@ Importing this module does not import llama_cpp; `is_available()` only looks for
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import logging
+import os
+from pathlib import Path
 
-from common.model_sources import ModelSource, SourceKind
+from common.model_sources import ModelSource, SourceKind, file_sha256
 from services.transformers_lm.backends import (
     Backend,
     ChatMessage,
@@ -76,6 +79,31 @@ def eos_token_ids_and_stop_sequences(model: LlamaCppModel, additional_eos_tokens
     return tuple(sorted(ids)), tuple(stop_sequences)
 
 
+def f16_copy(gguf_path: Path, cache_dir: Path) -> Path:
+    """The GGUF dequantised once to F16 (GGUF_WEIGHTS=f16), cached by the source file's sha256.
+
+    llama.cpp's quantised kernels also quantise activations to 8 bits; a small model can lose its
+    answers to that, and its F16 copy computes with the dequantised weights instead.
+    """
+    target = cache_dir / f"gguf-f16-{file_sha256(gguf_path)[:32]}.gguf"
+    if target.is_file():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    llama_cpp = import_llama_cpp()
+    staging = target.with_name(f"{target.name}.{os.getpid()}.partial")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
+    params.allow_requantize = True
+    params.nthread = default_threads()
+    logger.info("converting %s to F16 for llama.cpp once (cached in %s)", gguf_path.name, cache_dir)
+    status = llama_cpp.llama_model_quantize(str(gguf_path).encode(), str(staging).encode(), ctypes.byref(params))
+    if status != 0 or not staging.is_file():
+        staging.unlink(missing_ok=True)
+        raise ModelLoadError(f"llama.cpp could not convert {gguf_path} to F16 (status {status}): set GGUF_WEIGHTS=file")
+    staging.replace(target)  # atomic: a concurrent start sees either no copy or a whole one
+    return target
+
+
 class LlamaCppBackend(Backend):
     name = "llama_cpp"
     supports_half_precision = False  # the GGUF's own quantisation decides the precision
@@ -105,8 +133,11 @@ class LlamaCppBackend(Backend):
             from services.transformers_lm.backends.transformers_backend import check_sha256_pin
 
             check_sha256_pin(source.path, options.sha256)
+        weights_path = source.path
+        if options.gguf_weights == "f16":
+            weights_path = f16_copy(source.path, options.cache_dir)
         try:
-            model = LlamaCppModel.load(source.path)
+            model = LlamaCppModel.load(weights_path)
         except LlamaCppUnavailableError as error:
             raise ModelLoadError(str(error)) from None
         except ValueError as error:
