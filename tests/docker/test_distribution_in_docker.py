@@ -11,6 +11,7 @@ step prints its duration.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 import subprocess
@@ -258,7 +259,8 @@ def test_with_the_proxy_overlay_the_llm_answers_respond_through_nginx(stack):
             f"http://127.0.0.1:{DEV_PORTS[LLM_SERVICE]}/respond",
             json={
                 "dialog_contexts": [["What is the capital of France?"]],
-                # greedy and one hypothesis: the answer of the model, not of the sampler
+                # the distribution's prompt, as the prompted skill sends it, and one greedy answer
+                "prompts": [json.loads((REPO_ROOT / "common/prompts/universal_prompted_assistant.json").read_text())["prompt"]],
                 "configs": [{"max_new_tokens": 24, "do_sample": False, "num_return_sequences": 1}],
             },
             timeout=180,
