@@ -8,7 +8,8 @@ from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from common.settings_support import REPO_ROOT, resolve_repo_path
+
 DEFAULT_PIPELINE = "assistant_dists/universal_prompted_assistant/pipeline_conf.json"
 
 
@@ -66,7 +67,3 @@ class Settings(BaseModel):
             raise SettingsError(f"setting {first['loc'][0]}: {first['msg']}") from None
 
 
-def resolve_repo_path(name: str) -> Path:
-    """A relative path means the same in a checkout and in an image: relative to the repository root."""
-    path = Path(name)
-    return path if path.is_absolute() else REPO_ROOT / path

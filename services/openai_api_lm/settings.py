@@ -16,8 +16,8 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from common.lm_protocol import GenerationCaps
+from common.settings_support import REPO_ROOT, parse_boolean, resolve_repo_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _REQUIRED = {
     "OPENAI_BASE_URL": "the upstream's OpenAI API root, e.g. https://api.openai.com/v1 or http://vllm:8000/v1",
@@ -27,12 +27,6 @@ _REQUIRED = {
 
 class SettingsError(ValueError):
     """A setting that is missing or malformed; the message names the variable and how to fix it."""
-
-
-def resolve_repo_path(value: str | Path) -> Path:
-    """A relative path means the same in a checkout and in a container: relative to the repository root."""
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 class Settings(BaseModel):
@@ -130,9 +124,7 @@ class Settings(BaseModel):
 
 
 def _boolean(value: str, name: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise SettingsError(f"{name} must be 1 or 0 (true/false), not {value!r}")
+    try:
+        return parse_boolean(value, name)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None

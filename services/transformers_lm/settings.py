@@ -14,8 +14,8 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.lm_protocol import GenerationCaps
+from common.settings_support import REPO_ROOT, parse_boolean, resolve_repo_path
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
 
 
@@ -63,18 +63,10 @@ def _json_string_list(value: str, name: str) -> tuple[str, ...]:
 
 
 def _boolean(value: str, name: str) -> bool:
-    lowered = value.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off", ""):
-        return False
-    raise SettingsError(f"{name} must be 1 or 0 (true/false), not {value!r}")
-
-
-def resolve_repo_path(value: str | Path) -> Path:
-    """A relative path means the same in a checkout and in a container: relative to the repository root."""
-    path = Path(value).expanduser()
-    return path if path.is_absolute() else REPO_ROOT / path
+    try:
+        return parse_boolean(value, name)
+    except ValueError as error:
+        raise SettingsError(str(error)) from None
 
 
 class Settings(BaseModel):

@@ -9,7 +9,8 @@ from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+from common.settings_support import REPO_ROOT, resolve_repo_path
+
 DEFAULT_PROMPT = "Respond like a friendly chatbot."
 DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
 
@@ -96,10 +97,6 @@ class Settings(BaseModel):
         return resolve_repo_path(name)
 
 
-def resolve_repo_path(name: str) -> Path:
-    """A relative path means the same in a checkout and in an image: relative to the repository root."""
-    path = Path(name)
-    return path if path.is_absolute() else REPO_ROOT / path
 
 
 def _read_prompt(env: Mapping[str, str]) -> str:
