@@ -43,7 +43,7 @@ def hf_tokenizer():
 
     from common.model_sources import file_sha256
     from services.transformers_lm.backends.transformers_backend import converted_gguf_dir
-    from services.transformers_lm.settings import REPO_ROOT
+    from common.settings_support import REPO_ROOT
 
     source = resolve_model_source(DEFAULT_MODEL_NAME)
     directory = converted_gguf_dir(source.path, REPO_ROOT / ".cache" / "models", file_sha256(source.path))

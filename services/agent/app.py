@@ -16,8 +16,8 @@ import socket
 
 from flask import Flask, Response, jsonify, request
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from common.dream_errors import dream_error, register_dream_error_handlers
 from common.openapi import register_openapi
 from services.agent import chat_page
 from services.agent.openapi_spec import API
@@ -135,29 +135,13 @@ def _accepts(host_port: str) -> bool:
         return False
 
 
-def _error(status: int, message: str, field: str | None = None):
-    return jsonify({"error": {"message": message, "field": field}}), status
-
-
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(BadRequest)
     def bad_request(error: BadRequest):
-        return _error(error.status, error.message, error.field)
+        return dream_error(error.status, error.message, error.field)
 
     @app.errorhandler(NotFound)
     def not_found(error: NotFound):
-        return _error(404, str(error))
+        return dream_error(404, str(error))
 
-    @app.errorhandler(RequestEntityTooLarge)
-    def too_large(error: RequestEntityTooLarge):
-        limit = app.config["MAX_CONTENT_LENGTH"]
-        return _error(413, f"the request body is over the agent's limit of {limit} bytes (MAX_REQUEST_BYTES)")
-
-    @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException):
-        return _error(error.code or 500, error.description or error.name)
-
-    @app.errorhandler(Exception)
-    def internal_error(error: Exception):
-        logger.exception("internal error answering %s %s", request.method, request.path)
-        return _error(500, f"internal error: {type(error).__name__}")
+    register_dream_error_handlers(app, logger, limit_owner="the agent's")

@@ -12,9 +12,9 @@ import json
 import logging
 
 from flask import Flask, Response, jsonify, request
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.lm_protocol import RequestValidationError
+from common.dream_errors import dream_error, register_dream_error_handlers
 from common.openapi import register_openapi
 from services.openai_api_lm.openapi_spec import API
 from services.openai_api_lm.protocol import OpenAIGenerateGoalsRequest, OpenAIRespondRequest, parse_with_keys
@@ -84,36 +84,20 @@ def _json_body() -> object:
         raise RequestValidationError("the request body must be JSON", None) from None
 
 
-def _error(status: int, message: str, field: str | None = None) -> tuple[Response, int]:
-    return jsonify({"error": {"message": message, "field": field}}), status
-
-
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(RequestValidationError)
     def bad_request(error: RequestValidationError):
-        return _error(400, error.message, error.field)
+        return dream_error(400, error.message, error.field)
 
     @app.errorhandler(UpstreamTimeoutError)
     def upstream_timeout(error: UpstreamTimeoutError):
         logger.warning("504 for %s: %s", request.path, error)
-        return _error(504, str(error))
+        return dream_error(504, str(error))
 
     @app.errorhandler(UpstreamError)
     def upstream_failed(error: UpstreamError):
         # The upstream's failure, not ours: no traceback; the message has the key cut out.
         logger.warning("502 for %s: %s", request.path, error)
-        return _error(502, str(error))
+        return dream_error(502, str(error))
 
-    @app.errorhandler(RequestEntityTooLarge)
-    def too_large(error: RequestEntityTooLarge):
-        limit = app.config["MAX_CONTENT_LENGTH"]
-        return _error(413, f"the request body is over this service's limit of {limit} bytes (MAX_REQUEST_BYTES)")
-
-    @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException):
-        return _error(error.code or 500, error.description or error.name)
-
-    @app.errorhandler(Exception)
-    def internal_error(error: Exception):
-        logger.exception("internal error answering %s %s", request.method, request.path)
-        return _error(500, f"internal error: {type(error).__name__}")
+    register_dream_error_handlers(app, logger)

@@ -13,9 +13,10 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
 from services.openai_api_lm.protocol import OpenAIGenerationConfig, RequestKeys
-from services.openai_api_lm.settings import REPO_ROOT, Settings
+from services.openai_api_lm.settings import Settings
 from services.openai_api_lm.upstream import ChatCompletionsClient, Credentials, UpstreamResponseError
 from common.lm_protocol import GenerateGoalsItem, RespondItem, load_generation_config
+from common.settings_support import REPO_ROOT
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from common.lm_protocol import GenerationCaps
-from common.settings_support import REPO_ROOT, parse_boolean, resolve_repo_path
+from common.settings_support import parse_boolean, resolve_repo_path
 
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _REQUIRED = {

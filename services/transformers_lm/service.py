@@ -17,6 +17,7 @@ from common.lm_protocol import (
     RequestValidationError,
     RespondItem,
 )
+from common.settings_support import REPO_ROOT
 from services.transformers_lm.backends import ChatMessage, LoadedModel
 from services.transformers_lm.engine import FinishReason, GenerationRequest, SamplingParams, TokenStream
 from services.transformers_lm.prompting import (
@@ -30,7 +31,7 @@ from services.transformers_lm.prompting import (
     PromptRenderer,
     conversation_from_dream,
 )
-from services.transformers_lm.settings import REPO_ROOT, Settings
+from services.transformers_lm.settings import Settings
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.lm_protocol import GenerationCaps
-from common.settings_support import REPO_ROOT, parse_boolean, resolve_repo_path
+from common.settings_support import parse_boolean, resolve_repo_path
 
 DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
 

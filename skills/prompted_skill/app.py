@@ -7,9 +7,9 @@ import logging
 
 from flask import Flask, Response, jsonify, request
 from pydantic import ValidationError
-from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.lm_protocol import RequestValidationError, validation_error_to_request_error
+from common.dream_errors import dream_error, register_dream_error_handlers
 from common.openapi import register_openapi
 from skills.prompted_skill.llm_client import LLMClient
 from skills.prompted_skill.openapi_spec import API
@@ -61,25 +61,9 @@ def _parse(model):
         raise validation_error_to_request_error(error) from None
 
 
-def _error(status: int, message: str, field: str | None = None) -> tuple[Response, int]:
-    return jsonify({"error": {"message": message, "field": field}}), status
-
-
 def _register_error_handlers(app: Flask) -> None:
     @app.errorhandler(RequestValidationError)
     def bad_request(error: RequestValidationError):
-        return _error(400, error.message, error.field)
+        return dream_error(400, error.message, error.field)
 
-    @app.errorhandler(RequestEntityTooLarge)
-    def too_large(error: RequestEntityTooLarge):
-        limit = app.config["MAX_CONTENT_LENGTH"]
-        return _error(413, f"the request body is over this service's limit of {limit} bytes (MAX_REQUEST_BYTES)")
-
-    @app.errorhandler(HTTPException)
-    def http_error(error: HTTPException):
-        return _error(error.code or 500, error.description or error.name)
-
-    @app.errorhandler(Exception)
-    def internal_error(error: Exception):
-        logger.exception("internal error answering %s %s", request.method, request.path)
-        return _error(500, f"internal error: {type(error).__name__}")
+    register_dream_error_handlers(app, logger)

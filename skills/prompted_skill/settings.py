@@ -9,7 +9,7 @@ from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from common.settings_support import REPO_ROOT, resolve_repo_path
+from common.settings_support import resolve_repo_path
 
 DEFAULT_PROMPT = "Respond like a friendly chatbot."
 DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"

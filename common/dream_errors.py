@@ -1,0 +1,36 @@
+"""Dream's JSON error shape, and the error handlers every Dream-compatible service shares.
+
+Each service registers its own typed errors (400 with the field, 502/504 from an upstream, ...);
+`register_dream_error_handlers` adds what they all answer alike: 413 for a body over
+MAX_REQUEST_BYTES, werkzeug's HTTP errors in the same shape, and a logged 500 for anything else.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Flask, Response, jsonify, request
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+
+def dream_error(status: int, message: str, field: str | None = None) -> tuple[Response, int]:
+    """`{"error": {"message", "field"}}` with `status`."""
+    return jsonify({"error": {"message": message, "field": field}}), status
+
+
+def register_dream_error_handlers(app: Flask, logger: logging.Logger, *, limit_owner: str = "this service's") -> None:
+    """413, other HTTP errors and unexpected exceptions (logged with their traceback) in Dream's shape."""
+
+    @app.errorhandler(RequestEntityTooLarge)
+    def too_large(error: RequestEntityTooLarge):
+        limit = app.config["MAX_CONTENT_LENGTH"]
+        return dream_error(413, f"the request body is over {limit_owner} limit of {limit} bytes (MAX_REQUEST_BYTES)")
+
+    @app.errorhandler(HTTPException)
+    def http_error(error: HTTPException):
+        return dream_error(error.code or 500, error.description or error.name)
+
+    @app.errorhandler(Exception)
+    def internal_error(error: Exception):
+        logger.exception("internal error answering %s %s", request.method, request.path)
+        return dream_error(500, f"internal error: {type(error).__name__}")
