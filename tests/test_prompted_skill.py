@@ -181,6 +181,30 @@ def test_an_unreachable_llm_gives_no_hypothesis_not_an_error():
     assert response.get_json()[0][4]["no_hypothesis_reason"] == "lm_error"
 
 
+def test_an_llm_replica_killed_mid_request_is_retried_on_a_new_connection_and_the_turn_answered():
+    # The first two requests find their connection dropped, as when the replica holding a pooled
+    # connection dies; the third, on a connection of its own, is answered.
+    def drop_twice(request):
+        return Reply(200, [["Paris."]], drop_connection=len(llm.requests) <= 2)
+
+    with recording_server(drop_twice) as llm:
+        client = make_client(GENERATIVE_SERVICE_URL=llm.url("/respond"))
+        response = client.post("/respond", json=turn())
+    [[texts, _, _, _, _]] = response.get_json()
+    assert texts == ["Paris."]
+    assert len(llm.requests) == 3 and llm.connections == 3
+
+
+def test_an_llm_that_keeps_dropping_the_connection_gives_no_hypothesis_after_three_tries():
+    with recording_server(lambda request: Reply(drop_connection=True)) as dropping:
+        client = make_client(GENERATIVE_SERVICE_URL=dropping.url("/respond"))
+        response = client.post("/respond", json=turn())
+    attributes = response.get_json()[0][4]
+    assert attributes["no_hypothesis_reason"] == "lm_error"
+    assert "could not be reached" in attributes["no_hypothesis_message"]
+    assert len(dropping.requests) == 3
+
+
 def test_a_bad_lm_service_config_in_a_turn_gives_no_hypothesis_with_the_field_named():
     with recording_server(answering("x.")) as llm:
         client = make_client(GENERATIVE_SERVICE_URL=llm.url("/respond"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import time
 from typing import Any
 
 import requests
@@ -10,6 +12,13 @@ from pydantic import TypeAdapter, ValidationError
 from common.lm_protocol import GenerationConfig, RespondResponse
 
 _RESPOND_RESPONSE = TypeAdapter(RespondResponse)
+logger = logging.getLogger(__name__)
+
+# A replica that is gone should fail a connect in seconds; reading the answer has the whole timeout.
+CONNECT_TIMEOUT_SECONDS = 3.0
+# Pauses before the retries after a dropped connection: long enough for a dead replica's address to
+# leave the service's DNS answer, short against a generation's timeout.
+RETRY_PAUSES_SECONDS = (0.2, 1.0)
 
 
 class LLMCallError(RuntimeError):
@@ -42,7 +51,7 @@ class LLMClient:
         }
         try:
             response = self._post(url, body, timeout_seconds)
-        except requests.Timeout:
+        except requests.ReadTimeout:
             raise LLMCallError(f"the LLM at {url} did not answer within {timeout_seconds:g}s") from None
         except requests.RequestException as error:
             # The exception's text names the URL only, never the body (which may carry keys).
@@ -58,15 +67,32 @@ class LLMClient:
         return hypotheses[0]
 
     def _post(self, url: str, body: dict[str, Any], timeout_seconds: float) -> requests.Response:
-        """POST once more when the connection fails (not when it times out): a service name may stand
-        for several replicas (Swarm's DNS round robin), and a fresh connection reaches a live one when
-        the replica that held this one was killed or replaced mid-request."""
+        """POST, and again on a fresh connection when the connection fails (not when the answer times out).
+
+        A service name may stand for several replicas (Swarm's DNS round robin). When the replica
+        that held a connection is killed or replaced mid-request, the pooled connections to it are
+        dead too, so a retry on the same pool can fail the same way: each retry opens a new
+        connection, after a short pause, with a fresh DNS lookup that reaches a live replica. The
+        connect timeout is short, so an address that no longer answers costs seconds, not the
+        whole budget, before the next address of the name is tried.
+        """
+        deadline = time.monotonic() + timeout_seconds
+        timeout = (min(CONNECT_TIMEOUT_SECONDS, timeout_seconds), timeout_seconds)
         try:
-            return self.session.post(url, json=body, timeout=timeout_seconds)
-        except requests.ConnectionError as error:
-            if isinstance(error, requests.Timeout):
-                raise
-            return self.session.post(url, json=body, timeout=timeout_seconds)
+            return self.session.post(url, json=body, timeout=timeout)
+        except requests.ConnectionError as error:  # includes ConnectTimeout: the request never left
+            failure = error
+        for pause in RETRY_PAUSES_SECONDS:
+            if time.monotonic() + pause >= deadline:
+                break
+            time.sleep(pause)
+            logger.warning("the LLM at %s dropped the connection (%s); retrying on a new one", url, type(failure).__name__)
+            try:
+                with requests.Session() as fresh:
+                    return fresh.post(url, json=body, timeout=timeout)
+            except requests.ConnectionError as error:
+                failure = error
+        raise failure
 
 
 def _error_message(response: requests.Response) -> str:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +32,8 @@ class Reply:
     status: int = 200
     body: Any = None
     delay_seconds: float = 0.0
+    # Close the connection without answering, as a server process that is killed mid-request does.
+    drop_connection: bool = False
 
 
 @dataclass
@@ -63,6 +66,10 @@ def recording_server(answer: Callable[[RecordedRequest], Reply] | None = None) -
             reply = server.answer(recorded)
             if reply.delay_seconds:
                 time.sleep(reply.delay_seconds)
+            if reply.drop_connection:
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             payload = json.dumps(reply.body).encode()
             try:
                 self.send_response(reply.status)

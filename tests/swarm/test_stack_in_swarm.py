@@ -121,6 +121,14 @@ def respond_requests_per_container() -> dict[str, int]:
     return counts
 
 
+def skill_log_lines(containing: str) -> list[str]:
+    """The prompted skill's log lines that contain `containing` (its retries, its LLM failures)."""
+    logs = subprocess.run(
+        ["docker", "service", "logs", "--raw", f"{STACK}_prompted-skill"], capture_output=True, text=True, timeout=60
+    )
+    return [line for line in (logs.stdout + logs.stderr).splitlines() if containing in line]
+
+
 def running_llm_tasks() -> int:
     states = docker("service", "ps", LLM, "--filter", "desired-state=running", "--format", "{{.CurrentState}}", check=False)
     return sum(1 for state in states.splitlines() if state.startswith("Running"))
@@ -206,6 +214,8 @@ def test_killing_an_llm_replica_while_4_dialogs_run_loses_no_turn_and_the_replic
     with step("4 dialogs of 2 turns while one LLM replica's container is killed"):
         answers = dialogs_in_parallel("swarm-kill", turns_each=2, during=kill_one_replica)
         print(f"    {len(answers)} turns answered by {sorted({a['active_skill'] for a in answers})}")
+        for line in skill_log_lines("LLM at"):
+            print(f"    skill: {line}")
     with step("swarm replaces the killed replica"):
         replaced = wait_for(
             "a new healthy LLM replica", lambda: running_llm_tasks() == 2 and victim not in llm_containers(), 600
@@ -213,7 +223,7 @@ def test_killing_an_llm_replica_while_4_dialogs_run_loses_no_turn_and_the_replic
         print(f"    2 replicas running again {time.monotonic() - killed_at[0]:.1f}s after the kill")
 
     assert len(answers) == 8
-    assert all(answer["active_skill"] == SKILL and answer["response"] for answer in answers)
+    assert [answer for answer in answers if answer["active_skill"] != SKILL or not answer["response"]] == []
     assert replaced >= 0
     assert victim not in llm_containers()
 
@@ -250,4 +260,5 @@ def test_a_rolling_update_with_a_changed_env_keeps_answering(swarm_stack):
     for container in after:
         assert "PARLEY_ROLLOUT=2" in docker("inspect", "--format", "{{json .Config.Env}}", container)
     assert failures == []
-    assert answers and all(answer["active_skill"] == SKILL and answer["response"] for answer in answers)
+    assert answers
+    assert [answer for answer in answers if answer["active_skill"] != SKILL or not answer["response"]] == []
