@@ -1,7 +1,11 @@
 """The continuous-batching engine in-process, without HTTP: its throughput, and where a step's time goes.
 
-Separates the engine's own cost from the service's (HTTP, tokenising, detokenising), and profiles
-one full batch: how much of a step goes to the linear layers, the lm head, attention, sampling and scheduling.
+Separates the engine's own cost from the service's (HTTP, tokenising, detokenising). Runs the
+engine on both model codes of the transformers backend — Parley's native Llama (what the service
+runs for the embedded model) and transformers' modelling code — with the prefix cache off, so the
+two compare the model code alone, then profiles one full batch of each: for transformers, module
+hooks (linear layers, lm head, attention); for native, torch.profiler over one 16-row decode step,
+by operator and by weight (q/k/v, o, gate/up, down, lm head).
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from bench.common import QUESTIONS, BenchContext, Measurement, chat_messages
 from services.transformers_lm.engine import GenerationRequest, SamplingParams
 from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine
+from services.transformers_lm.engines.native_llama import NativeLlama
+from services.transformers_lm.engines.slot_cache import SlotBatch
 
 class ModuleTimers:
     """Wall time spent in the model's parts, from forward hooks, in whichever thread runs the model.
@@ -52,7 +58,7 @@ class ModuleTimers:
 def _profile(engine: ContinuousBatchingEngine, prompts, ctx: BenchContext) -> dict:
     """Where one full batch's step time goes, in ms per step, with the engine's own counters."""
     engine.stats = type(engine.stats)()
-    timers = ModuleTimers(engine.model)
+    timers = ModuleTimers(engine.model.model)
     try:
         streams = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=ctx.new_tokens))) for p in prompts]
         for stream in streams:
@@ -78,36 +84,96 @@ def _profile(engine: ContinuousBatchingEngine, prompts, ctx: BenchContext) -> di
     }
 
 
+def _native_decode_step_profile(model: NativeLlama, rows: int, context: int) -> dict:
+    """ms per operator (matrix products by weight) of one decode step of `rows` rows at `context` positions."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = model.new_cache(num_slots=rows, max_positions=context + 1)
+    cache.ensure_capacity(context + 1)
+    positions = torch.full((rows,), context, dtype=torch.long)
+    mask = (torch.arange(context + 1)[None, :] <= positions[:, None])[:, None, None, :]
+    batch = SlotBatch(cache, rows, positions, mask, [])
+    tokens, logit_indices = torch.randint(0, model.vocab_size, (rows,)), torch.arange(rows)
+    weight_names = {}
+    for layer in model.layers:
+        for name in ("qkv", "output", "gate_up", "down"):
+            weight_names[tuple(getattr(layer, name).shape)] = {"qkv": "q/k/v", "output": "o", "gate_up": "gate/up"}.get(name, name)
+    weight_names[tuple(model.lm_head.shape)] = "lm head"
+    with torch.inference_mode():
+        for _ in range(3):
+            model.forward(tokens, positions, batch, logit_indices)
+        repeats = 5
+        with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as profiler:
+            for _ in range(repeats):
+                model.forward(tokens, positions, batch, logit_indices)
+    parts: dict[str, float] = defaultdict(float)
+    for event in profiler.key_averages(group_by_input_shape=True):
+        if event.key == "aten::linear":
+            shapes = event.input_shapes
+            weight = tuple(shapes[1]) if len(shapes) > 1 and shapes[1] else ()
+            parts[f"matmul {weight_names.get(weight, weight)}"] += event.cpu_time_total
+        elif event.key == "aten::scaled_dot_product_attention":
+            parts["attention (sdpa)"] += event.cpu_time_total
+    total = sum(e.self_cpu_time_total for e in profiler.key_averages())
+    parts["everything else (norms, rotary, kv writes, python)"] = total - sum(parts.values())
+    return {k: v / 1000 / repeats for k, v in sorted(parts.items(), key=lambda kv: -kv[1])}
+
+
+def _run_batches(ctx: BenchContext, engine: ContinuousBatchingEngine, prompts, system: str) -> None:
+    clients = len(prompts)
+    ctx.progress(f"{system}: {clients} requests at once, {ctx.rounds} rounds")
+    latencies, tokens = [], 0
+    started = time.perf_counter()
+    for _ in range(ctx.rounds):
+        round_started = time.perf_counter()
+        streams = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=ctx.new_tokens))) for p in prompts]
+        tokens += sum(len(stream.collect()) for stream in streams)
+        latencies += [time.perf_counter() - round_started] * len(streams)
+    ctx.record(
+        Measurement(
+            clients=clients, requests=len(latencies), seconds=time.perf_counter() - started, new_tokens=tokens,
+            latencies=latencies, system=system, mode=f"batch of {clients}",
+        )
+    )
+
+
 def continuous_batching_engine(ctx: BenchContext) -> None:
-    ctx.progress("continuous-batching engine in-process: loading the model")
+    ctx.progress("continuous-batching engine in-process: loading the model (native and transformers code)")
     tokenizer = AutoTokenizer.from_pretrained(str(ctx.model_dir))
-    model = AutoModelForCausalLM.from_pretrained(str(ctx.model_dir), dtype=torch.float32)
+    clients = max(ctx.client_counts)
     prompts = [
         tuple(tokenizer(tokenizer.apply_chat_template(chat_messages(q), tokenize=False, add_generation_prompt=True))["input_ids"])
         for q in QUESTIONS
-    ]
-    clients = max(ctx.client_counts)
-    engine = ContinuousBatchingEngine(model, max_batch_size=clients)
+    ][:clients]
+    native = NativeLlama.load(ctx.model_dir, torch.float32, torch.device("cpu"))
+    engine = ContinuousBatchingEngine(native, max_batch_size=clients, prefix_cache_bytes=0)
     try:
-        ctx.progress(f"continuous-batching engine in-process: {clients} requests at once, {ctx.rounds} rounds")
-        latencies, tokens = [], 0
+        _run_batches(ctx, engine, prompts, "engine in-process, native")
+    finally:
+        engine.close()
+    engine = ContinuousBatchingEngine(native, max_batch_size=clients)
+    try:
+        _run_batches(ctx, engine, prompts, "engine in-process, native + prefix cache")
+        ctx.facts["engine prefix cache"] = engine.stats.as_dict()
+    finally:
+        engine.close()
+    ctx.progress("continuous-batching engine in-process: profiling a native decode step")
+    context = max(len(p) for p in prompts) + ctx.new_tokens // 2
+    ctx.facts["engine profile, native decode step"] = {
+        "rows": clients, "context": context, "ms": _native_decode_step_profile(native, clients, context)
+    }
+    kinds = ", ".join(f"{k} {v:.1f}" for k, v in ctx.facts["engine profile, native decode step"]["ms"].items())
+    ctx.progress(f"  native decode step ({clients} rows), ms: {kinds}")
+
+    model = AutoModelForCausalLM.from_pretrained(str(ctx.model_dir), dtype=torch.float32)
+    engine = ContinuousBatchingEngine(model, max_batch_size=clients, prefix_cache_bytes=0)
+    try:
+        _run_batches(ctx, engine, prompts, "engine in-process, transformers code")
+        ctx.progress("continuous-batching engine in-process: profiling one full batch (transformers code)")
         started = time.perf_counter()
-        for _ in range(ctx.rounds):
-            round_started = time.perf_counter()
-            streams = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=ctx.new_tokens))) for p in prompts[:clients]]
-            tokens += sum(len(stream.collect()) for stream in streams)
-            latencies += [time.perf_counter() - round_started] * len(streams)
-        ctx.record(
-            Measurement(
-                clients=clients, requests=len(latencies), seconds=time.perf_counter() - started, new_tokens=tokens,
-                latencies=latencies, system="engine in-process", mode=f"batch of {clients}",
-            )
-        )
-        ctx.progress("continuous-batching engine in-process: profiling one full batch")
-        started = time.perf_counter()
-        profile = _profile(engine, prompts[:clients], ctx)
+        profile = _profile(engine, prompts, ctx)
         profile["profiled_seconds"] = time.perf_counter() - started
-        ctx.facts["engine profile"] = profile
+        ctx.facts["engine profile, transformers code"] = profile
         kinds = ", ".join(f"{k} {v:.1f}" for k, v in profile["ms_per_step"].items())
         ctx.progress(f"  per step ({clients} rows), ms: {kinds}")
     finally:

@@ -116,6 +116,26 @@ def test_greedy_tokens_under_batching_equal_the_tokens_alone_while_other_request
     assert engine.stats.max_rows_in_step > 1
 
 
+def test_a_prompt_that_begins_like_an_earlier_one_computes_only_the_rest_and_answers_the_same():
+    cached = ContinuousBatchingEngine(build_tiny_model(), max_batch_size=4)
+    uncached = ContinuousBatchingEngine(build_tiny_model(), max_batch_size=4, prefix_cache_bytes=0)
+    first_turn = PROMPTS[0]
+    try:
+        first_answer = generate_alone(cached, first_turn, greedy(8))
+        # The next turn of the dialog: the first prompt, its answer, and more.
+        second_turn = first_turn + tuple(first_answer) + (30, 31, 32)
+        shares_a_beginning = first_turn[:4] + (90, 91)
+        answers = [generate_alone(cached, prompt, greedy(12)) for prompt in (second_turn, shares_a_beginning)]
+        from_cache = cached.stats.prompt_tokens_from_cache
+
+        assert answers == [generate_alone(uncached, prompt, greedy(12)) for prompt in (second_turn, shares_a_beginning)]
+        assert from_cache == len(first_turn) + 4
+        assert uncached.stats.prompt_tokens_from_cache == 0
+    finally:
+        cached.close()
+        uncached.close()
+
+
 def test_rows_with_different_sampling_settings_share_a_batch_and_keep_their_own_results(engine):
     settings = [
         greedy(16),

@@ -1,4 +1,9 @@
-"""On the embedded SmolLM2 (fp32): greedy answers under continuous batching equal the answers alone."""
+"""On the embedded SmolLM2 (fp32): greedy answers under continuous batching equal the answers alone.
+
+Run with both models the engine can be given: Parley's native Llama (what the service runs for this
+model) and transformers' own (what it runs for other architectures). The answers alone come from
+transformers' plain forward passes (the sequential engine), so both are held to transformers' output.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from common.model_sources import DEFAULT_MODEL_NAME, file_sha256, resolve_model_
 from services.transformers_lm.backends.transformers_backend import converted_gguf_dir
 from services.transformers_lm.engine import GenerationRequest, SamplingParams
 from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine
+from services.transformers_lm.engines.native_llama import NativeLlama
 from services.transformers_lm.engines.sequential import SequentialEngine
 from support.servers import REPO_ROOT
 
@@ -44,7 +50,8 @@ def load(model_dir):
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
 
 
-def test_greedy_answers_under_batching_equal_the_answers_alone_while_other_requests_run(model_dir, prompts):
+@pytest.mark.parametrize("model_code", ["native", "transformers"])
+def test_greedy_answers_under_batching_equal_the_answers_alone_while_other_requests_run(model_dir, prompts, model_code):
     prompt_ids, tokenizer = prompts
     greedy = SamplingParams(max_new_tokens=NEW_TOKENS)
     sequential = SequentialEngine(load(model_dir), context_length=8192)
@@ -53,7 +60,8 @@ def test_greedy_answers_under_batching_equal_the_answers_alone_while_other_reque
     finally:
         sequential.close()
 
-    engine = ContinuousBatchingEngine(load(model_dir), max_batch_size=8)
+    batched_model = NativeLlama.load(model_dir, torch.float32, torch.device("cpu")) if model_code == "native" else load(model_dir)
+    engine = ContinuousBatchingEngine(batched_model, max_batch_size=8)
     try:
         alone = [engine.submit(GenerationRequest(p, greedy)).collect() for p in prompt_ids]
         # Other requests, sampled and longer, keep the batch busy while the greedy ones join and leave.

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make install-llama-cpp)")
 
 from common.model_sources import DEFAULT_MODEL_NAME, embedded_model_path  # noqa: E402
-from services.transformers_lm.backends.llama_cpp_chat_template import render_chat_template  # noqa: E402
+from services.transformers_lm.backends.chat_template import render_chat_template  # noqa: E402
 from services.transformers_lm.engine import (  # noqa: E402
     FinishReason,
     GenerationRequest,

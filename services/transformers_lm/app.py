@@ -66,6 +66,7 @@ def load_model(settings: Settings, registry: BackendRegistry | None = None) -> L
         max_batch_size=settings.max_batch_size,
         max_queue_size=settings.max_queue_size,
         threads=settings.threads,
+        model_code=settings.model_code,
         gguf_weights=(
             llama_cpp_weights_for(settings.pretrained_model_name_or_path)
             if settings.gguf_weights == "auto"
@@ -179,6 +180,7 @@ def create_app(
                 **body,
                 "status": "ok",
                 "backend": info.backend,
+                "model_code": info.model_code,
                 "device": info.device,
                 "dtype": info.dtype,
                 "context_length": info.context_length,

@@ -103,6 +103,14 @@ class Settings(BaseModel):
     max_queue_size: int = Field(
         64, ge=0, description="sequences that may wait for a batch slot; beyond it requests get 429 with Retry-After"
     )
+    model_code: Literal["auto", "native", "transformers"] = Field(
+        "auto",
+        description=(
+            "what computes a model on the transformers backend: native (Parley's plain-torch Llama-family "
+            "decoder and tokenizer: faster steps, ready without importing transformers), transformers (its "
+            "modelling code, any architecture) or auto (native when the model is one it computes, else transformers)"
+        ),
+    )
     gguf_weights: Literal["auto", "file", "f16"] = Field(
         "auto",
         description=(

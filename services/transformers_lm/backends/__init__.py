@@ -49,6 +49,7 @@ class LoadOptions:
     max_queue_size: int = 256
     threads: int | None = None  # CPU threads for backends that take a count; None: the cores this process may use
     max_batch_size: int = 16  # sequences a batching engine decodes together
+    model_code: str = "auto"  # transformers backend: native | transformers | auto (native when it can)
     gguf_weights: str = "file"  # llama_cpp: run the GGUF as it is ("file") or a cached F16 copy ("f16")
 
 
@@ -69,6 +70,8 @@ class ModelInfo:
     eos_token_ids: tuple[int, ...]
     # EOS strings that are not one token of the vocabulary: cut in text instead.
     extra_stop_sequences: tuple[str, ...] = field(default_factory=tuple)
+    # What computes the model: "native" (Parley's own code), "transformers", "llama.cpp".
+    model_code: str = ""
 
 
 class LoadedModel(ABC):

@@ -23,7 +23,7 @@ from services.transformers_lm.backends import (
     ModelInfo,
     ModelLoadError,
 )
-from services.transformers_lm.backends.llama_cpp_chat_template import ChatTemplateError, render_chat_template
+from services.transformers_lm.backends.chat_template import ChatTemplateError, render_chat_template
 from services.transformers_lm.engines.llama_cpp_engine import LlamaCppEngine, LlamaCppEngineConfig, default_threads
 from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel, LlamaCppUnavailableError, import_llama_cpp
 
@@ -161,6 +161,7 @@ class LlamaCppBackend(Backend):
             context_length=engine.context_per_slot,
             eos_token_ids=eos_ids,
             extra_stop_sequences=stop_sequences,
+            model_code="llama.cpp",
         )
         logger.info(
             "llama.cpp: %s, %d slots x %d tokens, %d threads",

@@ -1,11 +1,16 @@
 """The transformers backend: any causal LM that transformers loads, from a directory, a hub id or a GGUF file.
 
 A GGUF file is dequantised once and cached as safetensors under the cache directory, keyed by the
-file's sha256, so later starts load in about a second.
+file's sha256, so later starts load in about a second. A Llama-family model is then computed by
+`engines/native_llama.py` and tokenized by `native_tokenizer.py` (MODEL_CODE=auto|native), so the
+service gets ready without importing transformers' modelling stack; every other model, and
+MODEL_CODE=transformers, runs on transformers' own code. transformers is imported only on the
+paths that use it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -13,8 +18,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import json
+
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from common.model_sources import ModelSource, SourceKind, file_sha256
 from services.transformers_lm.backends import (
@@ -25,7 +31,9 @@ from services.transformers_lm.backends import (
     ModelInfo,
     ModelLoadError,
 )
-from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine
+from services.transformers_lm.backends.native_tokenizer import NativeTokenizerUnsupported, read_native_tokenizer
+from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine, as_packed_model
+from services.transformers_lm.engines.native_llama import NativeLlama, UnsupportedModelError, read_config
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +77,8 @@ def converted_gguf_dir(gguf_path: Path, cache_dir: Path, sha256: str) -> Path:
     cache_dir.mkdir(parents=True, exist_ok=True)
     logger.info("dequantising %s once into %s (later starts reuse it)", gguf_path.name, target)
     started = time.monotonic()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32)
     # The weights are dequantised now: save them as a plain model, not as a quantised one.
@@ -117,12 +127,31 @@ def hub_snapshot_dir(model_id: str) -> Path:
         ) from None
 
 
-class TransformersModel(LoadedModel):
-    """A transformers model and tokenizer, served through ENGINE_CLASS."""
+class TransformersTokenizer:
+    """transformers' tokenizer with the interface of `NativeTokenizer`."""
 
-    def __init__(
-        self, model, tokenizer: PreTrainedTokenizerBase, info: ModelInfo, max_queue_size: int = 256, max_batch_size: int = 16
-    ):
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.chat_template = getattr(tokenizer, "chat_template", None)
+        self.eos_token_id = tokenizer.eos_token_id
+
+    def token_id(self, token: str) -> int | None:
+        return self.tokenizer.get_vocab().get(token)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+
+    def decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
+class TransformersModel(LoadedModel):
+    """A model (native or transformers) and its tokenizer, served through ENGINE_CLASS."""
+
+    def __init__(self, model, tokenizer, info: ModelInfo, max_queue_size: int = 256, max_batch_size: int = 16):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
@@ -131,43 +160,61 @@ class TransformersModel(LoadedModel):
         )
 
     def encode(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
+        return self.tokenizer.encode(text)
 
     def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        return self.tokenizer.decode(token_ids)
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+        return bool(self.tokenizer.chat_template)
 
     def render_chat(self, messages: list[ChatMessage]) -> str:
-        return self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in messages], tokenize=False, add_generation_prompt=True
-        )
+        return self.tokenizer.render_chat([{"role": m.role, "content": m.content} for m in messages])
 
 
-def eos_token_ids_and_stop_sequences(model, tokenizer, additional_eos_tokens: tuple[str, ...]):
+def eos_token_ids_and_stop_sequences(tokenizer, generation_eos, additional_eos_tokens: tuple[str, ...]):
     """The ids that end a sequence, and the additional EOS strings that are not single tokens."""
     ids: set[int] = set()
-    for source in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
+    for source in (tokenizer.eos_token_id, generation_eos):
         if isinstance(source, int):
             ids.add(source)
         elif isinstance(source, (list, tuple)):
             ids.update(int(i) for i in source)
     stop_sequences: list[str] = []
-    vocabulary = tokenizer.get_vocab()
     for token in additional_eos_tokens:
-        if token in vocabulary:
-            ids.add(vocabulary[token])
+        token_id = tokenizer.token_id(token)
+        if token_id is not None:
+            ids.add(token_id)
         else:
             stop_sequences.append(token)
     return tuple(sorted(ids)), tuple(stop_sequences)
 
 
-def load_transformers_model(directory: Path, options: LoadOptions) -> TransformersModel:
-    """Load a model directory (config.json, weights, tokenizer) onto the chosen device."""
-    device = choose_device(options.device)
-    dtype = choose_dtype(device, options.half_precision)
+def _generation_eos(directory: Path):
+    """eos_token_id of generation_config.json, else of config.json (as transformers falls back)."""
+    for name in ("generation_config.json", "config.json"):
+        with contextlib.suppress(OSError, ValueError):
+            value = json.loads((directory / name).read_text()).get("eos_token_id")
+            if value is not None:
+                return value
+    return None
+
+
+def _load_native(directory: Path, dtype: torch.dtype, device: torch.device):
+    """(model, tokenizer, context length) computed by Parley's own code; UnsupportedModelError when it cannot."""
+    config = read_config(directory)
+    try:
+        tokenizer = read_native_tokenizer(directory)
+    except NativeTokenizerUnsupported as why:
+        raise UnsupportedModelError(f"its tokenizer: {why}") from None
+    return NativeLlama.load(directory, dtype, device), tokenizer, config.max_positions
+
+
+def _load_with_transformers(directory: Path, dtype: torch.dtype, device: torch.device):
+    """(model, tokenizer, context length) computed by transformers' modelling code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(directory))
         model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype)
@@ -176,9 +223,31 @@ def load_transformers_model(directory: Path, options: LoadOptions) -> Transforme
         raise ModelLoadError(f"cannot load the model in {directory}: {first_line}") from None
     model.to(device)
     model.eval()
-    eos_ids, stop_sequences = eos_token_ids_and_stop_sequences(model, tokenizer, options.additional_eos_tokens)
     context_length = int(
         getattr(model.config, "max_position_embeddings", None) or getattr(tokenizer, "model_max_length", 2048)
+    )
+    return as_packed_model(model), TransformersTokenizer(tokenizer), context_length
+
+
+def load_transformers_model(directory: Path, options: LoadOptions) -> TransformersModel:
+    """Load a model directory (config.json, weights, tokenizer) onto the chosen device."""
+    device = choose_device(options.device)
+    dtype = choose_dtype(device, options.half_precision)
+    loaded = None
+    if options.model_code != "transformers":
+        try:
+            loaded, code = _load_native(directory, dtype, device), "native"
+        except UnsupportedModelError as why:
+            if options.model_code == "native":
+                raise ModelLoadError(
+                    f"MODEL_CODE=native cannot compute the model in {directory} ({why}): set MODEL_CODE=auto or transformers"
+                ) from None
+            logger.info("transformers computes this model: the native code does not (%s)", why)
+    if loaded is None:
+        loaded, code = _load_with_transformers(directory, dtype, device), "transformers"
+    model, tokenizer, context_length = loaded
+    eos_ids, stop_sequences = eos_token_ids_and_stop_sequences(
+        tokenizer, _generation_eos(directory), options.additional_eos_tokens
     )
     info = ModelInfo(
         backend=TransformersBackend.name,
@@ -187,6 +256,7 @@ def load_transformers_model(directory: Path, options: LoadOptions) -> Transforme
         context_length=context_length,
         eos_token_ids=eos_ids,
         extra_stop_sequences=stop_sequences,
+        model_code=code,
     )
     return TransformersModel(
         model, tokenizer, info, max_queue_size=options.max_queue_size, max_batch_size=options.max_batch_size

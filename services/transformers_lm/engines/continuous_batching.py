@@ -2,11 +2,16 @@
 
 One scheduler thread owns the model. Each step it drops cancelled rows, admits waiting requests
 into free slots, runs ONE forward pass over a packed sequence — one token for every decoding row
-plus the whole prompt of every joining row — and gives every row its next token, chosen with that
+plus the prompt of every joining row, less the beginning found in the prefix cache
+(`prefix_cache.py`) — and gives every row its next token, chosen with that
 row's own sampling settings. A row leaves the batch as soon as it hits one of its stop tokens, its
 `max_new_tokens`, the context window or a cancel; the next waiting request takes its slot at the
-next step, without waiting for the longest row. See `slot_attention.py` for how rows at different
+next step, without waiting for the longest row. See `slot_cache.py` for how rows at different
 positions share a pass without padding.
+
+The engine runs a `PackedModel`: `native_llama.NativeLlama` for the Llama family, or any
+transformers causal LM through `slot_attention.TransformersPackedModel` (a plain `torch.nn.Module`
+handed in is wrapped so).
 
 Why not transformers' own `ContinuousBatchingManager` (`model.init_continuous_batching()`,
 `generate_batch`)? It was studied and measured (bench/, docs in the module below); it does not do
@@ -32,6 +37,7 @@ import math
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -43,19 +49,39 @@ from services.transformers_lm.engine import (
     TokenStream,
 )
 from services.transformers_lm.engines.row_sampling import RowSampler, choose_next_tokens
-from services.transformers_lm.engines.slot_attention import (
-    SLOT_ATTENTION,
-    SLOT_BATCH_KWARG,
-    SlotBatch,
-    SlotKVCache,
-    register_slot_attention,
-)
+from services.transformers_lm.engines.prefix_cache import DEFAULT_BUDGET_BYTES, PrefixCache
+from services.transformers_lm.engines.slot_cache import SlotBatch, SlotKVCache
 
 logger = logging.getLogger(__name__)
 
 # Prompt tokens admitted per step beyond the first joining row: bounds how long one step (and so
 # every decoding row's next token) can be delayed by a burst of long prompts.
 DEFAULT_MAX_PREFILL_TOKENS_PER_STEP = 2048
+
+
+class PackedModel(Protocol):
+    """A causal LM that runs one packed step over a `SlotKVCache` (see `slot_cache.py`)."""
+
+    vocab_size: int
+    max_positions: int
+    dtype: torch.dtype
+    device: torch.device
+
+    def new_cache(self, num_slots: int, max_positions: int) -> SlotKVCache: ...
+
+    def forward(
+        self, token_ids: torch.Tensor, positions: torch.Tensor, batch: SlotBatch, logit_indices: torch.Tensor
+    ) -> torch.Tensor:
+        """The float32 logits [len(logit_indices), vocab] of the step's tokens at `logit_indices`."""
+
+
+def as_packed_model(model) -> PackedModel:
+    """`model` itself when it runs packed steps; a transformers model wrapped so (slot attention)."""
+    if isinstance(model, torch.nn.Module):
+        from services.transformers_lm.engines.slot_attention import TransformersPackedModel
+
+        return TransformersPackedModel(model)
+    return model
 
 
 @dataclass(eq=False)
@@ -67,6 +93,7 @@ class _Row:
     submitted_at: float
     slot: int = -1
     length: int = 0  # positions already in the slot's KV cache
+    cached_prefix: int = 0  # prompt tokens copied from the prefix cache when the row joined
     next_input: int | None = None  # the last chosen token, fed at the next step
     new_token_ids: list[int] = field(default_factory=list)
 
@@ -86,6 +113,7 @@ class EngineStats:
     steps: int = 0
     tokens_generated: int = 0
     prompt_tokens: int = 0
+    prompt_tokens_from_cache: int = 0
     forward_seconds: float = 0.0
     sampling_seconds: float = 0.0
     step_seconds: float = 0.0
@@ -100,6 +128,7 @@ class EngineStats:
             "steps": self.steps,
             "tokens_generated": self.tokens_generated,
             "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens_from_cache": self.prompt_tokens_from_cache,
             "mean_rows_per_step": self.rows_per_step_sum / steps,
             "max_rows_in_step": self.max_rows_in_step,
             "forward_ms_per_step": 1000 * self.forward_seconds / steps,
@@ -112,18 +141,19 @@ class EngineStats:
 class ContinuousBatchingEngine:
     """An `Engine` that schedules concurrent `GenerationRequest`s together on one causal LM.
 
-    The engine takes the model over: it switches the model's attention to slot attention, so the
-    model should not be used for anything else (plain `generate` would fail on it).
+    Given a transformers model, the engine takes it over: it switches the model's attention to slot
+    attention, so the model should not be used for anything else (plain `generate` would fail on it).
     """
 
     def __init__(
         self,
-        model: torch.nn.Module,
+        model: PackedModel | torch.nn.Module,
         *,
         context_length: int | None = None,
         max_batch_size: int = 16,
         max_queue_size: int = 64,
         max_prefill_tokens_per_step: int = DEFAULT_MAX_PREFILL_TOKENS_PER_STEP,
+        prefix_cache_bytes: int = DEFAULT_BUDGET_BYTES,
         warm_up: bool = True,
     ):
         if max_batch_size < 1:
@@ -133,23 +163,12 @@ class ContinuousBatchingEngine:
         self.max_batch_size = max_batch_size
         self.max_queue_size = max_queue_size
         self.max_prefill_tokens_per_step = max_prefill_tokens_per_step
-        self.model = model.eval()
-        register_slot_attention()
-        model.set_attn_implementation(SLOT_ATTENTION)
-        config = model.config.get_text_config()
-        self.max_context_tokens = int(context_length or getattr(config, "max_position_embeddings", 0) or 4096)
-        self.vocab_size = int(config.vocab_size)
-        parameter = next(model.parameters())
-        self.device = parameter.device
-        self._cache = SlotKVCache(
-            num_layers=config.num_hidden_layers,
-            num_slots=max_batch_size,
-            num_kv_heads=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-            head_dim=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
-            max_positions=self.max_context_tokens,
-            dtype=parameter.dtype,
-            device=self.device,
-        )
+        self.model = as_packed_model(model)
+        self.max_context_tokens = int(context_length or self.model.max_positions)
+        self.vocab_size = self.model.vocab_size
+        self.device = self.model.device
+        self._cache = self.model.new_cache(max_batch_size, self.max_context_tokens)
+        self._prefixes = PrefixCache(prefix_cache_bytes)
         self.stats = EngineStats()
         self._active: list[_Row] = []  # row i sits in slot i
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -258,6 +277,8 @@ class ContinuousBatchingEngine:
         for row in joining:
             row.length = len(row.prompt)
             self.stats.prompt_tokens += len(row.prompt)
+            self.stats.prompt_tokens_from_cache += row.cached_prefix
+            self._prefixes.add(row.prompt, self._cache.tensor[:, :, row.slot, :, : row.length].clone())
         finished = [row for row, token_id in zip(rows, token_ids) if self._advance(row, token_id)]
         self._release(finished)
         self.stats.steps += 1
@@ -287,7 +308,8 @@ class ContinuousBatchingEngine:
         with self._wake:
             while self._waiting and len(self._active) < self.max_batch_size:
                 row = self._waiting[0]
-                if joining and prefill_tokens + len(row.prompt) > self.max_prefill_tokens_per_step:
+                cached, prefix_kv = self._prefixes.longest_prefix(row.prompt)
+                if joining and prefill_tokens + len(row.prompt) - cached > self.max_prefill_tokens_per_step:
                     break
                 self._waiting.popleft()
                 if row.sampling.max_new_tokens == 0:
@@ -296,7 +318,11 @@ class ContinuousBatchingEngine:
                 row.slot = len(self._active)
                 self._active.append(row)
                 joining.append(row)
-                prefill_tokens += len(row.prompt)
+                if cached:
+                    self._cache.ensure_capacity(len(row.prompt))
+                    self._cache.tensor[:, :, row.slot, :, :cached] = prefix_kv[:, :, :, :cached]
+                row.cached_prefix = cached
+                prefill_tokens += len(row.prompt) - cached
         return joining
 
     def _forward(self, decoding: list[_Row], joining: list[_Row]) -> torch.Tensor:
@@ -305,12 +331,12 @@ class ContinuousBatchingEngine:
         token_ids: list[int] = [row.next_input for row in decoding]  # type: ignore[misc]
         positions: list[int] = [row.length for row in decoding]
         logit_indices: list[int] = list(range(len(decoding)))
-        prefills: list[tuple[int, int, int]] = []
+        prefills: list[tuple[int, int, int, int]] = []
         for row in joining:
-            offset = len(token_ids)
-            token_ids.extend(row.prompt)
-            positions.extend(range(len(row.prompt)))
-            prefills.append((row.slot, offset, len(row.prompt)))
+            offset, start = len(token_ids), row.cached_prefix
+            token_ids.extend(row.prompt[start:])
+            positions.extend(range(start, len(row.prompt)))
+            prefills.append((row.slot, offset, start, len(row.prompt) - start))
             logit_indices.append(len(token_ids) - 1)
 
         attended = max([row.length + 1 for row in decoding] + [len(row.prompt) for row in joining])
@@ -329,15 +355,14 @@ class ContinuousBatchingEngine:
             decode_mask=decode_mask,
             prefills=prefills,
         )
-        output = self.model(
-            input_ids=torch.tensor([token_ids], dtype=torch.long, device=self.device),
-            position_ids=torch.tensor([positions], dtype=torch.long, device=self.device),
-            use_cache=False,
-            logits_to_keep=torch.tensor(logit_indices, dtype=torch.long, device=self.device),
-            **{SLOT_BATCH_KWARG: batch},
+        logits = self.model.forward(
+            torch.tensor(token_ids, dtype=torch.long, device=self.device),
+            torch.tensor(positions, dtype=torch.long, device=self.device),
+            batch,
+            torch.tensor(logit_indices, dtype=torch.long, device=self.device),
         )
         self.stats.forward_seconds += time.perf_counter() - forward_started
-        return output.logits[0].float()
+        return logits
 
     def _advance(self, row: _Row, token_id: int) -> bool:
         """Give the row its new token; True when the row is finished."""
@@ -384,3 +409,4 @@ class ContinuousBatchingEngine:
             while row.stream.finish_reason is None:
                 self._step()
         self.stats = EngineStats()
+        self._prefixes = PrefixCache(self._prefixes.budget_bytes)

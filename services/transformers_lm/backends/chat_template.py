@@ -1,10 +1,11 @@
-"""A GGUF file's own chat template (`tokenizer.chat_template`), rendered the way transformers renders it.
+"""A model's own chat template (a GGUF's `tokenizer.chat_template`, a folder's `chat_template.jinja`),
+rendered the way transformers renders it.
 
 transformers compiles a tokenizer's template with jinja2 in a sandbox, with `trim_blocks` and
 `lstrip_blocks`, loop controls, `raise_exception`, `strftime_now` and a `tojson` that does not
 escape HTML; it passes `messages`, `add_generation_prompt` and the special tokens. Doing the
-same here makes the llama.cpp backend build the very prompt the transformers backend builds for
-the same model, without loading a transformers tokenizer.
+same here lets the llama.cpp backend and the native tokenizer (`native_tokenizer.py`) build the
+very prompt transformers builds for the same model, without loading transformers.
 """
 
 from __future__ import annotations
