@@ -21,6 +21,7 @@ from services.transformers_lm.engine import (
     TokenStream,
 )
 from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine
+from services.transformers_lm.engines.prefix_cache import PrefixCache
 
 PROMPTS = [
     (1, 5, 9, 13, 17, 21, 25),
@@ -267,3 +268,17 @@ def test_close_cancels_running_and_waiting_streams():
 
     assert running.finish_reason is FinishReason.CANCELLED
     assert waiting.finish_reason is FinishReason.CANCELLED
+
+
+def test_the_prefix_cache_stays_within_its_byte_budget_and_drops_the_least_recently_used_prompt_first():
+    entry = torch.zeros(1, 2, 1, 4, 8)  # 4 positions of keys and values: 256 bytes
+    cache = PrefixCache(budget_bytes=2 * entry.numel() * entry.element_size())
+    cache.add((1, 2, 3, 4), entry.clone())
+    cache.add((5, 6, 7, 8), entry.clone())
+    assert cache.longest_prefix((1, 2, 3, 4, 9))[0] == 4  # used now: (5, 6, 7, 8) is the least recent
+    cache.add((9, 9, 9, 9), entry.clone())
+
+    assert len(cache) == 2 and cache.nbytes <= cache.budget_bytes
+    assert cache.longest_prefix((5, 6, 7, 8, 1)) == (0, None)
+    # The last prompt token is never taken from the cache: its logits choose the first new token.
+    assert cache.longest_prefix((1, 2, 3, 4))[0] == 3

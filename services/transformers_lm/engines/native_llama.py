@@ -181,6 +181,8 @@ class NativeLlama:
 
     # --- the computation ---------------------------------------------------------------------------
     def _rms_norm(self, hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.dtype == torch.float32:  # one fused kernel; bit-identical to the float32 formula below
+            return F.rms_norm(hidden, (hidden.shape[-1],), weight, self.config.rms_norm_eps)
         # In float32 and cast back before the weight, as transformers' LlamaRMSNorm does.
         as_float = hidden.float()
         normed = as_float * torch.rsqrt(as_float.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
@@ -206,12 +208,12 @@ class NativeLlama:
         cos, sin = self._rotary(positions)
         cos, sin = cos[:, None, :], sin[:, None, :]  # [tokens, 1, head_dim]: broadcast over heads
         hidden = F.embedding(token_ids, self.embed)
+        rotated_heads = config.num_heads + config.num_kv_heads  # queries and keys: rotated together
         for index, layer in enumerate(self.layers):
-            qkv = F.linear(self._rms_norm(hidden, layer.input_norm), layer.qkv)
-            query, key, value = qkv.split((self._q_size, self._kv_size, self._kv_size), dim=-1)
-            query = self._rotate(query.view(tokens, config.num_heads, config.head_dim), cos, sin)
-            key = self._rotate(key.view(tokens, config.num_kv_heads, config.head_dim), cos, sin)
-            value = value.view(tokens, config.num_kv_heads, config.head_dim)
+            qkv = F.linear(self._rms_norm(hidden, layer.input_norm), layer.qkv).view(tokens, -1, config.head_dim)
+            query_key = self._rotate(qkv[:, :rotated_heads], cos, sin)
+            query, key = query_key.split((config.num_heads, config.num_kv_heads), dim=1)
+            value = qkv[:, rotated_heads:]
             attended = packed_attention(batch, index, query, key, value, self._scaling)
             hidden = hidden + F.linear(attended.reshape(tokens, self._q_size), layer.output)
             gate, up = F.linear(self._rms_norm(hidden, layer.post_norm), layer.gate_up).chunk(2, dim=-1)
