@@ -124,6 +124,24 @@ def test_a_model_the_native_code_does_not_compute_runs_on_transformers_or_is_ref
         TransformersBackend().load(source, LoadOptions(device="cpu", model_code="native"))
 
 
+def test_weights_the_native_code_has_no_place_for_send_the_model_to_transformers(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "llama-with-query-norms"
+    shutil.copytree(tiny_model_dir(), folder)
+    weights = load_file(str(folder / "model.safetensors"))
+    weights["model.layers.0.self_attn.q_norm.weight"] = torch.ones(8)
+    save_file(weights, str(folder / "model.safetensors"), metadata={"format": "pt"})
+
+    with pytest.raises(UnsupportedModelError, match="q_norm"):
+        NativeLlama.load(folder, torch.float32, torch.device("cpu"))
+    loaded = TransformersBackend().load(resolve_model_source(str(folder)), LoadOptions(device="cpu"))
+    try:
+        assert loaded.info.model_code == "transformers"
+    finally:
+        loaded.close()
+
+
 @pytest.mark.model
 def test_loading_the_embedded_model_natively_never_imports_transformers():
     converted_gguf_dir(  # the conversion (done once, cached) is the one step that needs transformers

@@ -149,6 +149,10 @@ class NativeLlama:
         self.norm = take("model.norm.weight")
         lm_head = weights.pop("lm_head.weight", None)
         self.lm_head = self.embed if config.tie_word_embeddings or lm_head is None else lm_head.to(device=device, dtype=dtype)
+        # Weights this code has no place for mean a variant it does not compute (extra norms, biases).
+        unknown = sorted(name for name in weights if not name.endswith("rotary_emb.inv_freq"))
+        if unknown:
+            raise UnsupportedModelError(f"weights it does not know: {', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
         half = config.head_dim // 2
         self._inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, half, dtype=torch.int64).float() * 2 / config.head_dim))
         self._q_size = config.num_heads * config.head_dim
