@@ -27,7 +27,6 @@ from bench.common import (
     MODEL_NAME,
     QUESTIONS,
     REPO_ROOT,
-    VENV_BIN,
     BenchContext,
     Measurement,
     chat_messages,
@@ -36,9 +35,8 @@ from bench.common import (
     wait_ready,
 )
 from bench.load import run_closed_loop
-from bench.service_steps import REQUEST_TIMEOUT_SECONDS, chat_payload, measure_closed_loops, measure_startup, respond_payload
+from bench.service_steps import REQUEST_TIMEOUT_SECONDS, chat_payload, measure_service
 
-SERVICE_DIR = REPO_ROOT / "services" / "transformers_lm"
 REFERENCE = ("llama-cpp-python in-process", "sequential")
 SERVICE_RESPOND = "llama.cpp backend /respond"
 SERVICE_CHAT = "llama.cpp backend /v1/chat/completions"
@@ -173,10 +171,7 @@ def llama_cpp_service(ctx: BenchContext) -> None:
     """The LLM service as users run it, on the llama.cpp backend."""
     if not _available(ctx, "llama.cpp service"):
         return
-    port = free_port()
     env = {
-        "SERVICE_PORT": str(port),
-        "PRETRAINED_MODEL_NAME_OR_PATH": MODEL_NAME,
         "BACKEND": "llama_cpp",
         # The same Q4_1 weights as the in-process reference and llama-server (the service's default
         # for the embedded model is its F16 copy, which answers better but is another workload).
@@ -184,15 +179,7 @@ def llama_cpp_service(ctx: BenchContext) -> None:
         "MAX_BATCH_SIZE": str(max(ctx.client_counts)),
         "THREADS": str(_threads()),
     }
-    command = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
-    ctx.progress(f"llama.cpp service: starting gunicorn on port {port}")
-    log_path = REPO_ROOT / "bench/results/llama-cpp-service.log"
-    with server_process(command, port=port, cwd=SERVICE_DIR, env=env, log_path=log_path) as server:
-        chat_url = server.base_url + "/v1/chat/completions"
-        chat = chat_payload(MODEL_NAME, ctx.new_tokens)
-        measure_startup(ctx, "llama.cpp service", server, chat_url, chat)
-        measure_closed_loops(ctx, SERVICE_RESPOND, server.base_url + "/respond", respond_payload(ctx.new_tokens))
-        measure_closed_loops(ctx, SERVICE_CHAT, chat_url, chat)
+    measure_service(ctx, "llama.cpp service", env, "llama-cpp-service.log", SERVICE_RESPOND, SERVICE_CHAT)
 
 
 def find_llama_server() -> Path | None:

@@ -81,22 +81,23 @@ def measure_startup(ctx: BenchContext, name: str, server, chat_url: str, payload
     ctx.progress(f"{name}: first request {latencies[0]:.2f} s, later ones {', '.join(f'{s:.2f}' for s in latencies[1:])} s")
 
 
-def parley_service(ctx: BenchContext) -> None:
+def measure_service(ctx: BenchContext, name: str, env: dict[str, str], log_name: str, respond_system: str, chat_system: str) -> None:
+    """The LLM service under gunicorn with `env` over the embedded model: startup, then closed loops on both endpoints."""
     port = free_port()
-    env = {
-        "SERVICE_PORT": str(port),
-        "PRETRAINED_MODEL_NAME_OR_PATH": MODEL_NAME,
-        "BACKEND": "transformers",
-        "MAX_BATCH_SIZE": str(max(ctx.client_counts)),
-    }
+    env = {"SERVICE_PORT": str(port), "PRETRAINED_MODEL_NAME_OR_PATH": MODEL_NAME, **env}
     command = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
-    ctx.progress(f"parley service: starting gunicorn on port {port}")
-    with server_process(command, port=port, cwd=SERVICE_DIR, env=env, log_path=REPO_ROOT / "bench/results/parley-service.log") as server:
+    ctx.progress(f"{name}: starting gunicorn on port {port}")
+    with server_process(command, port=port, cwd=SERVICE_DIR, env=env, log_path=REPO_ROOT / "bench/results" / log_name) as server:
         chat_url = server.base_url + "/v1/chat/completions"
         chat = chat_payload(MODEL_NAME, ctx.new_tokens)
-        measure_startup(ctx, "parley service", server, chat_url, chat)
-        measure_closed_loops(ctx, "parley /respond", server.base_url + "/respond", respond_payload(ctx.new_tokens))
-        measure_closed_loops(ctx, "parley /v1/chat/completions", chat_url, chat)
+        measure_startup(ctx, name, server, chat_url, chat)
+        measure_closed_loops(ctx, respond_system, server.base_url + "/respond", respond_payload(ctx.new_tokens))
+        measure_closed_loops(ctx, chat_system, chat_url, chat)
+
+
+def parley_service(ctx: BenchContext) -> None:
+    env = {"BACKEND": "transformers", "MAX_BATCH_SIZE": str(max(ctx.client_counts))}
+    measure_service(ctx, "parley service", env, "parley-service.log", "parley /respond", "parley /v1/chat/completions")
 
 
 STEPS = [parley_service]
