@@ -11,14 +11,13 @@ paths that use it.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
-
-import json
 
 import torch
 
@@ -33,7 +32,7 @@ from services.transformers_lm.backends import (
 )
 from services.transformers_lm.backends.native_tokenizer import NativeTokenizerUnsupported, read_native_tokenizer
 from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine, as_packed_model
-from services.transformers_lm.engines.native_llama import NativeLlama, UnsupportedModelError, read_config
+from services.transformers_lm.engines.native_llama import NativeLlama, UnsupportedModelError, read_config, read_weights
 
 logger = logging.getLogger(__name__)
 
@@ -202,13 +201,15 @@ def _generation_eos(directory: Path):
 
 
 def _load_native(directory: Path, dtype: torch.dtype, device: torch.device):
-    """(model, tokenizer, context length) computed by Parley's own code; UnsupportedModelError when it cannot."""
+    """(model, tokenizer, context length) computed by Parley's own code; UnsupportedModelError when it cannot.
+
+    The config and the tokenizer are checked before the weights are read."""
     config = read_config(directory)
     try:
         tokenizer = read_native_tokenizer(directory)
     except NativeTokenizerUnsupported as why:
         raise UnsupportedModelError(f"its tokenizer: {why}") from None
-    return NativeLlama.load(directory, dtype, device), tokenizer, config.max_positions
+    return NativeLlama(config, read_weights(directory), dtype, device), tokenizer, config.max_positions
 
 
 def _load_with_transformers(directory: Path, dtype: torch.dtype, device: torch.device):

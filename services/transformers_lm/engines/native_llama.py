@@ -90,7 +90,7 @@ def read_config(directory: Path) -> LlamaConfig:
     return LlamaConfig.from_json(raw)
 
 
-def _read_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     index = directory / "model.safetensors.index.json"
@@ -161,7 +161,7 @@ class NativeLlama:
 
     @classmethod
     def load(cls, directory: Path, dtype: torch.dtype, device: torch.device) -> "NativeLlama":
-        return cls(read_config(directory), _read_weights(directory), dtype, device)
+        return cls(read_config(directory), read_weights(directory), dtype, device)
 
     # --- what the engine reads -------------------------------------------------------------------
     @property
