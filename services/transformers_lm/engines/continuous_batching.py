@@ -278,7 +278,8 @@ class ContinuousBatchingEngine:
             row.length = len(row.prompt)
             self.stats.prompt_tokens += len(row.prompt)
             self.stats.prompt_tokens_from_cache += row.cached_prefix
-            self._prefixes.add(row.prompt, self._cache.tensor[:, :, row.slot, :, : row.length].clone())
+            if row.prompt not in self._prefixes:  # a repeated prompt is not copied again
+                self._prefixes.add(row.prompt, self._cache.tensor[:, :, row.slot, :, : row.length].clone())
         finished = [row for row, token_id in zip(rows, token_ids) if self._advance(row, token_id)]
         self._release(finished)
         self.stats.steps += 1

@@ -42,6 +42,9 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def __contains__(self, prompt: tuple[int, ...]) -> bool:
+        return prompt in self._entries
+
     def longest_prefix(self, prompt: tuple[int, ...]) -> tuple[int, torch.Tensor | None]:
         """(n, kv): the first n tokens of `prompt` are cached in kv; n < len(prompt), so the last
         token is always computed (its logits choose the first new token). (0, None) when none is."""
