@@ -79,13 +79,13 @@ def eos_token_ids_and_stop_sequences(model: LlamaCppModel, additional_eos_tokens
     return tuple(sorted(ids)), tuple(stop_sequences)
 
 
-def f16_copy(gguf_path: Path, cache_dir: Path) -> Path:
+def f16_copy(gguf_path: Path, cache_dir: Path, sha256: str | None = None) -> Path:
     """The GGUF dequantised once to F16 (GGUF_WEIGHTS=f16), cached by the source file's sha256.
 
     llama.cpp's quantised kernels also quantise activations to 8 bits; a small model can lose its
     answers to that, and its F16 copy computes with the dequantised weights instead.
     """
-    target = cache_dir / f"gguf-f16-{file_sha256(gguf_path)[:32]}.gguf"
+    target = cache_dir / f"gguf-f16-{(sha256 or file_sha256(gguf_path))[:32]}.gguf"
     if target.is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -129,13 +129,14 @@ class LlamaCppBackend(Backend):
             )
         if options.device == "cuda":
             raise ModelLoadError("BACKEND=llama_cpp runs on the CPU here: set DEVICE=cpu or auto, or BACKEND=transformers")
+        sha256 = None
         if options.sha256:
             from services.transformers_lm.backends.transformers_backend import check_sha256_pin
 
-            check_sha256_pin(source.path, options.sha256)
+            sha256 = check_sha256_pin(source.path, options.sha256)
         weights_path = source.path
         if options.gguf_weights == "f16":
-            weights_path = f16_copy(source.path, options.cache_dir)
+            weights_path = f16_copy(source.path, options.cache_dir, sha256)  # a pinned file is hashed once
         try:
             model = LlamaCppModel.load(weights_path)
         except LlamaCppUnavailableError as error:
