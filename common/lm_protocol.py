@@ -104,6 +104,12 @@ class GenerationConfig(BaseModel):
     do_sample: bool = Field(False, description="sample (true) or decode greedily (false)")
     num_return_sequences: int = Field(1, ge=1, description="hypotheses per dialog")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0, description="penalty on tokens already present")
+    frequency_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted from a token's logit once per time it was generated"
+    )
+    presence_penalty: float = Field(
+        0.0, ge=-2.0, le=2.0, description="OpenAI's: subtracted from the logit of every token generated so far"
+    )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES, description="cut the text here")
 

@@ -143,6 +143,7 @@ def test_rows_with_different_sampling_settings_share_a_batch_and_keep_their_own_
         SamplingParams(max_new_tokens=16, do_sample=True, temperature=0.7, top_p=0.9, seed=1),
         SamplingParams(max_new_tokens=16, do_sample=True, temperature=1.3, top_k=5, seed=2),
         greedy(16, repetition_penalty=1.5),
+        greedy(16, frequency_penalty=1.5, presence_penalty=0.5),
     ]
     alone = [generate_alone(engine, PROMPTS[0], sampling) for sampling in settings]
     steps_before = engine.stats.steps
@@ -153,6 +154,7 @@ def test_rows_with_different_sampling_settings_share_a_batch_and_keep_their_own_
     assert together == alone
     assert engine.stats.steps - steps_before < sum(len(tokens) for tokens in together)  # rows shared steps
     assert alone[0] != alone[3]  # the penalty changed the greedy row's answer
+    assert alone[0] != alone[4]  # so did OpenAI's
 
 
 def test_each_row_ends_at_its_own_max_new_tokens(engine):

@@ -128,8 +128,9 @@ def test_each_row_keeps_its_own_sampling_settings(model, engine, eos_ids):
         GenerationRequest(prompt, greedy(eos_ids, seed=8, **hot)),
         GenerationRequest(prompt, greedy(eos_ids, 16, do_sample=True, top_k=1, seed=3)),
         GenerationRequest(prompt, greedy(eos_ids, 16, repetition_penalty=3.0)),
+        GenerationRequest(prompt, greedy(eos_ids, 16, frequency_penalty=2.0, presence_penalty=1.0)),
     ]
-    greedy_row, seven, seven_again, eight, top_one, penalised = together(engine, requests)
+    greedy_row, seven, seven_again, eight, top_one, penalised, openai_penalised = together(engine, requests)
     # Then the same seed samples the same tokens, another seed others, and top_k=1 is greedy
     assert seven == seven_again
     assert seven != eight
@@ -137,7 +138,9 @@ def test_each_row_keeps_its_own_sampling_settings(model, engine, eos_ids):
     assert top_one == greedy_row
     # And a repetition penalty changes that row only, the same way as when it runs alone
     assert penalised != greedy_row
-    assert penalised == engine.submit(requests[-1]).collect()
+    assert penalised == engine.submit(requests[-2]).collect()
+    assert openai_penalised != greedy_row
+    assert openai_penalised == engine.submit(requests[-1]).collect()
 
 
 def test_each_row_stops_at_its_own_stop_tokens_and_length(model, engine, eos_ids):

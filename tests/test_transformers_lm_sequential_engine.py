@@ -1,5 +1,5 @@
 """The sequential engine, the simplest correct `Engine`: greedy equals transformers' own `generate`,
-seeds reproduce, min/max lengths, stop tokens and cancellation hold, and a full queue refuses at once."""
+seeds reproduce, penalties act as in the batching engine, min/max lengths, stop tokens and cancellation hold, and a full queue refuses at once."""
 
 from __future__ import annotations
 
@@ -9,14 +9,19 @@ from support.tiny_model import tiny_model_dir
 from transformers import AutoModelForCausalLM
 
 from services.transformers_lm.engine import FinishReason, GenerationRequest, QueueFullError, SamplingParams
+from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine
 from services.transformers_lm.engines.sequential import SequentialEngine
 
 PROMPT = (5, 17, 42, 99, 7)
 
 
+def load_tiny_model():
+    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir()), dtype=torch.float32).eval()
+
+
 @pytest.fixture(scope="module")
 def model():
-    return AutoModelForCausalLM.from_pretrained(str(tiny_model_dir()), dtype=torch.float32).eval()
+    return load_tiny_model()
 
 
 @pytest.fixture
@@ -50,6 +55,25 @@ def test_the_same_seed_samples_the_same_tokens_and_another_seed_others(engine):
 
     assert first == again
     assert first != other
+
+
+@pytest.mark.parametrize(
+    "penalties",
+    [{"repetition_penalty": 1.5}, {"frequency_penalty": 1.5}, {"presence_penalty": 1.0, "frequency_penalty": -0.5}],
+    ids=["repetition", "frequency", "presence and negative frequency"],
+)
+def test_penalties_change_the_greedy_tokens_as_the_batching_engine_does(engine, penalties):
+    plain, _ = run(engine, max_new_tokens=16)
+    penalised, _ = run(engine, max_new_tokens=16, **penalties)
+
+    # A model of its own: the batching engine switches its model's attention to slot attention.
+    batching = ContinuousBatchingEngine(load_tiny_model(), max_batch_size=2)
+    try:
+        batched = batching.submit(GenerationRequest(PROMPT, SamplingParams(max_new_tokens=16, **penalties))).collect()
+    finally:
+        batching.close()
+    assert penalised != plain
+    assert penalised == batched
 
 
 def test_a_stop_token_ends_the_sequence_and_is_not_emitted(engine):

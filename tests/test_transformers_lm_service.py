@@ -211,6 +211,30 @@ def test_max_tokens_one_finishes_for_length(client):
     assert completion.usage.completion_tokens == 1
 
 
+def repeated_word_pairs(text: str) -> int:
+    words = text.lower().replace(",", " ").replace(".", " ").split()
+    pairs = list(zip(words, words[1:]))
+    return len(pairs) - len(set(pairs))
+
+
+@pytest.mark.parametrize("penalty", ["frequency_penalty", "presence_penalty"])
+def test_a_penalty_keeps_a_greedy_answer_from_repeating_itself(client, penalty):
+    # Greedy, SmolLM2 repeats a line of this poem ("a sea of ...") within 40 tokens.
+    def poem(**penalties) -> str:
+        completion = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Write a poem about the sea."}],
+            temperature=0,
+            max_tokens=40,
+            **penalties,
+        )
+        return completion.choices[0].message.content
+
+    plain, penalised = poem(), poem(**{penalty: 2.0})
+
+    assert repeated_word_pairs(penalised) < repeated_word_pairs(plain), (plain, penalised)
+
+
 def test_a_text_completion_continues_the_prompt_as_is(client):
     completion = client.completions.create(model=MODEL, prompt="The capital of France is", temperature=0, max_tokens=4)
 
@@ -225,6 +249,7 @@ def test_a_text_completion_continues_the_prompt_as_is(client):
         pytest.param({"top_p": 2}, id="top_p above 1"),
         pytest.param({"max_tokens": 100_000}, id="max_tokens above the cap"),
         pytest.param({"n": 50}, id="n above the cap"),
+        pytest.param({"frequency_penalty": 2.5}, id="frequency_penalty above 2"),
         pytest.param({"messages": []}, id="no messages"),
     ],
 )

@@ -30,6 +30,7 @@ from services.transformers_lm.backends import (
 )
 from services.transformers_lm.backends.transformers_backend import TransformersBackend
 from services.transformers_lm.engine import GenerationRequest, SamplingParams
+from services.transformers_lm.engines.sampling import next_token
 from services.transformers_lm.prompting import (
     ChatTemplateRenderer,
     Conversation,
@@ -254,6 +255,37 @@ def test_configs_and_prompts_may_be_left_out_as_in_dream(client):
 
     assert response.status_code == 200
     assert len(response.get_json()) == 1
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+def _pick(logits: list[float], generated: list[int], **penalties: float) -> int:
+    return next_token(
+        torch.tensor(logits),
+        SamplingParams(max_new_tokens=1, **penalties),
+        None,
+        torch.Generator(),
+        forbid_stop_tokens=False,
+        generated_token_ids=torch.tensor(generated, dtype=torch.long),
+    )
+
+
+def test_openai_penalties_lower_a_tokens_logit_per_time_it_was_generated_and_once_for_being_there():
+    logits = [3.0, 2.0, 1.5, -5.0]
+    generated = [0, 1, 0]  # token 0 twice, token 1 once, token 2 never
+
+    assert _pick(logits, generated) == 0
+    # 3 - 2 * 0.5 - 0.2 = 1.8 still beats 2 - 0.5 - 0.2 = 1.3 and 1.5
+    assert _pick(logits, generated, frequency_penalty=0.5, presence_penalty=0.2) == 0
+    # 3 - 2 * 0.7 - 0.2 = 1.4 and 2 - 0.7 - 0.2 = 1.1 now lose to the untouched 1.5
+    assert _pick(logits, generated, frequency_penalty=0.7, presence_penalty=0.2) == 2
+    # presence counts once however often: 3 - 1.2 = 1.8 beats 2 - 1.2 = 0.8 and 1.5
+    assert _pick(logits, generated, presence_penalty=1.2) == 0
+    # a negative penalty favours what was generated: 2 + 1.5 = 3.5 beats 3
+    assert _pick(logits, [1], presence_penalty=-1.5) == 1
+    # the prompt's tokens do not count: nothing generated, nothing penalised
+    assert _pick(logits, [], frequency_penalty=2.0, presence_penalty=2.0) == 0
 
 
 # --- bad input: a 4xx naming the field, never a 500 or an empty 200 -----------------------------

@@ -3,8 +3,8 @@
 Dream's `/respond` and `/generate_goals` requests are parsed by the shared models; this module
 adds what only an OpenAI upstream needs:
 
-- `OpenAIGenerationConfig`: the shared generation config plus OpenAI's own names (`max_tokens`,
-  `n`, `frequency_penalty`, `presence_penalty`, `stop` as a string), so Dream's OpenAI configs
+- `OpenAIGenerationConfig`: the shared generation config with OpenAI's own names and ranges
+  (`max_tokens`, `n`, `stop` as a string, temperature up to 2), so Dream's OpenAI configs
   (e.g. `{"max_tokens": 256, "temperature": 0.4, ...}`) work unchanged; `to_openai_parameters()`
   turns it into the body of a chat completion request.
 - Dream's per-request key fields (`openai_api_keys`, `openai_api_organizations`): taken out of
@@ -43,8 +43,6 @@ class OpenAIGenerationConfig(GenerationConfig):
     """
 
     temperature: float = Field(1.0, ge=0.0, le=2.0, description="sampling temperature (OpenAI: 0 to 2); 0 means greedy")
-    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's penalty on frequent tokens")
-    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, description="OpenAI's penalty on tokens already present")
 
     @model_validator(mode="before")
     @classmethod

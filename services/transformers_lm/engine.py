@@ -30,9 +30,17 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 turns top-k off
     repetition_penalty: float = 1.0
+    # OpenAI's penalties: a token's logit loses frequency_penalty per time it was generated, and
+    # presence_penalty once it was generated at all (the prompt's tokens do not count).
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     seed: int | None = None
     # Token ids that end the sequence (the model's EOS and any additional EOS tokens).
     stop_token_ids: tuple[int, ...] = ()
+
+    @property
+    def uses_openai_penalties(self) -> bool:
+        return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
 
 
 @dataclass(frozen=True)

@@ -66,10 +66,10 @@ class _SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1)
-    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # accepted, not applied
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
-    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)  # accepted, not applied
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -101,6 +101,10 @@ class _SamplingRequest(BaseModel):
             override["top_p"] = self.top_p
         if self.seed is not None:
             override["seed"] = self.seed
+        if self.frequency_penalty is not None:
+            override["frequency_penalty"] = float(self.frequency_penalty)
+        if self.presence_penalty is not None:
+            override["presence_penalty"] = float(self.presence_penalty)
         if self.stop is not None:
             override["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
         return override

@@ -70,6 +70,8 @@ def sampling_params(config: GenerationConfig, index: int, stop_token_ids: tuple[
         top_p=config.top_p,
         top_k=config.top_k,
         repetition_penalty=config.repetition_penalty,
+        frequency_penalty=config.frequency_penalty,
+        presence_penalty=config.presence_penalty,
         seed=None if config.seed is None else config.seed + index,
         stop_token_ids=stop_token_ids,
     )

@@ -125,6 +125,7 @@ class _Slot:
         self.copy_pending = False  # a prefix copy into this sequence lands at the next decode
         self.penalized_ids: np.ndarray | None = None  # distinct tokens seen, for repetition penalty
         self.penalized_set: set[int] = set()
+        self.generated_counts: dict[int, int] | None = None  # token -> times generated, for OpenAI's penalties
         self.stop_ids: np.ndarray | None = None
         self.stop_set: frozenset[int] = frozenset()
 
@@ -343,6 +344,7 @@ class LlamaCppEngine:
             slot.penalized_ids = np.fromiter(slot.penalized_set, dtype=np.int64)
         else:
             slot.penalized_set, slot.penalized_ids = set(), None
+        slot.generated_counts = {} if sampling.uses_openai_penalties else None
         slot.sampler = None
         if sampling.do_sample:
             chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
@@ -460,6 +462,10 @@ class LlamaCppEngine:
             seen = logits[slot.penalized_ids]
             penalty = sampling.repetition_penalty
             logits[slot.penalized_ids] = np.where(seen < 0, seen * penalty, seen / penalty)
+        if slot.generated_counts:  # OpenAI's: per time generated, and once for being there at all
+            token_ids = np.fromiter(slot.generated_counts, dtype=np.int64, count=len(slot.generated_counts))
+            counts = np.fromiter(slot.generated_counts.values(), dtype=np.float32, count=len(token_ids))
+            logits[token_ids] -= counts * sampling.frequency_penalty + sampling.presence_penalty
         if slot.stop_ids is not None and slot.generated < sampling.min_new_tokens:
             logits[slot.stop_ids] = -np.inf
         if slot.sampler is None:
@@ -475,6 +481,8 @@ class LlamaCppEngine:
         if slot.penalized_ids is not None and token not in slot.penalized_set:
             slot.penalized_set.add(token)
             slot.penalized_ids = np.append(slot.penalized_ids, token)
+        if slot.generated_counts is not None:
+            slot.generated_counts[token] = slot.generated_counts.get(token, 0) + 1
         if slot.generated >= sampling.max_new_tokens or len(slot.cached) >= self._context_per_slot:
             self._release(slot, FinishReason.LENGTH)
         else:

@@ -1,6 +1,6 @@
 """Choosing the next token for every row of a batch, each row with its own `SamplingParams`.
 
-Rows that need any processing (sampling, repetition penalty, a minimum length) go through the same
+Rows that need any processing (sampling, a penalty, a minimum length) go through the same
 `sampling.next_token` the sequential engine uses, with the row's own generator (seeded when the
 request gave a seed), so a request gets the same tokens whichever engine runs it and whoever shares
 its batch. Plain greedy rows — the common case — cost one vectorised argmax for the whole batch.
@@ -22,6 +22,8 @@ class RowSampler:
         self.generator = make_generator(sampling) if sampling.do_sample else None
         self._tracks_tokens = sampling.repetition_penalty != 1.0
         self._seen_token_ids: list[int] = list(prompt_token_ids) if self._tracks_tokens else []
+        self._tracks_generated = sampling.uses_openai_penalties
+        self._generated_token_ids: list[int] = []
         self.num_generated = 0
 
     def _forbids_stop_tokens(self) -> bool:
@@ -30,18 +32,33 @@ class RowSampler:
     @property
     def is_plain_greedy(self) -> bool:
         """No processing at all: the argmax of the raw logits."""
-        return not self.sampling.do_sample and not self._tracks_tokens and not self._forbids_stop_tokens()
+        return (
+            not self.sampling.do_sample
+            and not self._tracks_tokens
+            and not self._tracks_generated
+            and not self._forbids_stop_tokens()
+        )
 
     def note_token(self, token_id: int) -> None:
         self.num_generated += 1
         if self._tracks_tokens:
             self._seen_token_ids.append(token_id)
+        if self._tracks_generated:
+            self._generated_token_ids.append(token_id)
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's logits [vocab]."""
         previous = torch.tensor(self._seen_token_ids) if self._tracks_tokens else None
         generator = self.generator if self.generator is not None else _UNUSED_GENERATOR
-        return next_token(logits, self.sampling, previous, generator, forbid_stop_tokens=self._forbids_stop_tokens())
+        generated = torch.tensor(self._generated_token_ids, dtype=torch.long) if self._tracks_generated else None
+        return next_token(
+            logits,
+            self.sampling,
+            previous,
+            generator,
+            forbid_stop_tokens=self._forbids_stop_tokens(),
+            generated_token_ids=generated,
+        )
 
 
 # next_token takes a generator even for greedy rows, where it never draws from it.

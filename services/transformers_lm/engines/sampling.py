@@ -24,13 +24,22 @@ def next_token(
     generator: torch.Generator,
     *,
     forbid_stop_tokens: bool,
+    generated_token_ids: torch.Tensor | None = None,
 ) -> int:
-    """The next token id for one sequence, from its last-position `logits` (shape: vocabulary)."""
+    """The next token id for one sequence, from its last-position `logits` (shape: vocabulary).
+
+    `previous_token_ids` (prompt and generated tokens) feed the repetition penalty, and
+    `generated_token_ids` (generated tokens only) OpenAI's frequency and presence penalties.
+    """
     logits = logits.float()
     if params.repetition_penalty != 1.0 and previous_token_ids is not None and previous_token_ids.numel():
         seen = logits.gather(0, previous_token_ids)
         penalised = torch.where(seen > 0, seen / params.repetition_penalty, seen * params.repetition_penalty)
         logits = logits.scatter(0, previous_token_ids, penalised)
+    if params.uses_openai_penalties and generated_token_ids is not None and generated_token_ids.numel():
+        token_ids, counts = torch.unique(generated_token_ids, return_counts=True)
+        penalties = counts.float() * params.frequency_penalty + params.presence_penalty
+        logits = logits.scatter_add(0, token_ids, -penalties)
     if forbid_stop_tokens and params.stop_token_ids:
         logits[list(params.stop_token_ids)] = -float("inf")
     if not params.do_sample or params.temperature == 0.0:

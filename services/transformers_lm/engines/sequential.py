@@ -110,6 +110,7 @@ class SequentialEngine:
                 previous,
                 generator,
                 forbid_stop_tokens=step < params.min_new_tokens,
+                generated_token_ids=torch.tensor(generated, dtype=torch.long),
             )
             if token in stop_ids:
                 return FinishReason.STOP
