@@ -1,5 +1,6 @@
 """The sequential engine, the simplest correct `Engine`: greedy equals transformers' own `generate`,
-seeds reproduce, penalties act as in the batching engine, min/max lengths, stop tokens and cancellation hold, and a full queue refuses at once."""
+seeds reproduce, penalties act as in the batching engine, min/max lengths, stop tokens and
+cancellation hold, and a full queue refuses at once."""
 
 from __future__ import annotations
 
