@@ -84,6 +84,16 @@ def test_model_info_names_the_backend_the_quantisation_and_the_context_per_seque
     assert hf_tokenizer.convert_tokens_to_ids("<|im_end|>") in info.eos_token_ids
 
 
+def test_context_length_sets_the_tokens_each_sequence_may_use_up_to_the_models_window():
+    source = resolve_model_source(DEFAULT_MODEL_NAME)  # SmolLM2's window: 8192
+    for asked, served in ((256, 256), (100_000, 8192)):
+        loaded = LlamaCppBackend().load(source, LoadOptions(threads=1, max_batch_size=2, context_length=asked))
+        try:
+            assert loaded.info.context_length == served
+        finally:
+            loaded.close()
+
+
 def test_a_model_directory_is_refused_with_a_one_line_fix():
     with pytest.raises(ModelLoadError, match="loads .gguf files only.*BACKEND=transformers"):
         LlamaCppBackend().load(resolve_model_source(str(tiny_model_dir())), LoadOptions())

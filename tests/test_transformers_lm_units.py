@@ -159,6 +159,24 @@ def test_a_dialog_longer_than_the_window_loses_its_oldest_utterances_and_keeps_t
     assert "utterance number 0" not in built.text
 
 
+def test_context_length_lowers_the_window_and_a_long_dialog_is_answered_from_its_latest_turns():
+    settings = Settings(pretrained_model_name_or_path=str(tiny_model_dir()), device="cpu", context_length=96)
+    model = load_model(settings)
+    try:
+        client = create_app(settings, model).test_client()
+        long_dialog = [f"utterance number {i}" for i in range(30)]  # ~600 byte-level tokens
+        greedy = {"max_new_tokens": 4, "num_return_sequences": 1, "do_sample": False}
+
+        response = client.post("/respond", json={"dialog_contexts": [long_dialog], "configs": [greedy]})
+
+        assert model.info.context_length == 96
+        assert client.get("/health").get_json()["context_length"] == 96
+        assert response.status_code == 200
+        assert len(response.get_json()[0]) == 1
+    finally:
+        model.close()
+
+
 def test_a_last_utterance_that_cannot_fit_the_window_is_a_400_naming_the_dialog(tiny_model):
     builder = PromptBuilder(PlainRenderer("EN"), tiny_model.encode, context_length=40)
 

@@ -67,6 +67,7 @@ def load_model(settings: Settings, registry: BackendRegistry | None = None) -> L
         max_queue_size=settings.max_queue_size,
         threads=settings.threads,
         model_code=settings.model_code,
+        context_length=settings.context_length,
         gguf_weights=(
             llama_cpp_weights_for(settings.pretrained_model_name_or_path)
             if settings.gguf_weights == "auto"

@@ -118,6 +118,14 @@ class Settings(BaseModel):
             "to F16, cached in MODEL_CACHE_DIR) or auto (f16 for embedded models that need it, else file)"
         ),
     )
+    context_length: int | None = Field(
+        None,
+        ge=64,
+        description=(
+            "the most tokens (prompt and answer) one sequence may use, at most the model's window; default: the "
+            "model's window, on llama_cpp 2048 (it reserves this many for each of MAX_BATCH_SIZE sequences)"
+        ),
+    )
     threads: int | None = Field(
         None, ge=1, description="CPU threads of the llama_cpp backend; default: the cores this process may use"
     )

@@ -51,6 +51,11 @@ class LoadOptions:
     max_batch_size: int = 16  # sequences a batching engine decodes together
     model_code: str = "auto"  # transformers backend: native | transformers | auto (native when it can)
     gguf_weights: str = "file"  # llama_cpp: run the GGUF as it is ("file") or a cached F16 copy ("f16")
+    context_length: int | None = None  # tokens per sequence, at most the model's window; None: the backend's default
+
+    def window(self, model_window: int) -> int:
+        """The context length a sequence gets: the model's window, lowered to the setting if it is lower."""
+        return model_window if self.context_length is None else min(model_window, self.context_length)
 
 
 @dataclass(frozen=True)

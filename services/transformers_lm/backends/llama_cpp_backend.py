@@ -148,6 +148,8 @@ class LlamaCppBackend(Backend):
             threads=options.threads or default_threads(),
             max_queue_size=options.max_queue_size,
             batch_tokens=max(512, options.max_batch_size),
+            # Memory for every slot is reserved up front: 2048 unless asked (the engine caps it at the model's window).
+            context_per_slot=options.context_length or LlamaCppEngineConfig.context_per_slot,
         )
         try:
             engine = LlamaCppEngine(model, config)

@@ -254,7 +254,7 @@ def load_transformers_model(directory: Path, options: LoadOptions) -> Transforme
         backend=TransformersBackend.name,
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
-        context_length=context_length,
+        context_length=options.window(context_length),
         eos_token_ids=eos_ids,
         extra_stop_sequences=stop_sequences,
         model_code=code,
