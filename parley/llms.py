@@ -118,6 +118,11 @@ def _default_generation_config(repo: Repo) -> dict[str, Any]:
 def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
     """The card `parley add-llm` writes: the existing card (or --from) updated with the given options."""
     check_name(options.name)
+    existing = cards.get(options.name)
+    if existing is not None and not existing.is_llm:
+        raise LlmError(
+            f"components/{options.name}.yml is not an LLM (no model section): choose another name for the LLM"
+        )
     if options.from_card is not None:
         try:
             data = load_yaml_text(options.from_card.read_text(), str(options.from_card)) or {}
@@ -246,8 +251,36 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
         raise LlmError("the card would be invalid:\n" + "\n".join(error.problems)) from None
 
 
-def card_text(card: Card) -> str:
-    return CARD_HEADER + dump_yaml(card_to_data(card))
+def card_text(card: Card, existing_text: str | None = None, display_path: str = "card") -> str:
+    """The card's file. An existing card is edited in place: when it already says the same, it is
+    kept byte for byte; otherwise only what changed is rewritten, so its comments survive."""
+    if existing_text is None:
+        return CARD_HEADER + dump_yaml(card_to_data(card))
+    document = load_yaml_text(existing_text, display_path)
+    try:
+        if parse_card(document, display_path) == card:
+            return existing_text
+    except CardError:
+        pass  # a card that does not parse is replaced by the valid one
+    if not isinstance(document, dict):
+        return CARD_HEADER + dump_yaml(card_to_data(card))
+    _update_in_place(document, card_to_data(card))
+    return dump_yaml(document)
+
+
+def _update_in_place(document: dict, data: dict) -> None:
+    """Make `document` (a round-trip mapping) hold `data`, touching only keys whose value differs."""
+    for key in [key for key in document if key not in data]:
+        del document[key]
+    for key, value in data.items():
+        current = document.get(key)
+        if isinstance(current, dict) and isinstance(value, dict):
+            _update_in_place(current, value)
+        elif key not in document:
+            if value not in (None, [], {}):  # an unset optional field is not written into a hand-kept card
+                document[key] = value
+        elif current != value:
+            document[key] = value
 
 
 def _distribution_members(repo: Repo, dist: str) -> set[str]:
@@ -266,7 +299,9 @@ def plan_add_llm(repo: Repo, options: LlmOptions) -> tuple[Card, Plan]:
         if dist not in known:
             raise LlmError(f"--dist {dist!r}: no assistant_dists/{dist}/{OVERRIDE}; known: {', '.join(known) or 'none'}")
     plan = plan_generation(repo, {**cards, card.name: card}, add_to={dist: [card.name] for dist in dists})
-    plan.files[f"components/{card.name}.yml"] = card_text(card)
+    card_path = f"components/{card.name}.yml"
+    existing = repo.path(card_path)
+    plan.files[card_path] = card_text(card, existing.read_text() if existing.is_file() else None, card_path)
     return card, plan
 
 

@@ -135,6 +135,29 @@ def test_adding_the_same_model_twice_changes_nothing_the_second_time(checkout: P
     assert "nothing to change" in output
 
 
+def test_the_shipped_default_llm_is_exactly_what_add_llm_writes(checkout: Path):
+    before = snapshot(checkout)
+
+    output = parley(checkout, "add-llm", "transformers-lm-smollm2", "--model", "smollm2-135m-instruct")
+
+    assert "nothing to change" in output
+    assert snapshot(checkout) == before
+
+
+def test_changing_an_option_edits_the_card_in_place_and_keeps_its_comments(checkout: Path):
+    card = "components/transformers-lm-smollm2.yml"
+    before = read(checkout, card).splitlines()
+
+    parley(checkout, "add-llm", "transformers-lm-smollm2", "--model", "smollm2-135m-instruct", "--context-length", "4096")
+
+    after = read(checkout, card).splitlines()
+    changed = [(old, new) for old, new in zip(before, after) if old != new]
+    assert len(after) == len(before)
+    assert changed == [("  context_length: 8192", "  context_length: 4096")]
+    assert "| 8180 | 4096 |" in read(checkout, "MODELS.md")
+    assert parley(checkout, "check").strip().endswith("ok: the bundle is consistent")
+
+
 def test_a_model_inside_the_repository_is_named_relative_to_it_so_the_files_work_on_any_machine(checkout: Path, gguf_model: Path):
     (checkout / "models").mkdir()
     shutil.copy(gguf_model, checkout / "models" / "tiny.gguf")
@@ -201,6 +224,7 @@ def test_a_card_written_by_hand_is_taken_with_from(checkout: Path, gguf_model: P
         (["tiny", "--model", "smollm2-135m-instruct", "--dist", "nowhere"], "--dist 'nowhere': no assistant_dists/nowhere"),
         (["tiny", "--api", "openai", "--model", "gpt-4o"], "--api openai needs --base-url"),
         (["tiny", "--model", "smollm2-135m-instruct", "--key-env", "lower-case"], "is not an env var name"),
+        (["agent", "--model", "smollm2-135m-instruct"], "components/agent.yml is not an LLM"),
     ],
 )
 def test_bad_input_is_refused_with_a_fix_and_nothing_is_written(checkout: Path, args: list[str], message: str):
