@@ -370,9 +370,11 @@ def test_generate_goals_without_prompts_is_a_400_naming_prompts():
     assert_dream_error(make_client("http://127.0.0.1:9/v1").post("/generate_goals", json={}), 400, "prompts")
 
 
-def test_a_body_that_is_not_json_is_a_400():
-    response = make_client("http://127.0.0.1:9/v1").post("/respond", data="{", content_type="application/json")
+@pytest.mark.parametrize("body", [b"{", b"[" * 100_000], ids=["cut short", "nested past the parser's limit"])
+def test_a_body_that_is_not_json_is_a_400(body):
+    response = make_client("http://127.0.0.1:9/v1").post("/respond", data=body, content_type="application/json")
     assert_dream_error(response, 400)
+    assert "JSON" in response.get_json()["error"]["message"]
 
 
 def test_a_body_over_max_request_bytes_is_a_413():

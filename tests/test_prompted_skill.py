@@ -215,8 +215,9 @@ def test_a_bad_lm_service_config_in_a_turn_gives_no_hypothesis_with_the_field_na
 
 # --- bad input -------------------------------------------------------------------------------------
 
-def test_a_body_that_is_not_json_is_a_400():
-    response = make_client().post("/respond", data="not json", content_type="application/json")
+@pytest.mark.parametrize("body", [b"not json", b"[" * 100_000], ids=["text", "nested past the parser's limit"])
+def test_a_body_that_is_not_json_is_a_400(body):
+    response = make_client().post("/respond", data=body, content_type="application/json")
     assert_dream_error(response, 400, None)
 
 

@@ -10,7 +10,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import socket
 
@@ -18,6 +17,7 @@ from flask import Flask, Response, jsonify, request
 from pydantic import ValidationError
 
 from common.dream_errors import dream_error, register_dream_error_handlers
+from common.json_body import InvalidJsonBody, read_json_body
 from common.openapi import register_openapi
 from services.agent import chat_page
 from services.agent.openapi_spec import API
@@ -92,8 +92,8 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 def parse_turn(settings: Settings) -> TurnRequest:
     try:
-        data = json.loads(request.get_data(cache=False))
-    except (ValueError, UnicodeDecodeError, RecursionError):
+        data = read_json_body()
+    except InvalidJsonBody:
         raise BadRequest("the request body must be JSON, e.g. {\"user_id\": \"me\", \"payload\": \"Hi\"}") from None
     if not isinstance(data, dict):
         raise BadRequest("the request body must be a JSON object with user_id and payload")

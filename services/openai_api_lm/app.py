@@ -8,13 +8,13 @@ of ours (logged with its traceback).
 
 from __future__ import annotations
 
-import json
 import logging
 
 from flask import Flask, Response, jsonify, request
 
 from common.lm_protocol import RequestValidationError
 from common.dream_errors import dream_error, register_dream_error_handlers
+from common.json_body import InvalidJsonBody, read_json_body
 from common.openapi import register_openapi
 from services.openai_api_lm.openapi_spec import API
 from services.openai_api_lm.protocol import OpenAIGenerateGoalsRequest, OpenAIRespondRequest, parse_with_keys
@@ -79,9 +79,9 @@ def create_app(settings: Settings | None = None, client: ChatCompletionsClient |
 
 def _json_body() -> object:
     try:
-        return json.loads(request.get_data(cache=False))
-    except (ValueError, UnicodeDecodeError):
-        raise RequestValidationError("the request body must be JSON", None) from None
+        return read_json_body()
+    except InvalidJsonBody as error:
+        raise RequestValidationError(str(error), None) from None
 
 
 def _register_error_handlers(app: Flask) -> None:

@@ -8,7 +8,6 @@ loads the model in a background thread (or takes a model handed in, as tests do)
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -20,6 +19,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.lm_protocol import GenerationConfig, RequestValidationError, load_generation_config, parse_request
 from common.model_sources import ModelSourceError, llama_cpp_weights_for, resolve_model_source
+from common.json_body import InvalidJsonBody, read_json_body
 from common.openapi import register_openapi
 from services.transformers_lm import openai_api
 from services.transformers_lm.openapi_spec import API
@@ -209,13 +209,10 @@ def create_app(
 
 
 def _json_body() -> object:
-    body = request.get_data(cache=False)
     try:
-        return json.loads(body)
-    except (ValueError, UnicodeDecodeError) as error:
-        raise RequestValidationError(f"the request body is not valid JSON: {error}", None) from None
-    except RecursionError:
-        raise RequestValidationError("the request body is nested too deeply", None) from None
+        return read_json_body()
+    except InvalidJsonBody as error:
+        raise RequestValidationError(str(error), None) from None
 
 
 def _openai_result(result) -> Response:
