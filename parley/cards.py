@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.key_fields import KEY_FIELD_ENDINGS, is_key_field
 from common.lm_protocol import GenerationConfig
 from parley.yamlio import YamlSyntaxError, load_yaml_text
 
@@ -99,6 +100,11 @@ class ModelSection(_Strict):
         for name in names:
             if not ENV_VAR_NAME.match(name):
                 raise ValueError(f"{name!r} is not an env var name (A-Z, 0-9, _)")
+            if not is_key_field(name):
+                raise ValueError(
+                    f"{name!r} must end in {KEY_FIELD_ENDINGS}: the agent keeps a turn's fields with such "
+                    "names out of the dialog state, and would store a key sent under any other name"
+                )
         return names
 
     @field_validator("generation_config")

@@ -75,7 +75,7 @@ def _report_plan(plan, dry_run: bool, what: str) -> list[str]:
 @click.option("--model", "model", metavar="SOURCE", help="Embedded name (smollm2-135m-instruct), local directory, .gguf file or Hugging Face id; with --api openai, the upstream's model name.")
 @click.option("--api", type=click.Choice(["transformers", "openai"]), default="transformers", show_default=True, help="Serve the model here (transformers) or forward to an OpenAI-compatible upstream (openai).")
 @click.option("--base-url", metavar="URL", help="With --api openai: the upstream's OpenAI API root, e.g. https://api.openai.com/v1.")
-@click.option("--key-env", "key_env", metavar="VAR", multiple=True, help="Env var holding an API key this LLM may receive (repeatable); never the key itself.")
+@click.option("--key-env", "key_env", metavar="VAR", multiple=True, help="Env var holding an API key this LLM may receive, named *_API_KEY, *_KEY, *_TOKEN or the like (repeatable); never the key itself.")
 @click.option("--port", type=int, help="The service's port (1024-65535, unique); default: the first free one from 8180.")
 @click.option("--dist", "dists", metavar="DIST", multiple=True, help="Distribution to add it to (repeatable); default: those that have it already, else all.")
 @click.option("--half-precision/--full-precision", default=None, help="Load the weights in half precision (GPU).")

@@ -225,6 +225,10 @@ def test_a_card_written_by_hand_is_taken_with_from(checkout: Path, gguf_model: P
         (["tiny", "--api", "openai", "--model", "gpt-4o"], "--api openai needs --base-url"),
         (["tiny", "--model", "smollm2-135m-instruct", "--key-env", "lower-case"], "is not an env var name"),
         (["agent", "--model", "smollm2-135m-instruct"], "components/agent.yml is not an LLM"),
+        (
+            ["hosted", "--api", "openai", "--base-url", "https://llm.example/v1", "--model", "m", "--key-env", "MY_LLM_AUTH"],
+            "--key-env 'MY_LLM_AUTH' must end in _API_KEY, _KEY",
+        ),
     ],
 )
 def test_bad_input_is_refused_with_a_fix_and_nothing_is_written(checkout: Path, args: list[str], message: str):
@@ -249,6 +253,17 @@ def test_an_invalid_card_is_reported_as_file_field_message(checkout: Path):
     output = parley(checkout, "check", "--no-tools", code=1)
 
     assert "components/transformers-lm-smollm2.yml: model.context_length: Input should be a valid integer" in output
+
+
+def test_a_card_whose_key_env_var_the_agent_would_store_is_refused(checkout: Path):
+    # The agent keeps a turn's key fields out of the dialog state by their names; YANDEX_FOLDER_ID
+    # is not such a name, so a key sent under it would be stored.
+    card = checkout / "components/transformers-lm-smollm2.yml"
+    card.write_text(card.read_text().replace("key_env_vars: []", "key_env_vars: [YANDEX_FOLDER_ID]"))
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "components/transformers-lm-smollm2.yml: model.key_env_vars: 'YANDEX_FOLDER_ID' must end in _API_KEY" in output
 
 
 # --- one test per drift `parley check` catches -------------------------------------------------

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictStr
 
-# Request fields that carry credentials for a skill's LLM (OPENAI_API_KEY, openai_organization, ...):
-# passed to the skills for this turn only, never stored and never logged.
-KEY_FIELD = re.compile(r"^(?:[A-Za-z0-9]+_)*(API_?KEY|KEY|TOKEN|SECRET|CREDENTIALS?|PASSWORD|ORGANIZATION|SCOPE)$", re.I)
+from common.key_fields import is_key_field
+
 COMMANDS = ("/start", "/close")
 
 
@@ -33,7 +31,9 @@ class TurnRequest(BaseModel):
         for name, value in extras.items():
             if value is None:
                 continue
-            if KEY_FIELD.match(name):
+            # Credentials for a skill's LLM (OPENAI_API_KEY, openai_organization, ...): passed
+            # to the skills for this turn only, never stored and never logged.
+            if is_key_field(name):
                 if isinstance(value, str) and value:
                     keys[name.lower()] = value
                 continue
