@@ -2,13 +2,31 @@
 
 Run from the service's folder. One worker, so a model is loaded once per service; threads serve
 concurrent requests (an LLM service's engine schedules their generation). Environment:
-`SERVICE_PORT` (the port bound on 0.0.0.0), `GUNICORN_THREADS` (default 32) and
-`GUNICORN_TIMEOUT` (seconds a silent worker may take before it is restarted, default 600).
+`SERVICE_PORT` (the port bound on 0.0.0.0; unset, the service's own default from its settings.py),
+`GUNICORN_THREADS` (default 32) and `GUNICORN_TIMEOUT` (seconds a silent worker may take before it
+is restarted, default 600).
 """
 
+import importlib
 import os
+import sys
+from pathlib import Path
 
-bind = f"0.0.0.0:{int(os.environ.get('SERVICE_PORT', '8000'))}"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _service_port() -> int:
+    raw = os.environ.get("SERVICE_PORT", "").strip()
+    if not raw:  # the default the service's Settings document, e.g. 8180 for services/transformers_lm
+        folder = Path.cwd().resolve().relative_to(REPO_ROOT)
+        settings = importlib.import_module(".".join(folder.parts) + ".settings")
+        return settings.Settings.model_fields["service_port"].default
+    if not raw.isdigit() or not 1 <= int(raw) <= 65535:
+        sys.exit(f"SERVICE_PORT must be a port number (1-65535), not {raw!r}")
+    return int(raw)
+
+
+bind = f"0.0.0.0:{_service_port()}"
 workers = 1
 worker_class = "gthread"
 threads = int(os.environ.get("GUNICORN_THREADS", "32"))
