@@ -164,3 +164,22 @@ def test_the_page_lists_the_distributions_llms_and_shows_errors_to_the_person(ag
     error = WebDriverWait(browser, 30).until(ec.visibility_of_element_located((By.ID, "error")))
     assert "payload" in error.text and "limit" in error.text
     assert len(browser.find_element(By.ID, "message").get_attribute("value")) == 5000
+
+
+def test_the_page_fits_a_phone_screen_and_fetches_nothing_from_another_origin(agent_url, browser):
+    # A phone: 360 CSS pixels wide (headless Chromium's window does not go below 500).
+    browser.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride", {"width": 360, "height": 740, "deviceScaleFactor": 2, "mobile": True}
+    )
+    browser.get(agent_url + "/chat")
+    WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.ID, "message")))
+
+    assert browser.execute_script("return window.innerWidth") == 360
+    assert browser.execute_script("return document.documentElement.scrollWidth") <= 360  # no sideways scrolling
+    for element_id in ("message", "send", "new-dialog"):
+        box = browser.find_element(By.ID, element_id).rect
+        assert box["x"] >= 0 and box["x"] + box["width"] <= 360, (element_id, box)
+    # Everything the page loaded came from the agent itself: no CDN, nothing from the internet.
+    loaded = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert loaded, "the page loads its script and style sheet"
+    assert all(url.startswith(agent_url + "/") for url in loaded), loaded

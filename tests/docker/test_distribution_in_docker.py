@@ -158,18 +158,21 @@ def engine() -> Iterator[dict[str, str]]:
     """A Docker engine: the one running, or one that `parley engine` starts now and stops after."""
     if os.geteuid() != 0:
         pytest.fail("make test-docker needs root (it may start dockerd): run it as root or with sudo", pytrace=False)
-    started_here = False
     parley = str(Path(sys.executable).parent / "parley")
-    with step("docker engine (parley engine start)"):
-        started_here = not docker_answers()
-        run([parley, "engine", "start"], dict(os.environ), log_name="docker-engine.log", timeout=1500)
-        print((OUTPUT_DIR / "docker-engine.log").read_text().rsplit("$ ", 1)[-1], flush=True)
-    try:
+    started_here = not docker_answers()
+    try:  # a start that fails half-way is stopped too
+        with step("docker engine (parley engine start)"):
+            run([parley, "engine", "start"], dict(os.environ), log_name="docker-engine.log", timeout=1500)
+            print((OUTPUT_DIR / "docker-engine.log").read_text().rsplit("$ ", 1)[-1], flush=True)
         yield engine_environment()
     finally:
         if started_here:
             with step("stop the engine this test started (parley engine stop)"):
                 subprocess.run([parley, "engine", "stop"], check=False)
+                daemon_left, bridge_left = docker_answers(), Path("/sys/class/net/docker0").exists()
+                print(f"    daemon answering: {daemon_left}; docker0: {bridge_left}")
+    if started_here:
+        assert not daemon_left and not bridge_left, "the engine this test started was left running"
 
 
 @pytest.fixture(scope="module")
@@ -195,6 +198,22 @@ def stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
             subprocess.run([*compose("dev.yml", "cpu.yml", "proxy.yml"), "down", "-v", "--remove-orphans"], cwd=REPO_ROOT, env=environment, check=False)
             PORTS_OVERLAY.unlink(missing_ok=True)
             print(f"    service logs: {OUTPUT_DIR / 'docker-compose-services.log'}")
+            leftovers = project_leftovers(environment)
+            print(f"    left of {PROJECT}: {leftovers or 'nothing'}")
+    assert leftovers == [], "docker compose down -v left these behind"
+
+
+def project_leftovers(environment: dict[str, str]) -> list[str]:
+    """The compose project's containers, volumes and networks that still exist."""
+    label = f"label=com.docker.compose.project={PROJECT}"
+    found = []
+    for kind, listing in (("container", ["ps", "-a"]), ("volume", ["volume", "ls"]), ("network", ["network", "ls"])):
+        names = subprocess.run(
+            ["docker", *listing, "--filter", label, "--format", "{{.Name}}" if kind != "container" else "{{.Names}}"],
+            env=environment, capture_output=True, text=True,
+        ).stdout.split()
+        found += [f"{kind} {name}" for name in names]
+    return found
 
 
 @pytest.fixture(scope="module")
