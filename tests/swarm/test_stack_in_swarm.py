@@ -100,10 +100,18 @@ def turn(user_id: str, text: str) -> dict:
     return response.json()
 
 
-def dialogs_in_parallel(prefix: str, turns_each: int = 2, during=None) -> list[dict]:
-    """4 users talk at once, `turns_each` turns each; `during()` runs once they have started."""
+def dialogs_in_parallel(prefix: str, turns_each: int = 2, during=None, spans: list | None = None) -> list[dict]:
+    """4 users talk at once, `turns_each` turns each; `during()` runs once they have started.
+    `spans`, when given, receives each turn's (start, end) in time.monotonic()."""
+    def timed_turn(user_id: str, text: str) -> dict:
+        started = time.monotonic()
+        answer = turn(user_id, text)
+        if spans is not None:
+            spans.append((started, time.monotonic()))
+        return answer
+
     def talk(index: int) -> list[dict]:
-        return [turn(f"{prefix}-{index}", QUESTIONS[(index + n) % len(QUESTIONS)]) for n in range(turns_each)]
+        return [timed_turn(f"{prefix}-{index}", QUESTIONS[(index + n) % len(QUESTIONS)]) for n in range(turns_each)]
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         futures = [pool.submit(talk, index) for index in range(4)]
@@ -204,26 +212,40 @@ def test_turns_reach_both_llm_replicas(swarm_stack):
 def test_killing_an_llm_replica_while_4_dialogs_run_loses_no_turn_and_the_replica_is_replaced(swarm_stack):
     victim = llm_containers()[0]
     killed_at: list[float] = []
+    spans: list[tuple[float, float]] = []
 
     def kill_one_replica() -> None:
-        time.sleep(1.0)  # the dialogs' first turns are at the LLMs by now
+        # The moment the first turn is answered, the other three first turns are at the LLMs.
+        deadline = time.monotonic() + 120
+        while not spans and time.monotonic() < deadline:
+            time.sleep(0.02)
         docker("kill", victim)
         killed_at.append(time.monotonic())
         print(f"    killed {victim[:12]}")
 
     with step("4 dialogs of 2 turns while one LLM replica's container is killed"):
-        answers = dialogs_in_parallel("swarm-kill", turns_each=2, during=kill_one_replica)
-        print(f"    {len(answers)} turns answered by {sorted({a['active_skill'] for a in answers})}")
+        answers = dialogs_in_parallel("swarm-kill", turns_each=2, during=kill_one_replica, spans=spans)
+        in_flight = sum(1 for started, ended in spans if started < killed_at[0] < ended)
+        print(f"    {len(answers)} turns answered by {sorted({a['active_skill'] for a in answers})}; "
+              f"{in_flight} were in flight at the kill")
         for line in skill_log_lines("LLM at"):
             print(f"    skill: {line}")
+    with step("the agent's state holds every turn of the 4 dialogs, with its answer"):
+        stored = {}
+        for dialog_id in sorted({answer["dialog_id"] for answer in answers}):
+            dialog = requests.get(f"{AGENT_URL}/api/dialogs/{dialog_id}", timeout=30).json()
+            stored[dialog_id] = [(u["text"], b["text"]) for u, b in zip(dialog["human_utterances"], dialog["bot_utterances"])]
+        print(f"    {sum(map(len, stored.values()))} turns stored in {len(stored)} dialogs")
     with step("swarm replaces the killed replica"):
         replaced = wait_for(
             "a new healthy LLM replica", lambda: running_llm_tasks() == 2 and victim not in llm_containers(), 600
         )
         print(f"    2 replicas running again {time.monotonic() - killed_at[0]:.1f}s after the kill")
 
+    assert in_flight >= 1, "the kill landed between turns: it tested nothing"
     assert len(answers) == 8
     assert [answer for answer in answers if answer["active_skill"] != SKILL or not answer["response"]] == []
+    assert len(stored) == 4 and all(len(turns) == 2 and all(bot for _, bot in turns) for turns in stored.values()), stored
     assert replaced >= 0
     assert victim not in llm_containers()
 
