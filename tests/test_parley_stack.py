@@ -4,6 +4,7 @@ validates the result as `docker stack deploy` reads it)."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -190,3 +191,36 @@ def test_the_cards_cpus_limit_a_replica_and_its_models_threads(checkout: Path):
     assert llm["environment"]["OMP_NUM_THREADS"] == "1"
     assert llm["environment"]["THREADS"] == "1"
     assert "cpus" not in llm["deploy"]["resources"]["reservations"]
+
+
+def readme_swarm_commands() -> list[str]:
+    """The commands of the README's "Beyond one machine" block, continuation lines joined, comments cut."""
+    section = (REPO_ROOT / "README.md").read_text().split("## Beyond one machine", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0].replace("\\\n", " ")
+    return [line.split("  #", 1)[0].strip() for line in block.splitlines() if line.strip()]
+
+
+def as_test_call(command: str) -> str:
+    """How the swarm test spells a README command: docker("swarm", "init", ...), compose(...) build, [parley, "stack", ...]."""
+    words = command.split()
+    if words[:2] == ["docker", "compose"]:
+        return r'compose\([^)]*\), [^\]]*"build"\]'
+    if words[0].endswith("parley"):
+        return r'\[parley, "stack", DIST, "--overlay", "cpu.yml"'
+    return rf'docker\("{words[1]}", "{words[2]}"'
+
+
+def test_the_readme_swarm_steps_are_the_ones_make_test_swarm_runs_in_that_order():
+    test_source = (REPO_ROOT / "tests" / "swarm" / "test_stack_in_swarm.py").read_text()
+    commands = readme_swarm_commands()
+    positions = []
+    for command in commands:
+        found = re.search(as_test_call(command), test_source)
+        assert found, f"make test-swarm does not run the README's `{command}`"
+        positions.append(found.start())
+
+    # Up to the deploy and the scaling the fixture runs them in the README's order; the rolling update
+    # is a test of its own, and the stack rm / swarm leave are the fixture's teardown.
+    setup = [index for index, command in enumerate(commands) if "service update" not in command][:6]
+    assert [positions[i] for i in setup] == sorted(positions[i] for i in setup), list(zip(commands, positions))
+    assert [c.split()[1] + " " + c.split()[2] for c in commands[-2:]] == ["stack rm", "swarm leave"]
