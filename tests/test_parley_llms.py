@@ -375,6 +375,16 @@ def test_check_catches_what_only_the_compose_validator_knows(checkout: Path):
     assert "lots" in output
 
 
+def test_a_validator_error_names_the_file_that_holds_the_fault_not_the_last_of_the_combination(checkout: Path):
+    edit(checkout, "docker-compose.yml", "init: true", "init: maybe")
+
+    output = parley(checkout, "check", code=1)
+
+    assert f"docker-compose.yml: docker compose -f docker-compose.yml -f {OVERRIDE} config:" in output
+    assert "services.agent.init" in output
+    assert f"{OVERRIDE}: docker compose" not in output
+
+
 def test_check_runs_hadolint_on_every_dockerfile(checkout: Path):
     with open(checkout / "services/agent/Dockerfile", "a") as dockerfile:
         dockerfile.write("RUN cd /tmp && echo hi\n")
