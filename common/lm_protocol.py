@@ -28,13 +28,18 @@ class RequestValidationError(ValueError):
         self.field = field
 
 
+# Parts of a pydantic error location that name a union's member type, not a field:
+# ('messages', 0, 'content', 'str') is the field messages[0].content.
+_UNION_MEMBER_TAGS = {"str", "int", "float", "bool", "bytes", "none", "function-after", "function-before"}
+
+
 def field_path(location: Iterable[Any]) -> str | None:
     """A pydantic error location as a field path: ('configs', 0, 'top_p') -> 'configs[0].top_p'."""
     path = ""
     for part in location:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in ("function-after", "function-before") or str(part).startswith(("list[", "nullable[")):
+        elif str(part) in _UNION_MEMBER_TAGS or "[" in str(part):
             continue
         else:
             path += f".{part}" if path else str(part)

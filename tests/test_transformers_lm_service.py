@@ -126,10 +126,28 @@ def test_generate_goals_describes_each_prompt(lm_url):
         pytest.param({"dialog_contexts": [["Hi"]], "configs": [{"num_return_sequences": 5}]}, 400,
                      "configs[0].num_return_sequences", id="too many hypotheses"),
         pytest.param({"dialog_contexts": [["x" * 200_000]]}, 413, None, id="body over the size limit"),
+        pytest.param({"prompts": ["Hi"]}, 400, "dialog_contexts", id="missing field"),
+        pytest.param({"dialog_contexts": [["Hi", 5]]}, 400, "dialog_contexts[0][1]", id="wrong type"),
+        pytest.param({"dialog_contexts": [["Hi"]], "configs": [{"max_new_tokens": "5"}]}, 400,
+                     "configs[0].max_new_tokens", id="a number as a string"),
     ],
 )
 def test_bad_input_is_a_4xx_naming_the_field(lm_url, body, status, field):
     assert_dream_error(respond(lm_url, body), status, field)
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        pytest.param({}, "prompts", id="missing prompts"),
+        pytest.param({"prompts": ["a", "b"], "configs": [None]}, "configs", id="lists of different lengths"),
+        pytest.param({"prompts": [7]}, "prompts[0]", id="wrong type"),
+    ],
+)
+def test_bad_generate_goals_input_is_a_400_naming_the_field(lm_url, body, field):
+    response = requests.post(lm_url + "/generate_goals", json=body, timeout=30)
+
+    assert_dream_error(response, 400, field)
 
 
 def test_malformed_json_is_a_400(lm_url):
@@ -260,6 +278,23 @@ def test_bad_parameters_raise_bad_request(client, parameters):
         client.chat.completions.create(**request)
 
     assert caught.value.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "param"),
+    [
+        pytest.param({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", id="content not text"),
+        pytest.param({"stop": 5}, "stop", id="stop not text"),
+        pytest.param({"top_p": 0}, "top_p", id="top_p zero"),
+    ],
+)
+def test_the_error_names_the_bad_parameter_as_the_request_spells_it(client, parameters, param):
+    request = {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **parameters}
+
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(**request)
+
+    assert caught.value.param == param
 
 
 def test_an_unknown_model_is_a_404(client):
