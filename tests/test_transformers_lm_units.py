@@ -11,6 +11,7 @@ import json
 import re
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -41,6 +42,7 @@ from services.transformers_lm.prompting import (
     conversation_from_dream,
     conversation_from_messages,
 )
+from services.transformers_lm.service import choose_renderer
 from services.transformers_lm.settings import PromptFormat, Settings, SettingsError
 
 SERVICE_README = Path(__file__).resolve().parents[1] / "services" / "transformers_lm" / "README.md"
@@ -89,6 +91,40 @@ def test_plain_format_uses_dreams_russian_speaker_names_for_language_ru():
     text = PlainRenderer("RU").render(conversation_from_dream("", ["Привет", "Здравствуйте!", "Как дела?"]))
 
     assert text == "Human: Привет\nAssistant: Здравствуйте!\nHuman: Как дела?\nAssistant:"
+
+
+def test_prompt_format_in_the_settings_lays_out_the_prompt_instead_of_the_chat_template(tiny_model):
+    layout = PromptFormat(user="U: {instruction}\n", assistant="A: {instruction}\n", trailing_assistant="A:")
+    chat = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
+    with_format = create_app(Settings(pretrained_model_name_or_path="tiny", prompt_format=layout), tiny_model).test_client()
+    with_template = create_app(Settings(pretrained_model_name_or_path="tiny"), tiny_model).test_client()
+
+    prompt_tokens = with_format.post("/v1/chat/completions", json=chat).get_json()["usage"]["prompt_tokens"]
+
+    assert prompt_tokens == len(tiny_model.encode("U: Hi\nA:"))
+    assert with_format.get("/health").get_json()["prompt_style"] == "prompt_format"
+    assert with_template.get("/health").get_json()["prompt_style"] == "chat_template"
+
+
+def test_without_a_chat_template_language_ru_gives_dreams_russian_plain_format():
+    model_without_template = SimpleNamespace(has_chat_template=False)
+
+    renderer = choose_renderer(model_without_template, Settings(language="RU"))
+
+    assert renderer.render(conversation_from_dream("", ["Привет"])) == "Human: Привет\nAssistant:"
+
+
+def test_stop_sequences_in_the_settings_cut_every_answer(tiny_model):
+    body = {"dialog_contexts": [["Hi there!"]], "configs": [{"max_new_tokens": 24, "do_sample": False, "num_return_sequences": 1}]}
+    free = create_app(Settings(pretrained_model_name_or_path="tiny"), tiny_model).test_client()
+    text = free.post("/respond", json=body).get_json()[0][0]
+    stop = text[len(text) // 2 :][:3]
+    assert stop.strip(), text
+
+    settings = Settings(pretrained_model_name_or_path="tiny", stop_sequences=(stop,))
+    cut = create_app(settings, tiny_model).test_client().post("/respond", json=body).get_json()[0][0]
+
+    assert cut == text[: text.index(stop)].strip()
 
 
 def test_chat_template_puts_the_prompt_in_the_system_message(tiny_model):
