@@ -2,10 +2,11 @@
 
 Its images build, `docker compose up -d --wait` (base, override, dev and cpu overlays) answers a
 dialog through the agent's published port, the dialog survives restarting the agent (the state
-volume), and with the proxy overlay the LLM's `/respond` goes through nginx. Run by `make
+volume), the OpenAI-API LLM image (not in the distribution) builds and answers through the LLM
+container's `/v1`, and with the proxy overlay the LLM's `/respond` goes through nginx. Run by `make
 test-docker` as root: it starts a Docker engine with `parley engine start` when none runs, and
-stops it again at the end; the stack is always taken down with `down -v`, also on failure. Every
-step prints its duration.
+stops it again at the end; the stack is always taken down with `down -v`, also on failure, and the
+test fails if anything of it (or the engine it started) is left. Every step prints its duration.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ PORTS_OVERLAY = OUTPUT_DIR / "docker-ports.yml"
 # The proxy test's "remote host" that runs the LLM: a container of the real LLM image, kept under
 # its own tag because building the proxy overlay gives the LLM service's image name to nginx.
 UPSTREAM_LLM = f"{PROJECT}-upstream-llm"
+OPENAI_API_LM = f"{PROJECT}-openai-api-lm"  # image and container
 ENV_FILE = REPO_ROOT / ".cache" / "parley-engine.env"
 
 
@@ -258,6 +260,42 @@ def test_the_dialog_is_still_readable_after_restarting_the_agent(stack, first_tu
         wait_until_healthy(agent_url("/health"))
 
     assert dialog_texts(first_turn["dialog_id"]) == before
+
+
+def test_the_openai_api_llm_image_builds_and_answers_through_the_llm_containers_v1(stack):
+    # Not part of the distribution, so compose does not build it: its Dockerfile is proven here.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        with step("build services/openai_api_lm/Dockerfile (with compose's BuildKit: the engine has no buildx)"):
+            build_file = OUTPUT_DIR / "docker-openai-api-lm.yml"
+            build_file.write_text(json.dumps({"services": {"openai-api-lm": {
+                "image": OPENAI_API_LM,
+                "build": {"context": str(REPO_ROOT), "dockerfile": "services/openai_api_lm/Dockerfile",
+                          "args": {"BASE_IMAGE": stack.get("BASE_IMAGE", "python:3.11-slim")}},
+            }}}))
+            run(["docker", "compose", "-p", OPENAI_API_LM, "-f", str(build_file), "--progress", "plain", "build"],
+                stack, "docker-build.log")
+        with step(f"run it on the stack's network, forwarding to http://{LLM_SERVICE}:8180/v1"):
+            run(["docker", "run", "-d", "--init", "--name", OPENAI_API_LM, "--network", f"{PROJECT}_default",
+                 "--env", f"OPENAI_BASE_URL=http://{LLM_SERVICE}:8180/v1",
+                 "--env", "PRETRAINED_MODEL_NAME_OR_PATH=smollm2-135m-instruct",
+                 "--publish", f"127.0.0.1:{port}:8181", OPENAI_API_LM], stack)
+            wait_until_healthy(f"http://127.0.0.1:{port}/health")
+        with step(f"POST /respond on 127.0.0.1:{port} (openai-api-lm -> {LLM_SERVICE}/v1)"):
+            response = requests.post(
+                f"http://127.0.0.1:{port}/respond",
+                json={"dialog_contexts": [["What is the capital of France?"]], "configs": [{"max_tokens": 24, "temperature": 0}]},
+                timeout=180,
+            )
+            print(f"    {response.status_code}: {response.text[:200]}")
+    finally:
+        subprocess.run(["docker", "rm", "-f", OPENAI_API_LM], capture_output=True)
+        subprocess.run(["docker", "image", "rm", OPENAI_API_LM], capture_output=True)
+
+    assert response.status_code == 200
+    assert "Paris" in response.text
 
 
 def test_with_the_proxy_overlay_the_llm_answers_respond_through_nginx(stack):
