@@ -178,8 +178,14 @@ def check_wait_hosts(repo: Repo, cards: dict[str, Card], documents: dict[str, An
                     report.add(f"{where}: services.{agent.name}.environment.WAIT_HOSTS: {name} is not a service of {dist}")
 
 
+def _memory_limit(service: Any) -> str | None:
+    limits = (((service or {}).get("deploy") or {}).get("resources") or {}).get("limits") if isinstance(service, dict) else None
+    memory = limits.get("memory") if isinstance(limits, dict) else None
+    return None if memory is None else str(memory)
+
+
 def check_ports_in_use_match_cards(repo: Repo, cards: dict[str, Card], documents: dict[str, Any], report: Report) -> None:
-    """Hand-written services and pipelines name the ports and LLMs their cards hold."""
+    """Hand-written services and pipelines name the ports, memory limits and LLMs their cards hold."""
     for relative, document in documents.items():
         for name, service in _services(document).items():
             environment = _environment(service)
@@ -187,6 +193,12 @@ def check_ports_in_use_match_cards(repo: Repo, cards: dict[str, Card], documents
             port = environment.get("SERVICE_PORT")
             if card is not None and port and port != str(card.port):
                 report.add(f"{relative}: services.{name}.environment.SERVICE_PORT: {port}, but components/{name}.yml says {card.port}")
+            memory = _memory_limit(service)
+            if card is not None and memory is not None and card.ram_usage and memory != str(card.ram_usage):
+                report.add(
+                    f"{relative}: services.{name}.deploy.resources.limits.memory: {memory}, "
+                    f"but components/{name}.yml says ram_usage {card.ram_usage}"
+                )
             url = environment.get("GENERATIVE_SERVICE_URL")
             if url:
                 llm = cards.get(urlsplit(url).hostname or "")

@@ -407,6 +407,14 @@ def test_check_catches_a_hand_written_service_on_another_port_than_its_card(chec
     ) in output
 
 
+def test_check_catches_a_hand_written_memory_limit_that_is_not_its_cards_ram_usage(checkout: Path):
+    edit(checkout, "components/agent.yml", "ram_usage: 256M", "ram_usage: 512M")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "docker-compose.yml: services.agent.deploy.resources.limits.memory: 256M, but components/agent.yml says ram_usage 512M" in output
+
+
 def test_check_catches_a_default_llm_that_is_not_an_llm_of_the_cards(checkout: Path):
     edit(checkout, OVERRIDE, "GENERATIVE_SERVICE_URL: http://transformers-lm-smollm2:8180/respond", "GENERATIVE_SERVICE_URL: http://transformers-lm-gone:8180/respond")
 
