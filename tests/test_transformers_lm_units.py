@@ -528,9 +528,21 @@ def test_a_model_that_fails_to_load_reports_one_line_and_health_stays_503(settin
     assert health.status_code == 503 and health.get_json()["status"] == "failed"
 
 
-def test_ping_answers_pong_even_while_loading(client):
-    assert client.get("/ping").get_json() == "pong"
-    assert client.post("/ping").get_json() == "pong"
+def test_ping_answers_pong_even_while_loading(settings):
+    _GatedBackend.gate.clear()  # the model's load waits until the test opens the gate
+    _GatedBackend.fail_with = None
+    gated = settings.model_copy(update={"backend": "gated", "pretrained_model_name_or_path": str(tiny_model_dir())})
+    app = create_app(gated, registry=_gated_registry(), on_load_failure=lambda message: None)
+    client = app.test_client()
+
+    pings = (client.get("/ping"), client.post("/ping"))
+    health = client.get("/health")
+    _GatedBackend.gate.set()
+    app.extensions["lm_service"].ready.wait(timeout=60)
+
+    assert [(p.status_code, p.get_json()) for p in pings] == [(200, "pong"), (200, "pong")]
+    assert health.status_code == 503  # it was still loading
+    app.extensions["lm_service"].get().model.close()
 
 
 # --- backends -----------------------------------------------------------------------------------
