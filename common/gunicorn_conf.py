@@ -18,9 +18,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def _service_port() -> int:
     raw = os.environ.get("SERVICE_PORT", "").strip()
     if not raw:  # the default the service's Settings document, e.g. 8180 for services/transformers_lm
-        folder = Path.cwd().resolve().relative_to(REPO_ROOT)
-        settings = importlib.import_module(".".join(folder.parts) + ".settings")
-        return settings.Settings.model_fields["service_port"].default
+        try:
+            folder = Path.cwd().resolve().relative_to(REPO_ROOT)
+            settings = importlib.import_module(".".join(folder.parts) + ".settings")
+            return settings.Settings.model_fields["service_port"].default
+        except (ValueError, ImportError, AttributeError, KeyError):
+            sys.exit(f"SERVICE_PORT is not set, and {Path.cwd()} is not a service's folder with a default: set it")
     if not raw.isdigit() or not 1 <= int(raw) <= 65535:
         sys.exit(f"SERVICE_PORT must be a port number (1-65535), not {raw!r}")
     return int(raw)
