@@ -39,3 +39,10 @@ def test_service_port_is_bound_when_set_and_a_malformed_one_stops_gunicorn_with_
 
     assert malformed.returncode != 0
     assert malformed.stderr.strip() == "SERVICE_PORT must be a port number (1-65535), not '80a'"
+
+
+def test_without_service_port_outside_a_service_folder_gunicorn_stops_with_one_line():
+    result = read_bind("common")
+
+    assert result.returncode != 0
+    assert result.stderr.strip().startswith("SERVICE_PORT is not set, and ")
