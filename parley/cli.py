@@ -44,6 +44,7 @@ Examples:
   parley up universal_prompted_assistant
   parley stack universal_prompted_assistant --overlay cpu.yml -o stack.yml
   parley chat http://127.0.0.1:4242
+  sudo parley engine start
   parley docs
 """
 )
