@@ -1,4 +1,5 @@
-"""Helpers every service's settings use: where the repository root is, and how env values are read.
+"""Helpers every service's settings use: where the repository root is, how env values are read, and
+the one error a setting that cannot be used raises.
 
 A relative path in a setting means the same in a checkout and in an image (where the repository's
 folders are copied under /app): it is relative to the repository root, found from this file.
@@ -7,6 +8,9 @@ folders are copied under /app): it is relative to the repository root, found fro
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable, Mapping
+
+from pydantic import ValidationError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,3 +32,20 @@ def parse_boolean(value: str, variable: str) -> bool:
     if lowered in _FALSE:
         return False
     raise ValueError(f"{variable} must be 1 or 0 (true/false), not {value!r}")
+
+
+class SettingsError(ValueError):
+    """A setting that cannot be used; the message is one line naming the env var and the fix."""
+
+
+def env_values(environ: Mapping[str, str], fields: Iterable[str]) -> dict[str, str]:
+    """For each field, the stripped value of its upper-case env var, where that is set and not blank."""
+    return {field: environ[field.upper()].strip() for field in fields if environ.get(field.upper(), "").strip()}
+
+
+def settings_error(error: ValidationError) -> SettingsError:
+    """pydantic's first complaint about a settings object as one line: `VARIABLE: what is wrong`.
+    The value itself is left out: it may be a key set in the wrong variable."""
+    first = error.errors(include_url=False, include_input=False)[0]
+    variable = str(first["loc"][0]).upper() if first["loc"] else "settings"
+    return SettingsError(f"{variable}: {first['msg'].removeprefix('Value error, ')}")

@@ -10,9 +10,11 @@ import json
 import os
 import signal
 import sqlite3
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
 import requests
 
 from support.recording_server import Reply, recording_server
@@ -124,3 +126,20 @@ def test_an_lm_service_url_outside_the_allowlist_is_never_contacted(tmp_path):
     assert outsider.connections == 0
     assert refused["active_skill"] == "last_chance_service"
     assert normal["response"] == "Allowed."
+
+
+@pytest.mark.parametrize(
+    ("folder", "setting", "variable"),
+    [("services/agent", {"SERVICE_THREADS": "many"}, "SERVICE_THREADS"),
+     ("skills/prompted_skill", {"GENERATIVE_TIMEOUT": "soon"}, "GENERATIVE_TIMEOUT")],
+    ids=["agent", "prompted skill"],
+)
+def test_a_malformed_setting_stops_the_service_with_one_line_naming_it(folder, setting, variable):
+    env = {**os.environ, "SERVICE_PORT": str(free_port()), **setting}
+
+    result = subprocess.run(GUNICORN, cwd=REPO_ROOT / folder, env=env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode != 0
+    complaints = [line for line in result.stderr.splitlines() if "cannot start" in line]
+    assert len(complaints) == 1 and f"cannot start: {variable}: " in complaints[0], result.stderr
+    assert "Traceback" not in result.stderr

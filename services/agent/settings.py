@@ -8,13 +8,12 @@ from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from common.settings_support import REPO_ROOT, resolve_repo_path
+from common.settings_support import REPO_ROOT, SettingsError, env_values, resolve_repo_path, settings_error
 
 DEFAULT_PIPELINE = "assistant_dists/universal_prompted_assistant/pipeline_conf.json"
 
 
-class SettingsError(ValueError):
-    """A setting that cannot be used; the message names the env var."""
+__all__ = ["Settings", "SettingsError"]
 
 
 class Settings(BaseModel):
@@ -45,25 +44,16 @@ class Settings(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
-        values: dict = {}
-        for name, field in (
-            ("SERVICE_NAME", "service_name"),
-            ("SERVICE_PORT", "service_port"),
-            ("RESPONSE_TIME_LIMIT", "response_time_limit"),
-            ("MAX_REQUEST_BYTES", "max_request_bytes"),
-            ("MAX_PAYLOAD_CHARS", "max_payload_chars"),
-            ("SERVICE_THREADS", "service_threads"),
-        ):
-            if env.get(name, "").strip():
-                values[field] = env[name].strip()
-        for name, field in (("PIPELINE_CONFIG", "pipeline_config"), ("STATE_DB_PATH", "state_db_path")):
-            if env.get(name, "").strip():
-                values[field] = resolve_repo_path(env[name].strip())
+        values: dict = env_values(
+            env,
+            ("service_name", "service_port", "response_time_limit", "max_request_bytes", "max_payload_chars", "service_threads"),
+        )
+        for field, value in env_values(env, ("pipeline_config", "state_db_path")).items():
+            values[field] = resolve_repo_path(value)
         values["wait_hosts"] = [host.strip() for host in env.get("WAIT_HOSTS", "").split(",") if host.strip()]
         try:
             return cls.model_validate(values)
         except ValidationError as error:
-            first = error.errors(include_url=False)[0]
-            raise SettingsError(f"setting {first['loc'][0]}: {first['msg']}") from None
+            raise settings_error(error) from None
 
 

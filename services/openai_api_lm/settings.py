@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 
 from common.lm_protocol import GenerationCaps
-from common.settings_support import parse_boolean, resolve_repo_path
+from common.settings_support import SettingsError, parse_boolean, resolve_repo_path, settings_error
 
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _REQUIRED = {
@@ -25,8 +25,7 @@ _REQUIRED = {
 }
 
 
-class SettingsError(ValueError):
-    """A setting that is missing or malformed; the message names the variable and how to fix it."""
+__all__ = ["Settings", "SettingsError"]
 
 
 class Settings(BaseModel):
@@ -115,10 +114,7 @@ class Settings(BaseModel):
         try:
             settings = cls.model_validate(values)
         except ValidationError as error:
-            # Never show a value: a misplaced key in the wrong variable must not reach a log.
-            first = error.errors(include_url=False, include_input=False)[0]
-            variable = str(first["loc"][0]).upper() if first["loc"] else "settings"
-            raise SettingsError(f"{variable}: {first['msg'].removeprefix('Value error, ')}") from None
+            raise settings_error(error) from None  # never shows a value: it may be a key in the wrong variable
         key = environ.get(settings.openai_api_key_env_var, "").strip()
         return settings.model_copy(update={"api_key": SecretStr(key) if key else None})
 

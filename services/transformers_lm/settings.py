@@ -14,13 +14,12 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.lm_protocol import GenerationCaps
-from common.settings_support import parse_boolean, resolve_repo_path
+from common.settings_support import SettingsError, parse_boolean, resolve_repo_path
 
 DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
 
 
-class SettingsError(ValueError):
-    """A setting that is missing or malformed; the message names the variable and how to fix it."""
+__all__ = ["PromptFormat", "Settings", "SettingsError"]
 
 
 class PromptFormat(BaseModel):

@@ -9,14 +9,13 @@ from typing import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
 
-from common.settings_support import resolve_repo_path
+from common.settings_support import SettingsError, env_values, resolve_repo_path, settings_error
 
 DEFAULT_PROMPT = "Respond like a friendly chatbot."
 DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
 
 
-class SettingsError(ValueError):
-    """A setting that cannot be used; the message names the env var and how to fix it."""
+__all__ = ["LLMEndpoint", "Settings", "SettingsError"]
 
 
 class LLMEndpoint(BaseModel):
@@ -55,18 +54,13 @@ class Settings(BaseModel):
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
         env = os.environ if environ is None else environ
-        values: dict = {}
-        for name, field in (
-            ("SERVICE_NAME", "service_name"),
-            ("SERVICE_PORT", "service_port"),
-            ("GENERATIVE_SERVICE_URL", "generative_service_url"),
-            ("GENERATIVE_SERVICE_CONFIG", "generative_service_config"),
-            ("GENERATIVE_TIMEOUT", "generative_timeout"),
-            ("N_UTTERANCES_CONTEXT", "n_utterances_context"),
-            ("MAX_REQUEST_BYTES", "max_request_bytes"),
-        ):
-            if env.get(name, "").strip():
-                values[field] = env[name].strip()
+        values: dict = env_values(
+            env,
+            (
+                "service_name", "service_port", "generative_service_url", "generative_service_config",
+                "generative_timeout", "n_utterances_context", "max_request_bytes",
+            ),
+        )
         values["prompt"] = _read_prompt(env)
         endpoints = _parse_llm_endpoints(env.get("LLM_ENDPOINTS", ""))
         values["llm_endpoints"] = endpoints
@@ -75,8 +69,7 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as error:
-            first = error.errors(include_url=False)[0]
-            raise SettingsError(f"setting {first['loc'][0]}: {first['msg']}") from None
+            raise settings_error(error) from None
 
     def allowed_urls(self) -> list[str]:
         """The LLM URLs this skill may contact: LLM_ENDPOINTS, plus GENERATIVE_SERVICE_URL."""
