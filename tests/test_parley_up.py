@@ -199,3 +199,16 @@ def test_a_service_that_dies_stops_the_others_with_a_message_naming_it(tmp_path:
     assert "service beta exited with code 3" in errors
     assert "stopping the others" in errors
     assert _wait_until(lambda: not _alive(alpha_pid))
+
+
+def test_a_services_env_file_reaches_its_process_as_compose_would_pass_it(tmp_path: Path):
+    checkout = write_tiny_distribution(tmp_path / "checkout", free_port(), free_port())
+    (checkout / "alpha.env").write_text("# read by compose\nSTATE_FILE=from-the-env-file.json\n")
+    overlay = checkout / "assistant_dists" / "tiny" / "env-file.yml"
+    overlay.write_text("services:\n  alpha:\n    env_file: [alpha.env]\n")
+
+    with run_distribution(Repo(checkout), "tiny", free_ports=True, overlays=["env-file.yml"], state_dir=tmp_path / "state") as running:
+        alpha = requests.get(running.url("alpha") + "/env", timeout=5).json()
+
+    assert alpha["env"]["STATE_FILE"] == "from-the-env-file.json"
+    assert alpha["env"]["GREETING"] == "hello from alpha"  # the compose environment as well
