@@ -111,7 +111,7 @@ def test_skills_get_the_dialog_in_dreams_skill_format(tmp_path):
     assert dialog["human_utterances"][-1]["attributes"]["prompt"] == "Be a pirate."
 
 
-def test_a_skill_that_hangs_past_its_timeout_gives_the_last_chance_answer_within_the_timeout(tmp_path):
+def test_a_skill_that_hangs_past_its_timeout_gives_the_last_chance_answer_within_the_timeout(tmp_path, caplog):
     with recording_server(skill_reply("Too late.", delay_seconds=10)) as hanging:
         client = make_client(tmp_path, {"slow": (hanging.url("/respond"), 1.0)})
         started = time.monotonic()
@@ -121,21 +121,24 @@ def test_a_skill_that_hangs_past_its_timeout_gives_the_last_chance_answer_within
     assert response.get_json()["response"] == LAST_CHANCE
     assert response.get_json()["active_skill"] == "last_chance_service"
     assert elapsed < 5.0, elapsed  # the skill's 1 s timeout plus the agent's own work, not the skill's 10 s
+    assert "skills.slow skipped: no answer within its timeout of 1s" in caplog.text
 
 
-def test_a_failing_skill_is_skipped_and_another_answers(tmp_path):
+def test_a_failing_skill_is_skipped_and_another_answers(tmp_path, caplog):
     failing = lambda request: Reply(500, {"error": "boom"})  # noqa: E731
     with recording_server(failing) as broken, recording_server(skill_reply("Still here.")) as healthy:
         client = make_client(tmp_path, {"broken": (broken.url("/respond"), 30), "ok": (healthy.url("/respond"), 30)})
         body = client.post("/", json={"user_id": "ann", "payload": "Hello"}).get_json()
     assert (body["response"], body["active_skill"]) == ("Still here.", "ok")
+    assert 'skills.broken skipped: answered 500: {"error": "boom"}' in caplog.text
 
 
-def test_a_skill_with_a_malformed_answer_is_skipped(tmp_path):
+def test_a_skill_with_a_malformed_answer_is_skipped(tmp_path, caplog):
     with recording_server(lambda request: Reply(200, {"not": "a list"})) as odd:
         client = make_client(tmp_path, {"odd": (odd.url("/respond"), 30)})
         body = client.post("/", json={"user_id": "ann", "payload": "Hello"}).get_json()
     assert body["response"] == LAST_CHANCE
+    assert "skills.odd skipped: answered something other than a list with one result per dialog" in caplog.text
 
 
 def test_a_turn_over_the_response_time_limit_gets_the_timeout_answer(tmp_path):
