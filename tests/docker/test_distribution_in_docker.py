@@ -236,6 +236,18 @@ def dialog_texts(dialog_id: str) -> list[str]:
     return [utterance["text"] for utterance in response.json()["utterances"]]
 
 
+def test_starting_the_engine_again_reuses_what_is_there(engine):
+    parley = str(Path(sys.executable).parent / "parley")
+    with step("parley engine start, again"):
+        output = run([parley, "engine", "start"], dict(os.environ))
+        print("\n".join("    " + line for line in output.splitlines() if "already" in line or "reusing" in line))
+
+    assert "already installed: docker.io, debootstrap" in output
+    assert "already linked:" in output
+    assert "already running (ours, pid" in output or "already running (not started by parley engine)" in output
+    assert "no registry reachable; reusing the local base image" in output or "BASE_IMAGE" not in engine
+
+
 def test_the_agent_answers_the_capital_of_france_with_paris_through_the_containers(first_turn):
     assert "Paris" in first_turn["response"]
 
