@@ -6,9 +6,15 @@ import json
 
 from flask import request
 
+from common.lm_protocol import RequestValidationError
 
-class InvalidJsonBody(ValueError):
-    """The body is not JSON (or nested past what the parser takes); the message says which."""
+
+class InvalidJsonBody(RequestValidationError):
+    """The body is not JSON (or nested past what the parser takes); the message says which.
+    Services whose handlers answer RequestValidationError with a 400 need not catch it."""
+
+    def __init__(self, message: str):
+        super().__init__(message, None)
 
 
 def read_json_body() -> object:

@@ -14,7 +14,7 @@ from flask import Flask, Response, jsonify, request
 
 from common.lm_protocol import RequestValidationError
 from common.dream_errors import dream_error, register_dream_error_handlers
-from common.json_body import InvalidJsonBody, read_json_body
+from common.json_body import read_json_body
 from common.openapi import register_openapi
 from services.openai_api_lm.openapi_spec import API
 from services.openai_api_lm.protocol import OpenAIGenerateGoalsRequest, OpenAIRespondRequest, parse_with_keys
@@ -48,12 +48,12 @@ def create_app(settings: Settings | None = None, client: ChatCompletionsClient |
 
     @app.post("/respond")
     def respond() -> Response:
-        respond_request, keys = parse_with_keys(OpenAIRespondRequest, _json_body(), key_fields)
+        respond_request, keys = parse_with_keys(OpenAIRespondRequest, read_json_body(), key_fields)
         return jsonify(lm.respond(respond_request.items(), keys))
 
     @app.post("/generate_goals")
     def generate_goals() -> Response:
-        goals_request, keys = parse_with_keys(OpenAIGenerateGoalsRequest, _json_body(), key_fields)
+        goals_request, keys = parse_with_keys(OpenAIGenerateGoalsRequest, read_json_body(), key_fields)
         return jsonify(lm.generate_goals(goals_request.items(), keys))
 
     @app.get("/health")
@@ -75,13 +75,6 @@ def create_app(settings: Settings | None = None, client: ChatCompletionsClient |
     register_openapi(app, API)
     _register_error_handlers(app)
     return app
-
-
-def _json_body() -> object:
-    try:
-        return read_json_body()
-    except InvalidJsonBody as error:
-        raise RequestValidationError(str(error), None) from None
 
 
 def _register_error_handlers(app: Flask) -> None:

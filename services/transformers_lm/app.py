@@ -19,7 +19,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from common.lm_protocol import GenerationConfig, RequestValidationError, load_generation_config, parse_request
 from common.model_sources import ModelSourceError, llama_cpp_weights_for, resolve_model_source
-from common.json_body import InvalidJsonBody, read_json_body
+from common.json_body import read_json_body
 from common.openapi import register_openapi
 from services.transformers_lm import openai_api
 from services.transformers_lm.openapi_spec import API
@@ -158,12 +158,12 @@ def create_app(
 
     @app.post("/respond")
     def respond() -> Response:
-        respond_request = parse_request(RespondRequest, _json_body())
+        respond_request = parse_request(RespondRequest, read_json_body())
         return jsonify(holder.get().respond(respond_request.items()))
 
     @app.post("/generate_goals")
     def generate_goals() -> Response:
-        goals_request = parse_request(GenerateGoalsRequest, _json_body())
+        goals_request = parse_request(GenerateGoalsRequest, read_json_body())
         return jsonify(holder.get().generate_goals(goals_request.items()))
 
     @app.route("/ping", methods=["GET", "POST"])
@@ -195,24 +195,17 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     def v1_chat_completions() -> Response:
-        chat_request = parse_request(ChatCompletionRequest, _json_body())
+        chat_request = parse_request(ChatCompletionRequest, read_json_body())
         return _openai_result(openai_api.chat_completion(holder.get(), chat_request))
 
     @app.post("/v1/completions")
     def v1_completions() -> Response:
-        completion_request = parse_request(CompletionRequest, _json_body())
+        completion_request = parse_request(CompletionRequest, read_json_body())
         return _openai_result(openai_api.completion(holder.get(), completion_request))
 
     register_openapi(app, API)
     _register_error_handler(app)
     return app
-
-
-def _json_body() -> object:
-    try:
-        return read_json_body()
-    except InvalidJsonBody as error:
-        raise RequestValidationError(str(error), None) from None
 
 
 def _openai_result(result) -> Response:

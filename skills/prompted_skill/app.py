@@ -9,7 +9,7 @@ from pydantic import ValidationError
 
 from common.lm_protocol import RequestValidationError, validation_error_to_request_error
 from common.dream_errors import dream_error, register_dream_error_handlers
-from common.json_body import InvalidJsonBody, read_json_body
+from common.json_body import read_json_body
 from common.openapi import register_openapi
 from skills.prompted_skill.llm_client import LLMClient
 from skills.prompted_skill.openapi_spec import API
@@ -48,10 +48,7 @@ def create_app(settings: Settings | None = None, llm_client: LLMClient | None = 
 
 
 def _parse(model):
-    try:
-        data = read_json_body()
-    except InvalidJsonBody as error:
-        raise RequestValidationError(str(error), None) from None
+    data = read_json_body()
     if not isinstance(data, dict):
         raise RequestValidationError("the request body must be a JSON object", None)
     try:
