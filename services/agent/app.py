@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import socket
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify
 from pydantic import ValidationError
 
 from common.dream_errors import dream_error, register_dream_error_handlers

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from flask import Flask, Response, jsonify, request
+from flask import Flask, Response, jsonify
 from pydantic import ValidationError
 
 from common.lm_protocol import RequestValidationError, validation_error_to_request_error

@@ -104,13 +104,14 @@ class SequentialEngine:
             )
             cache = getattr(output, self._cache_argument)
             previous = torch.tensor(prompt + generated) if params.repetition_penalty != 1.0 else None
+            generated_ids = torch.tensor(generated, dtype=torch.long) if params.uses_openai_penalties else None
             token = next_token(
                 output.logits[0, -1].to("cpu"),
                 params,
                 previous,
                 generator,
                 forbid_stop_tokens=step < params.min_new_tokens,
-                generated_token_ids=torch.tensor(generated, dtype=torch.long),
+                generated_token_ids=generated_ids,
             )
             if token in stop_ids:
                 return FinishReason.STOP
