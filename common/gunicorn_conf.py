@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from common.settings_support import REPO_ROOT
 
 
 def _service_port() -> int:
