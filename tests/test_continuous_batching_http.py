@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import re
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import pytest
 import requests
@@ -18,8 +20,7 @@ from support.tiny_model import tiny_model_dir
 SERVICE_DIR = REPO_ROOT / "services" / "transformers_lm"
 GUNICORN_COMMAND = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
 # The tiny model runs to the limit (it never emits its end-of-sequence token here): about 5 s on this
-# machine, a window wide enough for the next request to arrive while the slot is still held (1000 tokens
-# took 1 s, which a busy CI machine once missed).
+# machine, far longer than the next request takes to arrive.
 LONG_ANSWER_TOKENS = 4000
 
 
@@ -60,13 +61,26 @@ def post_when_a_slot_is_free(server, body: dict, timeout_seconds: float = 120) -
         time.sleep(0.05)
 
 
-def start_long_stream(server) -> requests.Response:
+@dataclass
+class HeldStream:
+    """A streamed answer still being read. Its line iterator is kept: dropping it mid-stream would make
+    urllib3 close the connection, and the service would free the slot (as a disconnect should)."""
+
+    response: requests.Response
+    lines: Iterator[bytes]
+
+    def close(self) -> None:
+        self.response.close()
+
+
+def start_long_stream(server) -> HeldStream:
     """A streamed answer that holds the only batch slot; returns once its first token arrived."""
     response = post_when_a_slot_is_free(server, chat_body(LONG_ANSWER_TOKENS, stream=True))
     assert response.status_code == 200, response.text
-    for line in response.iter_lines():
+    held = HeldStream(response, response.iter_lines())
+    for line in held.lines:
         if line.startswith(b"data: ") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
-            return response
+            return held
     raise AssertionError("the stream ended before its first token")
 
 
@@ -75,12 +89,15 @@ def test_a_request_while_the_only_slot_is_busy_gets_429_with_retry_after(server)
     started = time.monotonic()
     try:
         refused = requests.post(server.url("/v1/chat/completions"), json=chat_body(4), timeout=60)
+        answered_after = time.monotonic() - started
         refused_dream = requests.post(server.url("/respond"), json={"dialog_contexts": [["Hi"]]}, timeout=60)
+        held_open = not running.response.raw.closed
     finally:
         running.close()
-    asked_after = time.monotonic() - started
 
-    assert refused.status_code == 429, f"answered {refused.status_code} {asked_after:.2f} s after the slot was taken"
+    assert held_open, "the stream holding the slot was closed before the other requests were sent"
+
+    assert refused.status_code == 429, f"answered {refused.status_code} {answered_after:.2f} s after the slot was taken"
     assert int(refused.headers["Retry-After"]) >= 1
     assert refused.json()["error"]["type"] == "rate_limit_error"
     assert refused_dream.status_code == 429
