@@ -91,6 +91,30 @@ def wait_until(condition, timeout=TIMEOUT_SECONDS):
         time.sleep(0.005)
 
 
+class ForwardGate:
+    """Parks the engine's scheduler before its next forward pass until released, so a test can act
+    while a request is surely still running (the tiny model finishes 100 tokens in a fraction of a second)."""
+
+    def __init__(self, engine, monkeypatch):
+        self._open = threading.Event()
+        self._parked = threading.Event()
+        real_forward = engine.model.forward
+
+        def gated_forward(*args, **kwargs):
+            if not self._open.is_set():
+                self._parked.set()
+                assert self._open.wait(TIMEOUT_SECONDS), "the test never released the engine"
+            return real_forward(*args, **kwargs)
+
+        monkeypatch.setattr(engine.model, "forward", gated_forward)
+
+    def wait_parked(self) -> None:
+        assert self._parked.wait(TIMEOUT_SECONDS), "the engine never reached a forward pass"
+
+    def release(self) -> None:
+        self._open.set()
+
+
 def test_greedy_tokens_equal_a_full_forward_pass_of_the_model(engine):
     reference_model = build_tiny_model()
     for prompt in PROMPTS[:3]:
@@ -189,36 +213,42 @@ def test_min_new_tokens_holds_back_stop_tokens(engine):
     assert len(tokens) >= 2
 
 
-def test_a_full_queue_refuses_at_once_with_a_retry_after():
+def test_a_full_queue_refuses_at_once_with_a_retry_after(monkeypatch):
     engine = ContinuousBatchingEngine(build_tiny_model(), max_batch_size=1, max_queue_size=1)
+    gate = ForwardGate(engine, monkeypatch)
     try:
         running = engine.submit(GenerationRequest(PROMPTS[0], greedy(100)))
-        wait_until(lambda: engine.num_active == 1)
+        gate.wait_parked()  # in the only slot, before its first token
         waiting = engine.submit(GenerationRequest(PROMPTS[1], greedy(2)))
 
         with pytest.raises(QueueFullError) as refusal:
             engine.submit(GenerationRequest(PROMPTS[2], greedy(2)))
+        gate.release()
 
         assert refusal.value.retry_after_seconds >= 1
         assert len(collect(running)) == 100
         assert len(collect(waiting)) == 2
     finally:
+        gate.release()
         engine.close()
 
 
-def test_cancel_frees_the_slot_for_the_next_request():
+def test_cancel_frees_the_slot_for_the_next_request(monkeypatch):
     engine = ContinuousBatchingEngine(build_tiny_model(), max_batch_size=1, max_queue_size=4)
+    gate = ForwardGate(engine, monkeypatch)
     try:
         endless = engine.submit(GenerationRequest(PROMPTS[0], greedy(120)))
-        wait_until(lambda: engine.num_active == 1)
+        gate.wait_parked()  # its prompt is in the forward pass that gives its first token
         waiting = engine.submit(GenerationRequest(PROMPTS[1], greedy(3)))
 
         endless.cancel()
+        gate.release()
 
         assert len(collect(waiting)) == 3
         assert endless.finish_reason is FinishReason.CANCELLED
-        assert len(collect(endless)) < 120
+        assert len(collect(endless)) <= 1  # dropped at the next step: no token after the one in flight
     finally:
+        gate.release()
         engine.close()
 
 
@@ -239,7 +269,7 @@ def test_a_failing_step_finishes_its_streams_with_error_and_the_engine_keeps_ser
         collect(failed)
     assert failed.finish_reason is FinishReason.ERROR
     assert len(collect(engine.submit(GenerationRequest(PROMPTS[0], greedy(5))))) == 5
-    assert engine.num_active == 0
+    wait_until(lambda: engine.num_active == 0)  # a stream ends just before its row leaves the batch
 
 
 def test_requests_the_model_cannot_run_are_refused_at_submit(engine):
