@@ -168,9 +168,23 @@ def test_a_skill_that_hangs_past_its_timeout_leaves_the_last_chance_answer_withi
     assert outsider.connections == 0  # an lm_service_url outside the allowlist is never contacted
 
 
+def output_through_now(dist, timeout_seconds: float = 30) -> str:
+    """Every line the services have written so far. Each gunicorn service gets a marked GET /health and
+    its access line is awaited: a process writes its lines in order, a request's own before its answer."""
+    mark = f"log-mark-{uuid.uuid4().hex}"
+    marked = [name for name in dist.services if name != "hanging-skill"]  # it logs no requests
+    for name in marked:
+        requests.get(f"{dist.url(name)}/health?{mark}", timeout=10)
+    deadline = time.monotonic() + timeout_seconds
+    while not all(any(mark in line for line in list(dist.services[name].lines)) for name in marked):
+        assert time.monotonic() < deadline, f"not every service logged its request {mark}"
+        time.sleep(0.05)
+    return "\n".join(line for service in dist.services.values() for line in list(service.lines))
+
+
 def test_a_key_sent_with_a_turn_is_in_no_log_line_and_no_stored_state(dist, paris_dialog):
     assert SECRET not in json.dumps(paris_dialog["second"])
-    logs = "\n".join(line for service in dist.services.values() for line in service.lines)
+    logs = output_through_now(dist)
     assert "POST /respond" in logs  # the services' output was captured
     assert SECRET not in logs
     state_db = Path(dist.services["agent"].plan.env["STATE_DB_PATH"])

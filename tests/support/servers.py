@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Sequence
@@ -37,6 +38,18 @@ class RunningServer:
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_through_now(self, timeout_seconds: float = 30) -> str:
+        """The log once it holds every line written so far: a marked GET /health goes to the server and
+        its access line is awaited (a process writes its lines in order; a request's own lines come
+        before its answer)."""
+        mark = f"log-mark-{uuid.uuid4().hex}"
+        requests.get(self.url(f"/health?{mark}"), timeout=10)
+        deadline = time.monotonic() + timeout_seconds
+        while mark not in (log := self.log()):
+            assert time.monotonic() < deadline, f"{self.base_url} never logged its request {mark}"
+            time.sleep(0.05)
+        return log
 
     def url(self, path: str) -> str:
         return self.base_url + path
