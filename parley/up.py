@@ -355,7 +355,8 @@ class RunningService:
     started_at: float = field(default_factory=time.monotonic)
 
     def last_lines(self) -> str:
-        return "\n".join(f"  {line}" for line in self.lines) or "  (no output)"
+        # A copy first: the pump thread may append while a dying service's lines are read.
+        return "\n".join(f"  {line}" for line in list(self.lines)) or "  (no output)"
 
 
 @dataclass
