@@ -144,10 +144,11 @@ def test_a_service_that_never_becomes_healthy_is_reported_and_nothing_is_left_ru
     root = write_tiny_distribution(tmp_path / "checkout", alpha_port, beta_port, beta_environment={"HEALTHY_AFTER": "3600"})
 
     with pytest.raises(UpError) as failed:
-        with run_distribution(Repo(root), "tiny", startup_timeout=3, state_dir=tmp_path / "state"):
+        # Long enough for alpha (healthy after 1 s) on a busy machine; beta never is.
+        with run_distribution(Repo(root), "tiny", startup_timeout=8, state_dir=tmp_path / "state"):
             pass
 
-    assert f"service beta did not become healthy on http://127.0.0.1:{beta_port}/health within 3s" in str(failed.value)
+    assert f"service beta did not become healthy on http://127.0.0.1:{beta_port}/health within 8s" in str(failed.value)
     assert "listening on" in str(failed.value)  # its last output lines come with the message
     for port in (alpha_port, beta_port):
         with pytest.raises(requests.ConnectionError):
@@ -186,7 +187,7 @@ def test_ctrl_c_stops_every_service_and_leaves_nothing_running(tiny: Path):
 
 
 def test_a_service_that_dies_stops_the_others_with_a_message_naming_it(tmp_path: Path):
-    root = write_tiny_distribution(tmp_path / "checkout", free_port(), free_port(), beta_environment={"DIE_AFTER": "4"})
+    root = write_tiny_distribution(tmp_path / "checkout", free_port(), free_port(), beta_environment={"DIE_AFTER": "8"})
     process = _start_cli(root, "--free-ports")
     lines = _read_until_ready(process)
     urls = dict(line.split()[1:] for line in lines if line.startswith("PARLEY_SERVICE "))

@@ -82,6 +82,8 @@ def assert_stored_once_in_order(base_url: str, user: User, exactly: bool) -> Non
         assert len(utterances) == 2 * len(expected)
         assert stored == expected
     else:  # a turn the agent stored but was killed before acknowledging may sit between them
+        lost = [turn for turn in expected if turn not in stored]
+        assert not lost, f"acknowledged but not stored: {lost}"
         positions = [stored.index(turn) for turn in expected]
         assert positions == sorted(positions) and len(set(positions)) == len(positions)
         texts = [text for text, _, _ in stored]
@@ -127,7 +129,6 @@ def test_concurrent_users_turns_survive_a_sigkill_of_the_agent(tmp_path):
                     future.result(timeout=300)
                 for user in users:
                     assert len(user.acknowledged) == TURNS + TURNS_AFTER_KILL
-                    assert user.acknowledged[:len(acknowledged_at_kill[user.user_id])] == acknowledged_at_kill[user.user_id]
                     assert_stored_once_in_order(restarted.base_url, user, exactly=False)
         finally:
             stop.set()

@@ -237,16 +237,13 @@ def test_killing_an_llm_replica_while_4_dialogs_run_loses_no_turn_and_the_replic
             stored[dialog_id] = [(u["text"], b["text"]) for u, b in zip(dialog["human_utterances"], dialog["bot_utterances"])]
         print(f"    {sum(map(len, stored.values()))} turns stored in {len(stored)} dialogs")
     with step("swarm replaces the killed replica"):
-        replaced = wait_for(
-            "a new healthy LLM replica", lambda: running_llm_tasks() == 2 and victim not in llm_containers(), 600
-        )
+        wait_for("a new healthy LLM replica", lambda: running_llm_tasks() == 2 and victim not in llm_containers(), 600)
         print(f"    2 replicas running again {time.monotonic() - killed_at[0]:.1f}s after the kill")
 
     assert in_flight >= 1, "the kill landed between turns: it tested nothing"
     assert len(answers) == 8
     assert [answer for answer in answers if answer["active_skill"] != SKILL or not answer["response"]] == []
     assert len(stored) == 4 and all(len(turns) == 2 and all(bot for _, bot in turns) for turns in stored.values()), stored
-    assert replaced >= 0
     assert victim not in llm_containers()
 
 
