@@ -43,9 +43,13 @@ def env_values(environ: Mapping[str, str], fields: Iterable[str]) -> dict[str, s
     return {field: environ[field.upper()].strip() for field in fields if environ.get(field.upper(), "").strip()}
 
 
-def settings_error(error: ValidationError) -> SettingsError:
-    """pydantic's first complaint about a settings object as one line: `VARIABLE: what is wrong`.
-    The value itself is left out: it may be a key set in the wrong variable."""
+def settings_error(error: ValidationError, environ: Mapping[str, str] | None = None) -> SettingsError:
+    """pydantic's first complaint about a settings object as one line: `VARIABLE (nested.field): what is wrong`.
+    The value is quoted only when `environ` is given: a service whose settings may hold a key leaves
+    it out, as the value may be a key set in the wrong variable."""
     first = error.errors(include_url=False, include_input=False)[0]
     variable = str(first["loc"][0]).upper() if first["loc"] else "settings"
-    return SettingsError(f"{variable}: {first['msg'].removeprefix('Value error, ')}")
+    detail = ".".join(str(part) for part in first["loc"][1:])
+    where = f"{variable} ({detail})" if detail else variable
+    value = f" (got {environ.get(variable)!r})" if environ is not None else ""
+    return SettingsError(f"{where}: {first['msg'].removeprefix('Value error, ')}{value}")

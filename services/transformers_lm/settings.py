@@ -14,7 +14,7 @@ from typing import Any, Literal, Mapping
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.lm_protocol import GenerationCaps
-from common.settings_support import SettingsError, parse_boolean, resolve_repo_path
+from common.settings_support import SettingsError, parse_boolean, resolve_repo_path, settings_error
 
 DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
 
@@ -191,9 +191,4 @@ class Settings(BaseModel):
         try:
             return cls.model_validate(values)
         except ValidationError as error:
-            first = error.errors(include_url=False)[0]
-            variable = str(first["loc"][0]).upper() if first["loc"] else "settings"
-            detail = ".".join(str(part) for part in first["loc"][1:])
-            where = f"{variable}{' (' + detail + ')' if detail else ''}"
-            message = first["msg"].removeprefix("Value error, ")
-            raise SettingsError(f"{where}: {message} (got {environ.get(variable)!r})") from None
+            raise settings_error(error, environ) from None  # no key among these: the value helps
