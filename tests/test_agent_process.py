@@ -132,8 +132,11 @@ def test_an_lm_service_url_outside_the_allowlist_is_never_contacted(tmp_path):
 @pytest.mark.parametrize(
     ("folder", "setting", "variable"),
     [("services/agent", {"SERVICE_THREADS": "many"}, "SERVICE_THREADS"),
-     ("skills/prompted_skill", {"GENERATIVE_TIMEOUT": "soon"}, "GENERATIVE_TIMEOUT")],
-    ids=["agent", "prompted skill"],
+     ("skills/prompted_skill", {"GENERATIVE_TIMEOUT": "soon"}, "GENERATIVE_TIMEOUT"),
+     ("services/openai_api_lm",
+      {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "PRETRAINED_MODEL_NAME_OR_PATH": "any", "GENERATIVE_TIMEOUT": "soon"},
+      "GENERATIVE_TIMEOUT")],
+    ids=["agent", "prompted skill", "openai_api_lm"],
 )
 def test_a_malformed_setting_stops_the_service_with_one_line_naming_it(folder, setting, variable):
     env = {**os.environ, "SERVICE_PORT": str(free_port()), **setting}

@@ -1,8 +1,6 @@
 """What gunicorn imports: `gunicorn --config python:common.gunicorn_conf server:app`."""
 
-import logging
-
+from common.service_main import app_or_exit
 from services.openai_api_lm.app import create_app
 
-logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-app = create_app()
+app = app_or_exit(create_app, "openai_api_lm")
