@@ -23,6 +23,7 @@ from typing import Iterator
 
 import pytest
 import requests
+from support.servers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUTPUT_DIR = REPO_ROOT / "tests" / "output"
@@ -132,9 +133,7 @@ def publish_on_free_ports_where_taken() -> None:
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     lines = ["# Written by tests/docker: dev.yml's ports are taken on this machine, so these are used.", "services:"]
     for service, port in DEV_PORTS.items():
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            free = probe.getsockname()[1]
+        free = free_port()
         lines += [f"  {service}:", "    ports: !override", f'      - "127.0.0.1:{free}:{port}"']
         DEV_PORTS[service] = free
     PORTS_OVERLAY.write_text("\n".join(lines) + "\n")
@@ -276,9 +275,7 @@ def test_the_dialog_is_still_readable_after_restarting_the_agent(stack, first_tu
 
 def test_the_openai_api_llm_image_builds_and_answers_through_the_llm_containers_v1(stack):
     # Not part of the distribution, so compose does not build it: its Dockerfile is proven here.
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     try:
         with step("build services/openai_api_lm/Dockerfile (with compose's BuildKit: the engine has no buildx)"):
             build_file = OUTPUT_DIR / "docker-openai-api-lm.yml"
