@@ -1,8 +1,9 @@
 """Dialog soak: 16 users talk at once through the agent (real gunicorn processes on loopback, the tiny
 model), every turn stored once, in order, with its answer; then the agent is SIGKILLed mid-run and
-restarted, every acknowledged turn is still there and the users go on.
+restarted, every acknowledged turn is still there and the users go on. Run on each state backend:
+the SQLite file, and a real PostgreSQL server (tests/support/postgres.py).
 
-Turns/s and p95 latency are written to tests/output/soak.json (measurements, not asserts).
+Turns/s and p95 latency are written to tests/output/soak-<backend>.json (measurements, not asserts).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+import pytest
 import requests
 from support.servers import REPO_ROOT, free_port
 from support.tiny_stack import agent_service, llm_service, skill_service
@@ -23,7 +25,7 @@ from support.tiny_stack import agent_service, llm_service, skill_service
 USERS = 16
 TURNS = 20
 TURNS_AFTER_KILL = 8
-OUTPUT = REPO_ROOT / "tests" / "output" / "soak.json"
+OUTPUT_DIR = REPO_ROOT / "tests" / "output"
 
 
 @dataclass
@@ -94,12 +96,21 @@ def p95(values: list[float]) -> float:
     return statistics.quantiles(values, n=20)[-1]
 
 
-def test_concurrent_users_turns_survive_a_sigkill_of_the_agent(tmp_path):
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_env(request) -> dict[str, str]:
+    """The agent's STATE_URL: unset (the SQLite file STATE_DB_PATH) or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        return {}
+    return {"STATE_URL": request.getfixturevalue("postgres").create_database()}
+
+
+def test_concurrent_users_turns_survive_a_sigkill_of_the_agent(tmp_path, state_env):
     state_db = tmp_path / "state.sqlite3"
+    backend = "postgresql" if state_env else "sqlite"
     port = free_port()
     users = [User(f"soak-user-{index:02d}") for index in range(USERS)]
     with llm_service(tmp_path) as llm, skill_service(tmp_path, llm) as skill:
-        with agent_service(tmp_path, skill, state_db, port=port) as agent:
+        with agent_service(tmp_path, skill, state_db, port=port, **state_env) as agent:
             # 16 users x 20 turns at once.
             started = time.monotonic()
             with ThreadPoolExecutor(max_workers=USERS) as pool:
@@ -124,7 +135,7 @@ def test_concurrent_users_turns_survive_a_sigkill_of_the_agent(tmp_path):
             agent.process.wait(timeout=30)
             acknowledged_at_kill = {user.user_id: list(user.acknowledged) for user in users}
         try:
-            with agent_service(tmp_path, skill, state_db, port=port) as restarted:
+            with agent_service(tmp_path, skill, state_db, port=port, **state_env) as restarted:
                 for future in futures:
                     future.result(timeout=300)
                 for user in users:
@@ -135,11 +146,11 @@ def test_concurrent_users_turns_survive_a_sigkill_of_the_agent(tmp_path):
             pool.shutdown(wait=True)
 
     report = {
-        "users": USERS, "turns_per_user": TURNS, "turns": USERS * TURNS, "seconds": round(elapsed, 2),
+        "state": backend, "users": USERS, "turns_per_user": TURNS, "turns": USERS * TURNS, "seconds": round(elapsed, 2),
         "turns_per_second": round(USERS * TURNS / elapsed, 2), "p50_latency_s": round(statistics.median(latencies), 3),
         "p95_latency_s": round(p95(latencies), 3), "acknowledged_before_kill": sum(map(len, acknowledged_at_kill.values())),
         "load_average_1min": os.getloadavg()[0],
     }
-    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
-    OUTPUT.write_text(json.dumps(report, indent=2))
+    OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
+    (OUTPUT_DIR / f"soak-{backend}.json").write_text(json.dumps(report, indent=2))
     print("soak:", report)

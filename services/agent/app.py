@@ -25,7 +25,7 @@ from services.agent.pipeline import load_pipeline
 from services.agent.protocol import COMMANDS, TurnRequest
 from services.agent.service import Agent
 from services.agent.settings import Settings
-from services.agent.store import DialogStore
+from services.agent.store import open_store
 
 logger = logging.getLogger(__name__)
 # A turn's attributes are stored and copied for every service; deeper ones are refused at the edge.
@@ -49,7 +49,10 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    agent = Agent(settings, load_pipeline(settings.pipeline_config), DialogStore(settings.state_db_path))
+    pipeline = load_pipeline(settings.pipeline_config)
+    store = open_store(settings.state_location, pool_size=settings.state_pool_size,
+                       connect_timeout=settings.state_connect_timeout, log=logger.info)
+    agent = Agent(settings, pipeline, store)
     app.extensions["agent"] = agent
     waited_for: set[str] = set()
 

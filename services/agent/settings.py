@@ -29,7 +29,16 @@ class Settings(BaseModel):
     )
     state_db_path: Path = Field(
         REPO_ROOT / ".parley" / "agent-state.sqlite3",
-        description="STATE_DB_PATH: the SQLite file of users, dialogs and utterances",
+        description="STATE_DB_PATH: the SQLite file of users, dialogs and utterances, where STATE_URL is unset",
+    )
+    state_url: str | None = Field(
+        None,
+        description="STATE_URL: where dialogs live: sqlite:///PATH (one agent) or postgresql://USER:PASSWORD@HOST:PORT/DB "
+        "(shared by every agent replica); unset: sqlite:/// + STATE_DB_PATH",
+    )
+    state_pool_size: int = Field(10, ge=1, description="STATE_POOL_SIZE: PostgreSQL connections per agent process, at most")
+    state_connect_timeout: float = Field(
+        60.0, gt=0, description="STATE_CONNECT_TIMEOUT: seconds to wait at start for the PostgreSQL server"
     )
     wait_hosts: list[str] = Field(
         default_factory=list, description="WAIT_HOSTS: `host:port, ...` that must accept connections before /health is 200"
@@ -46,7 +55,8 @@ class Settings(BaseModel):
         env = os.environ if environ is None else environ
         values: dict = env_values(
             env,
-            ("service_name", "service_port", "response_time_limit", "max_request_bytes", "max_payload_chars", "service_threads"),
+            ("service_name", "service_port", "response_time_limit", "max_request_bytes", "max_payload_chars", "service_threads",
+             "state_url", "state_pool_size", "state_connect_timeout"),
         )
         for field, value in env_values(env, ("pipeline_config", "state_db_path")).items():
             values[field] = resolve_repo_path(value)
@@ -55,5 +65,10 @@ class Settings(BaseModel):
             return cls.model_validate(values)
         except ValidationError as error:
             raise settings_error(error) from None
+
+    @property
+    def state_location(self) -> str:
+        """The STATE_URL the agent opens: STATE_URL, else the SQLite file STATE_DB_PATH."""
+        return self.state_url or "sqlite:///" + str(self.state_db_path)
 
 

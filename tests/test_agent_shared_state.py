@@ -1,0 +1,95 @@
+"""Agents sharing one PostgreSQL: two real agent processes (gunicorn on loopback) on one real
+database (tests/support/postgres.py) take alternate turns of the same dialogs while 16 users talk
+at once, and every turn is stored once, in order, with its own answer.
+
+The skill is a recording server of ours that echoes the user's text (the point is the agents'
+state, not the answer); tests/test_soak.py runs the real skill and model on PostgreSQL.
+The counts are written to tests/output/shared-state.json and printed as one summary line.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import psycopg
+import requests
+
+from support.recording_server import Reply, recording_server
+from support.servers import REPO_ROOT, VENV_BIN, free_port, running_server
+
+GUNICORN = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
+DIST_PIPELINE = REPO_ROOT / "assistant_dists/universal_prompted_assistant/pipeline_conf.json"
+USERS = 16
+TURNS = 12
+OUTPUT = REPO_ROOT / "tests" / "output" / "shared-state.json"
+
+
+def echo_skill(request) -> Reply:
+    """Dream's skill answer: one hypothesis, "echo: <the user's last text>"."""
+    dialog = request.json()["dialogs"][0]
+    text = dialog["human_utterances"][-1]["text"]
+    return Reply(200, [[[f"echo: {text}"], [0.9], [{}], [{}], [{}]]])
+
+
+def agent_process(tmp_path, name: str, skill_url: str, state_url: str):
+    pipeline = json.loads(DIST_PIPELINE.read_text())
+    pipeline["services"]["skills"]["prompted_skill"]["connector"].update(url=skill_url, timeout=30)
+    path = tmp_path / f"pipeline-{name}.json"
+    path.write_text(json.dumps(pipeline))
+    port = free_port()
+    env = {"SERVICE_PORT": str(port), "SERVICE_NAME": name, "PIPELINE_CONFIG": str(path), "STATE_URL": state_url,
+           "STATE_POOL_SIZE": "8"}
+    return running_server(GUNICORN, port=port, cwd=REPO_ROOT / "services/agent", env=env, startup_timeout_seconds=60)
+
+
+def test_two_agents_taking_alternate_turns_of_16_users_dialogs_store_every_turn_once_in_order(tmp_path, postgres):
+    state_url = postgres.create_database()
+    with recording_server(echo_skill) as skill, \
+            agent_process(tmp_path, "agent-a", skill.url("/respond"), state_url) as first, \
+            agent_process(tmp_path, "agent-b", skill.url("/respond"), state_url) as second:
+        agents = (first, second)
+
+        def talk(user: int) -> list[dict]:
+            acknowledged = []
+            with requests.Session() as session:
+                for turn in range(TURNS):
+                    agent = agents[(user + turn) % 2]  # every turn goes to the other agent
+                    text = f"user {user} turn {turn}"
+                    answer = session.post(agent.url("/"), json={"user_id": f"user-{user}", "payload": text}, timeout=60)
+                    assert answer.status_code == 200, answer.text
+                    acknowledged.append({"text": text, **answer.json()})
+            return acknowledged
+
+        with ThreadPoolExecutor(max_workers=USERS) as pool:
+            conversations = list(pool.map(talk, range(USERS)))
+        stored = {user: requests.get(agents[user % 2].url(f"/api/dialogs/{turns[0]['dialog_id']}"), timeout=30).json()
+                  for user, turns in enumerate(conversations)}
+
+    lost = duplicated = reordered = answers_mixed_up = 0
+    for user, turns in enumerate(conversations):
+        assert len({turn["dialog_id"] for turn in turns}) == 1, f"user {user} got more than one dialog"
+        utterances = stored[user]["utterances"]
+        humans = [u["text"] for u in utterances if u["user"]["user_type"] == "human"]
+        expected = [turn["text"] for turn in turns]
+        lost += sum(1 for text in expected if text not in humans)
+        duplicated += len(humans) - len(set(humans))
+        reordered += humans != [text for text in expected if text in humans]
+        types = [u["user"]["user_type"] for u in utterances]
+        bot_ids = [u["utt_id"] for u in utterances if u["user"]["user_type"] == "bot"]
+        answers_mixed_up += types != ["human", "bot"] * (len(utterances) // 2) or bot_ids != [t["utt_id"] for t in turns]
+        answers_mixed_up += any(u["text"] != f"echo: {h['text']}" for h, u in zip(utterances[::2], utterances[1::2], strict=True))
+    with psycopg.connect(state_url) as db:
+        rows = db.execute("SELECT COUNT(*), COUNT(DISTINCT (dialog_id, position)), COUNT(DISTINCT dialog_id) FROM utterances").fetchone()
+        gaps = db.execute("SELECT COUNT(*) FROM (SELECT dialog_id FROM utterances GROUP BY dialog_id "
+                          "HAVING MIN(position) <> 0 OR MAX(position) <> COUNT(*) - 1) AS holed").fetchone()[0]
+
+    report = {"agents": 2, "users": USERS, "turns": USERS * TURNS, "stored_utterances": rows[0], "dialogs": rows[2],
+              "lost": lost, "duplicated": duplicated, "reordered": reordered, "answers_mixed_up": answers_mixed_up,
+              "position_gaps": gaps}
+    OUTPUT.parent.mkdir(parents=True, exist_ok=True)
+    OUTPUT.write_text(json.dumps(report, indent=2))
+    print(f"\nshared state: 2 agents on PostgreSQL, {USERS} users, {USERS * TURNS} turns, "
+          f"lost: {lost}, duplicated: {duplicated}, reordered: {reordered}")
+    assert (lost, duplicated, reordered, answers_mixed_up, gaps) == (0, 0, 0, 0, 0), report
+    assert rows == (USERS * TURNS * 2, USERS * TURNS * 2, USERS)
