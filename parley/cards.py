@@ -23,6 +23,8 @@ ENV_VAR_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 RAM_USAGE = re.compile(r"^\d+(\.\d+)?[KMGT]$")
 LLM_GROUP = "services"
 AGENT_GROUP = "agent"
+# A database the agents keep their dialogs in (the postgres card; the postgres.yml overlay).
+STATE_GROUP = "state"
 # The package folder of each LLM backend (the `api` of a card's model section).
 LLM_SERVICE_FOLDERS = {"transformers": "services/transformers_lm", "openai": "services/openai_api_lm"}
 
@@ -40,19 +42,20 @@ class _Strict(BaseModel):
 
 
 class Connector(_Strict):
-    protocol: Literal["http"] = "http"
+    # http: a service of the pipeline; postgresql: a database (url postgresql://<service>:<port>/<db>).
+    protocol: Literal["http", "postgresql"] = "http"
     timeout: float = Field(gt=0)
     url: str
 
-    @field_validator("url")
-    @classmethod
-    def _http_url_with_port(cls, url: str) -> str:
-        parts = urlsplit(url)
-        if parts.scheme != "http" or not parts.hostname or parts.port is None:
-            raise ValueError("must be http://<service>:<port>/<endpoint>")
+    @model_validator(mode="after")
+    def _url_with_port(self) -> "Connector":
+        parts = urlsplit(self.url)
+        if parts.scheme != self.protocol or not parts.hostname or parts.port is None:
+            shape = "http://<service>:<port>/<endpoint>" if self.protocol == "http" else "postgresql://<service>:<port>/<database>"
+            raise ValueError(f"url: must be {shape}")
         if not 1024 <= parts.port <= 65535:
-            raise ValueError(f"port {parts.port} is outside 1024-65535")
-        return url
+            raise ValueError(f"url: port {parts.port} is outside 1024-65535")
+        return self
 
 
 class ModelSection(_Strict):
@@ -128,7 +131,7 @@ class ModelSection(_Strict):
 class DeploySection(_Strict):
     """How a swarm runs the component (`parley stack`): how many replicas and on which nodes."""
 
-    replicas: int = Field(1, ge=1, description="replicas in a swarm; the agent keeps its state on one")
+    replicas: int = Field(1, ge=1, description="replicas in a swarm; the agent runs them only with shared state (postgres.yml), else one")
     placement: list[str] = Field([], description="Swarm placement constraints, e.g. 'node.labels.zone == eu'")
     cpus: float | None = Field(None, gt=0, description="CPU cores per replica: its limit, and an LLM's model threads")
 
@@ -179,12 +182,6 @@ class Card(_Strict):
             raise ValueError(f"connector.url must name the service {self.name!r} as its host")
         return self
 
-    @model_validator(mode="after")
-    def _agent_runs_once(self) -> "Card":
-        if self.group == AGENT_GROUP and self.deploy is not None and self.deploy.replicas != 1:
-            raise ValueError("deploy.replicas: the agent keeps its dialog state in one volume, so it runs 1 replica")
-        return self
-
     @property
     def port(self) -> int:
         return urlsplit(self.connector.url).port  # type: ignore[return-value]
@@ -196,6 +193,15 @@ class Card(_Strict):
     @property
     def is_agent(self) -> bool:
         return self.group == AGENT_GROUP
+
+    @property
+    def is_state_store(self) -> bool:
+        return self.group == STATE_GROUP
+
+    @property
+    def database(self) -> str:
+        """A state store's database name (the path of its connector URL)."""
+        return urlsplit(self.connector.url).path.strip("/")
 
     @property
     def calls_llms(self) -> bool:

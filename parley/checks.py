@@ -133,8 +133,12 @@ def check_services_and_cards(repo: Repo, cards: dict[str, Card], documents: dict
                 report.add(f"{where}: services.{name}: no card components/{name}.yml; add one (an LLM: `parley add-llm {name} ...`)")
         for overlay in OVERLAYS:
             overlay_path = repo.dist_file(dist, overlay)
-            for name in _services(documents.get(overlay_path)):
-                if name not in services:
+            for name, service in _services(documents.get(overlay_path)).items():
+                # An overlay may add a service of its own (postgres.yml's database) if it has a card.
+                adds = name in cards and isinstance(service, dict) and ("build" in service or "image" in service)
+                if adds:
+                    in_some_dist.add(name)
+                elif name not in services:
                     report.add(f"{overlay_path}: services.{name}: not a service of {override_path} or {BASE_COMPOSE}")
         for name, card in cards.items():
             if card.is_llm and name in services and overlay_needed(card, "proxy.yml"):

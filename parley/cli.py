@@ -7,6 +7,7 @@ from pathlib import Path
 
 import click
 
+from parley.bundle import export_command, import_command
 from parley.cards import CardError
 from parley.engine import engine
 from parley.repo import Repo, RepoError
@@ -43,6 +44,8 @@ Examples:
   parley check
   parley up universal_prompted_assistant
   parley stack universal_prompted_assistant --overlay cpu.yml -o stack.yml
+  parley export universal_prompted_assistant --overlay cpu.yml -o parley-bundle.tar
+  parley import parley-bundle.tar
   parley chat http://127.0.0.1:4242
   sudo parley engine start
   parley docs
@@ -281,3 +284,5 @@ cli.add_command(chat)
 cli.add_command(docs)
 cli.add_command(engine)
 cli.add_command(stack)
+cli.add_command(export_command)
+cli.add_command(import_command)

@@ -21,6 +21,7 @@ from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScala
 from common.model_sources import EMBEDDED_MODELS
 from parley.cards import LLM_SERVICE_FOLDERS, Card
 from parley.repo import OVERLAYS, OVERRIDE, Repo
+from parley.state_overlay import STATE_OVERLAY, update_state_overlay
 from parley.yamlio import dump_yaml, load_yaml_text
 
 REGENERATE = "parley generate"
@@ -408,7 +409,10 @@ def _edit_dist(
             if name in removed or (name in llm_cards and name not in members):
                 del services[name]
         for name in members:
-            _set_service(services, name, makers[overlay](llm_cards[name]))
+            if overlay in makers:
+                _set_service(services, name, makers[overlay](llm_cards[name]))
+        if overlay == STATE_OVERLAY:
+            update_state_overlay(document, cards, services)
         files[overlay_path] = _with_header(dump_yaml(document))
     return files, members
 

@@ -8,8 +8,9 @@ from pathlib import Path
 from parley.cards import Card, CardError, load_card
 
 OVERRIDE = "docker-compose.override.yml"
-# The overlays of a distribution, in the order `docker compose -f` takes them after the override.
-OVERLAYS = ("dev.yml", "cpu.yml", "proxy.yml")
+# The overlays of a distribution, in the order `docker compose -f` takes them after the override;
+# postgres.yml moves the agents' state to a shared PostgreSQL (parley/state_overlay.py).
+OVERLAYS = ("dev.yml", "cpu.yml", "proxy.yml", "postgres.yml")
 BASE_COMPOSE = "docker-compose.yml"
 
 

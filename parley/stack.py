@@ -6,13 +6,15 @@ top-level `name`, no `build:` (each service runs the image Compose built for it,
 with `--push`), no `depends_on` or `restart` (Swarm ignores them; its restart policy replaces them),
 `cpus` quoted, and a `deploy:` section per service from its card: replicas and placement (the
 card's optional `deploy` section), memory limits (the compose files') and reservations (the card's
-`ram_usage`), a restart policy, and rolling updates, start-first where the service allows it. The
-agent keeps its dialog state in one volume: it runs one replica, stop-first, on the node labelled
-`parley-state=true`, and is the only service with a published port.
+`ram_usage`), a restart policy, and rolling updates, start-first where the service allows it. An
+agent that keeps its dialogs in SQLite (its volume) runs one replica, stop-first, on the node
+labelled `parley-state=true`; with the postgres.yml overlay (STATE_URL=postgresql://...) the
+database is that pinned, stateful service instead, and the agent runs its card's
+`deploy.replicas`, start-first, anywhere. The agent is the only service with a published port.
 
 A kernel without IPVS (as on some CI machines) has no Swarm virtual IPs or ingress routing mesh:
 `--endpoint-mode dnsrr` then resolves a service name to every replica's address (DNS round robin)
-and publishes the agent's port on the node itself (`mode: host`).
+and publishes the agent's port on the node itself (`mode: host`), so one agent replica per node.
 """
 
 from __future__ import annotations
@@ -131,15 +133,23 @@ def _stack_service(name: str, service: dict[str, Any], card: Card, options: Stac
             result.setdefault("environment", {}).setdefault(variable, threads)
     if "healthcheck" in result:
         result["healthcheck"] = {key: value for key, value in result["healthcheck"].items() if key in HEALTHCHECK_KEYS}
-    volumes = [_volume_mount(name, mount) for mount in service.get("volumes") or []]
+    shared_state = card.is_agent and state_is_shared(service)
+    # An agent on a shared database keeps nothing in its (SQLite) volume: it goes, and so does the pin.
+    volumes = [] if shared_state else [_volume_mount(name, mount) for mount in service.get("volumes") or []]
     if volumes:
         result["volumes"] = volumes
     if card.is_agent:
         # The one way in: the agent's port, on every node (ingress) or on the agent's node (host).
         mode = "host" if options.endpoint_mode == "dnsrr" else "ingress"
         result["ports"] = [{"target": card.port, "published": card.port, "protocol": "tcp", "mode": mode}]
-    result["deploy"] = _deploy(service, card, options, keeps_state=card.is_agent or bool(volumes))
+    result["deploy"] = _deploy(service, card, options, keeps_state=(card.is_agent and not shared_state) or bool(volumes))
     return result
+
+
+def state_is_shared(service: dict[str, Any]) -> bool:
+    """Whether the agent keeps its dialogs in a database every replica reaches (STATE_URL=postgresql://)."""
+    url = str((service.get("environment") or {}).get("STATE_URL") or "")
+    return url.lower().startswith(("postgresql://", "postgres://"))
 
 
 def _image(name: str, service: dict[str, Any], options: StackOptions, images: dict[str, str]) -> str:
@@ -176,6 +186,8 @@ def _stack_volume(volume: dict[str, Any]) -> dict[str, Any]:
 def _deploy(service: dict[str, Any], card: Card, options: StackOptions, keeps_state: bool) -> dict[str, Any]:
     compose_deploy = service.get("deploy") or {}
     replicas = card.deploy.replicas if card.deploy else 1
+    if card.is_agent and keeps_state:
+        replicas = 1  # its card's replicas are for shared state (postgres.yml)
     if keeps_state and replicas != 1:
         raise StackError(f"components/{card.name}.yml: deploy.replicas: {card.name} keeps state in a volume, so it runs 1 replica")
     # Two copies of a stateful service must never write its volume at once, and a host-mode port
@@ -196,8 +208,13 @@ def _deploy(service: dict[str, Any], card: Card, options: StackOptions, keeps_st
         constraints.append(f"node.labels.{GPU_NODE_LABEL} == true")
     if keeps_state:
         constraints.append(f"node.labels.{STATE_NODE_LABEL} == true")
+    placement: dict[str, Any] = {}
     if constraints:
-        deploy["placement"] = {"constraints": list(dict.fromkeys(constraints))}
+        placement["constraints"] = list(dict.fromkeys(constraints))
+    if card.is_agent and options.endpoint_mode == "dnsrr" and replicas > 1:
+        placement["max_replicas_per_node"] = 1  # its port is bound on the node itself (mode: host)
+    if placement:
+        deploy["placement"] = placement
     return deploy
 
 
@@ -281,13 +298,16 @@ def stack(dist, output, overlays, endpoint_mode, project, registry, repo_path) -
 
     Each service gets a deploy section from its card: replicas and placement (the card's
     optional `deploy:`), memory limits and reservations, a restart policy and rolling updates
-    (start-first, except for the agent, which keeps its state in a volume on the node labelled
-    parley-state=true). Build the images first; see the README's "Beyond one machine".
+    (start-first, except for a service that keeps state in a volume: it runs once on the node
+    labelled parley-state=true). The agent keeps SQLite state there and runs once, unless the
+    postgres.yml overlay gives it a shared database: then it runs its card's replicas anywhere.
+    Build the images first; see the README's "Beyond one machine".
 
     \b
     Example:
         docker compose -p parley -f docker-compose.yml -f assistant_dists/universal_prompted_assistant/docker-compose.override.yml -f assistant_dists/universal_prompted_assistant/cpu.yml build
         parley stack universal_prompted_assistant --overlay cpu.yml -o stack.yml
+        parley stack universal_prompted_assistant --overlay cpu.yml --overlay postgres.yml -o stack.yml
         docker stack deploy --resolve-image never -c stack.yml parley
     """
     from parley.checks import compose_binary

@@ -121,14 +121,41 @@ def test_a_model_that_needs_a_gpu_is_placed_on_gpu_nodes(checkout: Path):
     assert stack["services"][LLM]["deploy"]["placement"] == {"constraints": ["node.labels.parley-gpu == true"]}
 
 
-def test_an_agent_card_with_two_replicas_is_refused_naming_the_field(checkout: Path):
-    add_to_card(checkout, "agent", "deploy:\n  replicas: 2\n")
+def test_on_sqlite_state_the_agent_runs_once_whatever_replicas_its_card_gives(checkout: Path):
+    assert "replicas: 2" in (checkout / "components" / "agent.yml").read_text()
 
-    result = CliRunner().invoke(cli, ["stack", DIST, "--repo", str(checkout)])
+    stack, _ = write_stack(checkout, "--overlay", "cpu.yml")
 
-    assert result.exit_code == 1
-    assert "components/agent.yml: (card): deploy.replicas" in result.output
-    assert "runs 1 replica" in result.output
+    assert stack["services"]["agent"]["deploy"]["replicas"] == 1
+
+
+def test_with_the_postgres_overlay_the_agent_runs_its_cards_replicas_start_first_anywhere(checkout: Path):
+    stack, _ = write_stack(checkout, "--overlay", "cpu.yml", "--overlay", "postgres.yml")
+
+    agent = stack["services"]["agent"]
+    assert agent["environment"]["STATE_URL"] == "postgresql://parley:parley@postgres:5432/parley"
+    assert agent["deploy"]["replicas"] == 2
+    assert agent["deploy"]["update_config"]["order"] == "start-first"
+    assert "placement" not in agent["deploy"] and "volumes" not in agent
+
+
+def test_with_the_postgres_overlay_the_database_runs_once_stop_first_on_the_state_node_with_its_volume(checkout: Path):
+    stack, _ = write_stack(checkout, "--overlay", "postgres.yml")
+
+    database = stack["services"]["postgres"]
+    assert database["image"] == "parley-postgres"
+    assert database["volumes"] == ["postgres-data:/var/lib/parley/postgres"]
+    assert database["deploy"]["replicas"] == 1
+    assert database["deploy"]["update_config"]["order"] == "stop-first"
+    assert database["deploy"]["placement"]["constraints"] == ["node.labels.parley-state == true"]
+    assert database["stop_signal"] == "SIGINT"
+    assert "postgres-data" in stack["volumes"]
+
+
+def test_with_dnsrr_the_agents_replicas_go_one_per_node_as_each_binds_its_port_on_the_node(checkout: Path):
+    stack, _ = write_stack(checkout, "--overlay", "postgres.yml", "--endpoint-mode", "dnsrr")
+
+    assert stack["services"]["agent"]["deploy"]["placement"] == {"max_replicas_per_node": 1}
 
 
 def test_dev_yml_is_refused_because_its_bind_mounts_do_not_travel(checkout: Path):
