@@ -73,10 +73,11 @@ test: install system-packages
 	$(BIN)/python -m pytest
 
 # The distribution in real Docker (as root): builds its images, runs a dialog through the containers
-# and the proxy overlay. Starts a Docker engine with `parley engine start` when none runs and stops
+# and the proxy overlay; then exports it (`parley export`), wipes the images, imports the bundle and
+# runs it with its PostgreSQL (postgres.yml). Starts a Docker engine with `parley engine start` when none runs and stops
 # it after; about 15 minutes the first time, under 5 once the engine data root is warm.
 test-docker: install
-	PARLEY_DOCKER_TESTS=1 $(BIN)/python -m pytest -s -p no:cacheprovider tests/docker/test_distribution_in_docker.py
+	PARLEY_DOCKER_TESTS=1 $(BIN)/python -m pytest -s -p no:cacheprovider tests/docker/test_distribution_in_docker.py tests/docker/test_bundle_in_docker.py
 
 # The distribution as a Docker Swarm stack on a real single-node swarm (as root, after test-docker,
 # on its engine and images): `parley stack`, 2 LLM replicas, a replica killed while dialogs run, a
