@@ -10,6 +10,8 @@ The counts are written to tests/output/shared-state.json and printed as one summ
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
@@ -93,3 +95,16 @@ def test_two_agents_taking_alternate_turns_of_16_users_dialogs_store_every_turn_
           f"lost: {lost}, duplicated: {duplicated}, reordered: {reordered}")
     assert (lost, duplicated, reordered, answers_mixed_up, gaps) == (0, 0, 0, 0, 0), report
     assert rows == (USERS * TURNS * 2, USERS * TURNS * 2, USERS)
+
+
+def test_an_agent_whose_database_refuses_its_password_stops_with_one_line_that_hides_it(tmp_path, postgres):
+    wrong = postgres.create_database().replace(":parley-test-password@", ":wrong-password-1234@")
+    env = {**os.environ, "SERVICE_PORT": str(free_port()), "STATE_URL": wrong, "STATE_CONNECT_TIMEOUT": "5"}
+
+    result = subprocess.run(GUNICORN, cwd=REPO_ROOT / "services/agent", env=env, capture_output=True, text=True, timeout=120)
+
+    assert result.returncode != 0
+    complaints = [line for line in result.stderr.splitlines() if "cannot start" in line]
+    assert len(complaints) == 1 and "cannot start: STATE_URL: postgresql://parley:***@127.0.0.1:" in complaints[0], result.stderr
+    assert "password authentication failed" in complaints[0]
+    assert "wrong-password-1234" not in result.stderr + result.stdout and "Traceback" not in result.stderr
