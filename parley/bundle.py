@@ -160,7 +160,7 @@ def plan_export(repo: Repo, dist: str, overlays: tuple[str, ...], project: str, 
                for name, volume in (merged.get("volumes") or {}).items()}
     if volumes:
         plan.compose["volumes"] = volumes
-    if repo.path(ENV_FILE).is_file():
+    if repo.path(ENV_FILE).is_file():  # compose reads it for ${...} in compose.yml
         plan.files[ENV_FILE] = repo.path(ENV_FILE)
     return plan
 
@@ -179,9 +179,15 @@ def _bundle_service(repo: Repo, name: str, service: dict[str, Any], card: Card, 
     result["pull_policy"] = "never"  # the bundle's images are loaded; nothing is fetched
     if "environment" in result:
         result["environment"] = _environment_map(result["environment"])
-    for key in ("env_file",):
-        if key in result:  # Compose's long form, paths as written (relative to the bundle folder)
-            result[key] = [entry["path"] if isinstance(entry, dict) else entry for entry in result[key]]
+    for entry in result.get("env_file") or []:  # each env file travels, at the same relative path
+        relative = str(entry["path"] if isinstance(entry, dict) else entry)
+        required = not isinstance(entry, dict) or entry.get("required", True)
+        if Path(relative).is_absolute() or ".." in Path(relative).parts:
+            raise BundleError(f"service {name!r}: env_file {relative} is outside the checkout; only files inside it travel")
+        if repo.path(relative).is_file():
+            plan.files[Path(relative).as_posix()] = repo.path(relative)
+        elif required:
+            raise BundleError(f"service {name!r}: env_file {relative} does not exist")
     mounts = []
     for mount in result.get("volumes") or []:
         if mount.get("type") != "bind":
@@ -245,7 +251,7 @@ def write_bundle(plan: ExportPlan, output: Path, save_images: Callable[[list[str
         )
         (staging / MANIFEST).write_text(manifest.to_json())
         (staging / CHECKSUMS).write_text("".join(f"{entry['sha256']}  {relative}\n" for relative, entry in manifest.files.items()))
-        echo(f"==> writing {output.name}")
+        echo(f"==> writing {output.name} ({size_text(sum(entry['bytes'] for entry in manifest.files.values()))})")
         partial = output.with_name(output.name + ".partial")
         with tarfile.open(partial, "w") as bundle:
             for relative in [MANIFEST, CHECKSUMS, *manifest.files]:
