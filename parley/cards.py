@@ -96,15 +96,11 @@ class ModelSection(_Strict):
 
     @field_validator("key_env_vars")
     @classmethod
-    def _env_var_names(cls, names: list[str]) -> list[str]:
+    def _key_env_var_names(cls, names: list[str]) -> list[str]:
         for name in names:
-            if not ENV_VAR_NAME.match(name):
-                raise ValueError(f"{name!r} is not an env var name (A-Z, 0-9, _)")
-            if not is_key_field(name):
-                raise ValueError(
-                    f"{name!r} must end in {KEY_FIELD_ENDINGS}: the agent keeps a turn's fields with such "
-                    "names out of the dialog state, and would store a key sent under any other name"
-                )
+            problem = key_env_var_problem(name)
+            if problem:
+                raise ValueError(problem)
         return names
 
     @field_validator("generation_config")
@@ -205,6 +201,19 @@ class Card(_Strict):
     @property
     def respond_url(self) -> str:
         return f"http://{self.name}:{self.port}/respond"
+
+
+def key_env_var_problem(name: str) -> str | None:
+    """Why `name` cannot hold an LLM's API key (None: it can): it must be an env var name that the
+    agent recognises as a key field (common.key_fields), or a key sent under it would be stored."""
+    if not ENV_VAR_NAME.match(name):
+        return f"{name!r} is not an env var name: use A-Z, 0-9 and _, e.g. OPENAI_API_KEY"
+    if not is_key_field(name):
+        return (
+            f"{name!r} must end in {KEY_FIELD_ENDINGS} (e.g. {name}_KEY): the agent keeps a turn's fields with "
+            "such names out of the dialog state, and would store a key sent under any other name"
+        )
+    return None
 
 
 def generation_config_problems(error: ValidationError) -> list[str]:
