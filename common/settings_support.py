@@ -12,6 +12,8 @@ from typing import Iterable, Mapping
 
 from pydantic import ValidationError
 
+from common.validation import StartupError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 _TRUE = ("1", "true", "yes", "on")
@@ -34,7 +36,7 @@ def parse_boolean(value: str, variable: str) -> bool:
     raise ValueError(f"{variable} must be 1 or 0 (true/false), not {value!r}")
 
 
-class SettingsError(ValueError):
+class SettingsError(StartupError, ValueError):
     """A setting that cannot be used; the message is one line naming the env var and the fix."""
 
 

@@ -18,7 +18,8 @@ import torch
 from support.errors import assert_dream_error
 from support.tiny_model import tiny_model_dir
 
-from common.lm_protocol import GenerationCaps, GenerationConfig, RequestValidationError, parse_request, RespondRequest
+from common.lm_protocol import GenerationCaps, GenerationConfig, RespondRequest
+from common.validation import RequestValidationError, parse_json
 from common.model_sources import resolve_model_source
 from services.transformers_lm.app import create_app, load_model
 from services.transformers_lm.backends import (
@@ -660,13 +661,13 @@ def test_every_setting_is_documented_in_the_service_readme():
 
 
 def test_parse_request_turns_each_dialog_into_one_item():
-    request = parse_request(RespondRequest, {"dialog_contexts": [["a"], ["b", "c"]], "prompts": ["p", "q"]})
+    request = parse_json(RespondRequest, {"dialog_contexts": [["a"], ["b", "c"]], "prompts": ["p", "q"]})
 
     assert [(i.dialog_context, i.prompt, i.config) for i in request.items()] == [(["a"], "p", None), (["b", "c"], "q", None)]
 
 
 def test_the_generation_config_model_lists_every_allowed_key_in_its_error():
     with pytest.raises(RequestValidationError) as caught:
-        parse_request(RespondRequest, respond_body(configs=[{"beams": 2}]))
+        parse_json(RespondRequest, respond_body(configs=[{"beams": 2}]))
 
     assert all(key in caught.value.message for key in json.loads(json.dumps(list(GenerationConfig.model_fields))))

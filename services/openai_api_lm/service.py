@@ -15,7 +15,7 @@ from typing import Any, Callable, Sequence, TypeVar
 from services.openai_api_lm.protocol import OpenAIGenerationConfig, RequestKeys
 from services.openai_api_lm.settings import Settings
 from services.openai_api_lm.upstream import ChatCompletionsClient, Credentials, UpstreamResponseError
-from common.lm_protocol import GenerateGoalsItem, RespondItem, load_generation_config
+from common.lm_protocol import GenerateGoalsItem, RespondItem, load_default_config
 from common.settings_support import REPO_ROOT
 
 logger = logging.getLogger(__name__)
@@ -73,11 +73,8 @@ class OpenAIApiLM:
     def __init__(self, settings: Settings, client: ChatCompletionsClient | None = None):
         self.settings = settings
         self.client = client or ChatCompletionsClient(settings.chat_completions_url)
-        path = settings.generative_config_path
-        # A bad file is a RequestValidationError naming GENERATIVE_CONFIG, raised at start-up.
-        self.default_config = load_generation_config(path, OpenAIGenerationConfig) if path else OpenAIGenerationConfig()
-        # A default over the caps would turn every request without a config into a 400: refuse to start.
-        self.default_config.check_caps(settings.caps, "GENERATIVE_CONFIG" if path else "the built-in default config")
+        # A file that cannot be used, or a default over the caps, is a SettingsError at start-up.
+        self.default_config = load_default_config(settings.generative_config_path, settings.caps, OpenAIGenerationConfig)
         self.goals_prompt = GOALS_PROMPT_FILE.read_text().strip()
         self._pool = ThreadPoolExecutor(MAX_PARALLEL_UPSTREAM_CALLS, thread_name_prefix="upstream")
 

@@ -9,7 +9,6 @@ loads the model in a background thread (or takes a model handed in, as tests do)
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Callable
@@ -17,10 +16,11 @@ from typing import Callable
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from common.lm_protocol import GenerationConfig, RequestValidationError, load_generation_config, parse_request
+from common.lm_protocol import GenerationConfig, load_default_config
 from common.model_sources import ModelSourceError, llama_cpp_weights_for, resolve_model_source
-from common.json_body import read_json_body
+from common.validation import RequestValidationError, parse_body
 from common.openapi import register_openapi
+from common.service_main import stop_worker
 from services.transformers_lm import openai_api
 from services.transformers_lm.openapi_spec import API
 from services.transformers_lm.backends import BackendRegistry, LoadedModel, LoadOptions, ModelLoadError, default_registry
@@ -32,20 +32,14 @@ from services.transformers_lm.protocol import (
     RespondRequest,
 )
 from services.transformers_lm.service import GenerationFailedError, LMService
-from services.transformers_lm.settings import Settings, SettingsError
+from services.transformers_lm.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# The exit status gunicorn reads as "worker failed to boot": the master stops instead of retrying.
-WORKER_BOOT_ERROR = 3
 
 
 class ModelNotReadyError(RuntimeError):
     """The model is still loading (or failed to load): 503."""
-
-
-class StartupError(RuntimeError):
-    """The service cannot start; the message is one line that says how to fix it."""
 
 
 def load_model(settings: Settings, registry: BackendRegistry | None = None) -> LoadedModel:
@@ -125,9 +119,7 @@ class ServiceHolder:
 
 def exit_worker(message: str) -> None:
     """Stop the process: the service cannot serve without its model (gunicorn then stops too)."""
-    logger.error("cannot start: %s", message)
-    logging.shutdown()
-    os._exit(WORKER_BOOT_ERROR)
+    stop_worker(logger, message)
 
 
 def create_app(
@@ -139,12 +131,8 @@ def create_app(
 ) -> Flask:
     """The service's Flask app. With `model` given it serves that model at once; else it loads the
     model from the settings in a background thread and calls `on_load_failure` if that fails."""
-    try:
-        settings = settings or Settings.from_env()
-        default_config = load_generation_config(settings.generative_config_path)
-        default_config.check_caps(settings.caps, "GENERATIVE_CONFIG")
-    except (SettingsError, RequestValidationError) as error:
-        raise StartupError(getattr(error, "message", str(error))) from None
+    settings = settings or Settings.from_env()
+    default_config = load_default_config(settings.generative_config_path, settings.caps)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -158,12 +146,12 @@ def create_app(
 
     @app.post("/respond")
     def respond() -> Response:
-        respond_request = parse_request(RespondRequest, read_json_body())
+        respond_request = parse_body(RespondRequest)
         return jsonify(holder.get().respond(respond_request.items()))
 
     @app.post("/generate_goals")
     def generate_goals() -> Response:
-        goals_request = parse_request(GenerateGoalsRequest, read_json_body())
+        goals_request = parse_body(GenerateGoalsRequest)
         return jsonify(holder.get().generate_goals(goals_request.items()))
 
     @app.route("/ping", methods=["GET", "POST"])
@@ -195,12 +183,12 @@ def create_app(
 
     @app.post("/v1/chat/completions")
     def v1_chat_completions() -> Response:
-        chat_request = parse_request(ChatCompletionRequest, read_json_body())
+        chat_request = parse_body(ChatCompletionRequest)
         return _openai_result(openai_api.chat_completion(holder.get(), chat_request))
 
     @app.post("/v1/completions")
     def v1_completions() -> Response:
-        completion_request = parse_request(CompletionRequest, read_json_body())
+        completion_request = parse_body(CompletionRequest)
         return _openai_result(openai_api.completion(holder.get(), completion_request))
 
     register_openapi(app, API)

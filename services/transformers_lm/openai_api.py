@@ -16,7 +16,8 @@ from typing import Iterator
 
 from pydantic import ValidationError
 
-from common.lm_protocol import GenerationConfig, RequestValidationError, validation_error_to_request_error
+from common.lm_protocol import GenerationConfig
+from common.validation import RequestValidationError, request_error
 from services.transformers_lm.backends import ChatMessage
 from services.transformers_lm.prompting import BuiltPrompt, conversation_from_messages
 from services.transformers_lm.protocol import (
@@ -50,7 +51,7 @@ def generation_config(service: LMService, request: ChatCompletionRequest | Compl
     try:
         override = GenerationConfig.model_validate(request.generation_override())
     except ValidationError as error:
-        raise _as_openai_param(validation_error_to_request_error(error)) from None
+        raise _as_openai_param(request_error(error, model=GenerationConfig)) from None
     config = service.default_config.merged_with(override)
     try:
         config.check_caps(service.settings.caps)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from common.lm_protocol import RequestValidationError
+from common.validation import RequestValidationError
 from services.transformers_lm.backends import ChatMessage
 from services.transformers_lm.settings import PromptFormat
 

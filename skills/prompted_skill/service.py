@@ -16,7 +16,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from common.lm_protocol import GenerationConfig, RequestValidationError, load_generation_config
+from common.lm_protocol import GenerationConfig, load_generation_config
+from common.validation import RequestValidationError
 from skills.prompted_skill.llm_client import LLMCallError, LLMClient
 from skills.prompted_skill.protocol import Dialog, DialogReply, Hypothesis
 from skills.prompted_skill.settings import Settings

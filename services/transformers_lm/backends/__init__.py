@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from common.model_sources import ModelSource, SourceKind
+from common.validation import StartupError
 from services.transformers_lm.engine import Engine
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ BACKEND_MODULES = (
 AUTO = "auto"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StartupError, RuntimeError):
     """The model cannot be loaded; the message is one line that says how to fix it."""
 
 
