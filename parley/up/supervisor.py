@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import http.client
 import os
 import shlex
 import signal
@@ -18,11 +19,10 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
-
-import requests
 
 from parley.repo import Repo
 from parley.up.plan import ServicePlan, UpError, plan_distribution
@@ -131,10 +131,12 @@ def _start(plan: ServicePlan, output: SupervisorOutput) -> RunningService:
 
 
 def _healthy(service: RunningService) -> bool:
-    with contextlib.suppress(requests.RequestException):
-        reply = requests.get(service.plan.url + "/health", timeout=2, headers={"User-Agent": HEALTH_USER_AGENT})
-        return reply.status_code == 200
-    return False
+    request = urllib.request.Request(service.plan.url + "/health", headers={"User-Agent": HEALTH_USER_AGENT})
+    try:
+        with urllib.request.urlopen(request, timeout=2) as reply:
+            return reply.status == 200
+    except (OSError, http.client.HTTPException):  # not listening yet, an error status, a cut answer
+        return False
 
 
 def stop_services(services: list[RunningService], grace_seconds: float = STOP_GRACE_SECONDS) -> None:
