@@ -9,10 +9,9 @@ card's `--key-env`) and kept as a `SecretStr`, so no repr, log line or error mes
 from __future__ import annotations
 
 import re
-from typing import Annotated, Mapping
+from typing import Annotated, Mapping, Self
 
 from pydantic import Field, SecretStr, field_validator
-from typing_extensions import Self
 
 from common.lm_protocol import GenerationCaps
 from common.settings_support import NOT_AN_ENV_VAR, RepoPath, ServiceSettings, SettingsError
