@@ -13,9 +13,13 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common.settings_support import SettingsError
+from common.settings_support import REPO_ROOT, SettingsError
 from common.validation import RequestValidationError, problems
 
+# The generative config an LLM service merges requests over when its card names none (repository-relative).
+DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
+# What `/generate_goals` asks an LLM: this file's text with the bot's prompt in its `{prompt}` slot.
+GOALS_PROMPT_FILE = REPO_ROOT / "common" / "prompts" / "generate_goals.txt"
 # Hard bounds that no deployment may raise; the per-service caps (`GenerationCaps`) sit below them.
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 200
@@ -122,6 +126,18 @@ def load_default_config(
     except RequestValidationError as error:
         raise SettingsError(f"{error.message} (MAX_NEW_TOKENS_CAP, MAX_NUM_RETURN_SEQUENCES are the caps)") from None
     return config
+
+
+def dream_turns(dialog_context: list[str]) -> list[tuple[str, str]]:
+    """(role, utterance) for Dream's dialog context: utterances alternate, and the last is the user's,
+    so counting back from it every other one is the assistant's (as Dream's LLM services read it)."""
+    last = len(dialog_context) - 1
+    return [("user" if (last - index) % 2 == 0 else "assistant", text) for index, text in enumerate(dialog_context)]
+
+
+def goals_request(prompt: str) -> str:
+    """The user message `/generate_goals` sends an LLM for one bot prompt (the same in every LLM service)."""
+    return GOALS_PROMPT_FILE.read_text().strip().replace("{prompt}", prompt)
 
 
 # Utterances and prompts are plain strings; the bounds keep one request from exhausting memory

@@ -17,7 +17,7 @@ from parley.repo import OVERRIDE, Repo
 from parley.yamlio import YamlSyntaxError, dump_yaml, load_yaml_text
 
 FIRST_LLM_PORT = 8180
-DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
+from common.lm_protocol import DEFAULT_GENERATIVE_CONFIG  # noqa: E402 - the one definition, beside the config model
 CARD_HEADER = "# The card of an LLM: the single source of its wiring. After editing it, run `parley generate`.\n"
 
 

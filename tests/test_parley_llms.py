@@ -464,6 +464,7 @@ def _generated_environment(root: Path, service: str) -> dict[str, str]:
 
 
 def test_the_llm_service_reads_every_setting_its_card_generates(checkout: Path, gguf_model: Path, tmp_path: Path):
+    from common.settings_support import resolve_repo_path
     from services.transformers_lm.settings import Settings
 
     card = tmp_path / "card.yml"
@@ -481,7 +482,7 @@ def test_the_llm_service_reads_every_setting_its_card_generates(checkout: Path, 
     assert settings.stop_sequences == ("</s>",)
     assert settings.prompt_format is not None and settings.prompt_format.trailing_assistant == "<|assistant|>"
     assert settings.service_port == 8181
-    assert str(settings.generative_config) == "common/generative_configs/transformers-lm-tiny.json"
+    assert settings.generative_config == resolve_repo_path("common/generative_configs/transformers-lm-tiny.json")
 
 
 def test_an_invalid_prompt_format_in_a_card_is_refused_naming_the_field(checkout: Path):

@@ -15,7 +15,7 @@ import socket
 
 from flask import Flask, Response, jsonify
 
-from common.dream_errors import dream_error, register_dream_error_handlers
+from common.dream_errors import NotReadyError, dream_error, register_dream_error_handlers
 from common.validation import RequestTooLargeError, RequestValidationError, read_json_body, validate
 from common.openapi import register_openapi
 from services.agent import chat_page
@@ -63,14 +63,23 @@ def create_app(settings: Settings | None = None) -> Flask:
     def dialogs_of_user(user_id: str) -> Response:
         return jsonify({"user_id": user_id, "dialog_ids": agent.store.dialog_ids_of(user_id)})
 
+    def waiting_for() -> list[str]:
+        """The WAIT_HOSTS entries that do not accept connections yet (once one did, it is not asked again)."""
+        waiting = [host for host in settings.wait_hosts if host not in waited_for and not _accepts(host)]
+        waited_for.update(h for h in settings.wait_hosts if h not in waiting)
+        return waiting
+
     @app.route("/ping", methods=["GET", "POST"])
     def ping() -> Response:
+        """Dream's liveness check, honest: "pong" once ready, as /health says; 503 before."""
+        waiting = waiting_for()
+        if waiting:
+            raise NotReadyError(f"waiting for {', '.join(waiting)} (WAIT_HOSTS) to accept connections")
         return jsonify("pong")
 
     @app.get("/health")
     def health():
-        waiting = [host for host in settings.wait_hosts if host not in waited_for and not _accepts(host)]
-        waited_for.update(h for h in settings.wait_hosts if h not in waiting)
+        waiting = waiting_for()
         body = {"status": "ok" if not waiting else "waiting", "service": settings.service_name,
                 "pipeline": agent.pipeline.service_names(), "waiting_for": waiting}
         return jsonify(body), 200 if not waiting else 503

@@ -14,7 +14,7 @@ import threading
 import uuid
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 from contextlib import contextmanager
 
 SCHEMA = """
@@ -112,8 +112,10 @@ class DialogStore:
             db.execute("UPDATE dialogs SET active = 0 WHERE user_external_id = ? AND active = 1", (user_external_id,))
 
     def append_turn(self, dialog_id: str, human_utterance: dict, bot_utterance: dict,
-                    human_attributes: dict, bot_attributes: dict) -> None:
-        """Store the user's utterance and the bot's answer at the end of the dialog, together."""
+                    human_attributes: dict, bot_attributes: dict, human_attributes_reset_to: dict | None = None) -> None:
+        """Store the user's utterance and the bot's answer at the end of the dialog, together; the
+        user's attributes get `human_attributes` merged over them (over `human_attributes_reset_to`
+        instead, when the turn reset them)."""
         with self._transaction() as db:
             last = db.execute("SELECT MAX(position) FROM utterances WHERE dialog_id = ?", (dialog_id,)).fetchone()[0]
             position = -1 if last is None else last
@@ -126,8 +128,9 @@ class DialogStore:
                 "SELECT u.user_external_id, u.attributes FROM users u JOIN dialogs d USING (user_external_id) "
                 "WHERE d.dialog_id = ?", (dialog_id,)
             ).fetchone()
-            if human_attributes:
-                merged = {**json.loads(user["attributes"]), **human_attributes}
+            if human_attributes or human_attributes_reset_to is not None:
+                base = json.loads(user["attributes"]) if human_attributes_reset_to is None else human_attributes_reset_to
+                merged = {**base, **human_attributes}
                 db.execute("UPDATE users SET attributes = ? WHERE user_external_id = ?",
                            (json.dumps(merged), user["user_external_id"]))
             row = db.execute("SELECT bot_attributes FROM dialogs WHERE dialog_id = ?", (dialog_id,)).fetchone()

@@ -23,8 +23,6 @@ from common.validation import RequestValidationError, parse_json
 
 # OpenAI's name -> the shared config's name for the same thing.
 OPENAI_KEY_NAMES = {"max_tokens": "max_new_tokens", "n": "num_return_sequences"}
-# Keys of the shared config that the OpenAI chat API has no parameter for: accepted, not sent.
-KEYS_WITHOUT_OPENAI_PARAMETER = ("min_new_tokens", "top_k", "repetition_penalty")
 # Dream's field for per-request organizations (its skills send `<env var lower case>s`).
 ORGANIZATION_FIELDS = ("openai_api_organizations", "openai_organizations")
 
@@ -63,7 +61,10 @@ class OpenAIGenerationConfig(GenerationConfig):
         return sorted({*cls.model_fields, *OPENAI_KEY_NAMES})
 
     def to_openai_parameters(self) -> dict[str, Any]:
-        """The chat completion parameters for this config (OpenAI's names; defaults left out)."""
+        """The chat completion parameters for this config (OpenAI's names; defaults left out).
+
+        min_new_tokens, top_k and repetition_penalty have no chat API parameter: accepted, not sent.
+        """
         parameters: dict[str, Any] = {"max_tokens": self.max_new_tokens, "n": self.num_return_sequences}
         if self.is_greedy:
             parameters["temperature"] = 0.0

@@ -1,4 +1,4 @@
-"""What gunicorn imports: `gunicorn --config python:common.gunicorn_conf server:app`, run from this folder."""
+"""What gunicorn imports: `gunicorn server:app`, run from this folder (its gunicorn.conf.py holds the settings)."""
 
 from transformers.utils import logging as transformers_logging
 

@@ -24,6 +24,7 @@ from services.transformers_lm.protocol import (
     OPENAI_PARAM_FOR_KEY,
     ChatCompletionRequest,
     CompletionRequest,
+    openai_error,
 )
 from services.transformers_lm.service import LMService
 
@@ -197,7 +198,7 @@ def _stream_events(
                 yield chunk([], _usage(sum(len(p.token_ids) for p in prompts), completion_tokens))
         except Exception as error:  # noqa: BLE001 - the status line is sent: report it in the stream
             logger.exception("streamed generation failed")
-            yield _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
+            yield _sse(openai_error(str(error), "server_error"))
         finally:
             for _, stream in started:
                 stream.cancel()
