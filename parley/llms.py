@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from common.lm_protocol import DEFAULT_GENERATIVE_CONFIG
 from common.model_sources import EMBEDDED_MODELS, ModelSourceError, SourceKind, file_sha256, resolve_model_source
 from parley.cards import DNS_LABEL, LLM_GROUP, LLM_SERVICE_FOLDERS, Card, CardError, card_to_data, key_env_var_problem, parse_card
 from parley.generate import Plan, plan_generation
@@ -17,7 +18,6 @@ from parley.repo import OVERRIDE, Repo
 from parley.yamlio import YamlSyntaxError, dump_yaml, load_yaml_text
 
 FIRST_LLM_PORT = 8180
-from common.lm_protocol import DEFAULT_GENERATIVE_CONFIG  # noqa: E402 - the one definition, beside the config model
 CARD_HEADER = "# The card of an LLM: the single source of its wiring. After editing it, run `parley generate`.\n"
 
 
