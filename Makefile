@@ -67,9 +67,11 @@ run: install
 system-packages:
 	@scripts/install-system-packages
 
-# `parley check` first: the bundle (cards, compose overlays, Dockerfiles) must be consistent.
+# `parley check` first: the bundle (cards, compose overlays, Dockerfiles) must be consistent; then
+# `parley docs --check`: the README's command reference is current and every help text complete.
 test: install system-packages
 	$(BIN)/parley check
+	$(BIN)/parley docs --check
 	$(BIN)/python -m pytest
 
 # The distribution in real Docker (as root): builds its images, runs a dialog through the containers

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from bench.common import QUESTIONS, BenchContext, Measurement, chat_messages
-from services.transformers_lm.engine import GenerationRequest, SamplingParams
+from services.transformers_lm.engines import GenerationRequest, SamplingParams
 from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine
 from services.transformers_lm.engines.native_llama import NativeLlama
 from services.transformers_lm.engines.slot_cache import SlotBatch
@@ -57,7 +57,7 @@ class ModuleTimers:
 
 def _profile(engine: ContinuousBatchingEngine, prompts, ctx: BenchContext) -> dict:
     """Where one full batch's step time goes, in ms per step, with the engine's own counters."""
-    engine.stats = type(engine.stats)()
+    engine.reset_stats()
     timers = ModuleTimers(engine.model.model)
     try:
         streams = [engine.submit(GenerationRequest(p, SamplingParams(max_new_tokens=ctx.new_tokens))) for p in prompts]
@@ -74,9 +74,9 @@ def _profile(engine: ContinuousBatchingEngine, prompts, ctx: BenchContext) -> di
         **seconds,
         "attention core (rotary, slot attention, kv writes)": attention_core,
     }
-    parts["other model ops (embeddings, norms, activations, python)"] = stats.forward_seconds - sum(parts.values())
+    parts["other model ops (embeddings, norms, activations, python)"] = stats.model_seconds - sum(parts.values())
     parts["sampling"] = stats.sampling_seconds
-    parts["scheduling (admit, release, streams)"] = stats.step_seconds - stats.forward_seconds - stats.sampling_seconds
+    parts["scheduling (admit, release, streams)"] = stats.step_seconds - stats.model_seconds - stats.sampling_seconds
     return {
         "rows": len(prompts),
         "engine_stats": stats.as_dict(),

@@ -100,7 +100,7 @@ def llama_cpp_engine_profile(ctx: BenchContext) -> None:
     from common.model_sources import DEFAULT_MODEL_NAME
     from services.transformers_lm.backends import ChatMessage, LoadOptions
     from services.transformers_lm.backends.llama_cpp_backend import LlamaCppBackend
-    from services.transformers_lm.engine import GenerationRequest, SamplingParams
+    from services.transformers_lm.engines import GenerationRequest, SamplingParams
     from common.model_sources import resolve_model_source
 
     clients = max(ctx.client_counts)
@@ -136,22 +136,23 @@ def llama_cpp_engine_profile(ctx: BenchContext) -> None:
         for thread in threads:
             thread.join()
         seconds = time.perf_counter() - started
-        stats = loaded.engine.stats()
+        stats = loaded.engine.stats
     finally:
         loaded.close()
-    steps = max(stats["steps"], 1)
+    counters = stats.as_dict()
+    steps = max(stats.steps, 1)
     profile = {
-        "steps": stats["steps"],
+        "steps": stats.steps,
         "ms_per_step": 1000 * seconds / steps,
-        "decode_ms_per_step": 1000 * stats["decode_seconds"] / steps,
-        "sample_ms_per_step": 1000 * stats["sample_seconds"] / steps,
-        "schedule_ms_per_step": 1000 * stats["schedule_seconds"] / steps,
-        "idle_ms_per_step": 1000 * (seconds - stats["decode_seconds"] - stats["sample_seconds"] - stats["schedule_seconds"]) / steps,
-        "rows_per_step": (stats["decoded_tokens"] + stats["admitted"]) / steps,
-        "prompt_tokens": stats["prompt_tokens"],
-        "prompt_tokens_computed": stats["prefilled_tokens"],
-        "prompt_tokens_from_cache": stats["reused_tokens"],
-        "deferred_admissions": stats["deferred"],
+        "decode_ms_per_step": counters["model_ms_per_step"],
+        "sample_ms_per_step": counters["sampling_ms_per_step"],
+        "schedule_ms_per_step": counters["scheduling_ms_per_step"],
+        "idle_ms_per_step": 1000 * (seconds - stats.step_seconds) / steps,
+        "rows_per_step": counters["mean_rows_per_step"],
+        "prompt_tokens": stats.prompt_tokens,
+        "prompt_tokens_computed": stats.prompt_tokens_computed,
+        "prompt_tokens_from_cache": stats.prompt_tokens_from_cache,
+        "deferred_admissions": stats.admissions_deferred,
     }
     ctx.facts["llama.cpp engine profile"] = profile
     ctx.record(

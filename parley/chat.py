@@ -1,10 +1,9 @@
-"""`parley chat`: talk to an agent from the terminal, one POST per turn (Dream's agent API)."""
+"""`parley chat`'s wire: one POST per turn to an agent (Dream's agent API); the command holds the terminal loop."""
 
 from __future__ import annotations
 
 import uuid
 
-import click
 import requests
 
 
@@ -30,17 +29,6 @@ def send_turn(url: str, user_id: str, text: str, timeout: float) -> dict:
     return body
 
 
-def chat_loop(url: str, *, user_id: str | None = None, timeout: float = 120.0) -> None:
-    user_id = user_id or f"parley-chat-{uuid.uuid4().hex[:8]}"
-    click.echo(f"chatting with {url} as {user_id}; an empty line or Ctrl-D ends it", err=True)
-    while True:
-        try:
-            text = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
-        except (EOFError, click.Abort):
-            click.echo("", err=True)
-            return
-        if not text.strip():
-            return
-        answer = send_turn(url, user_id, text, timeout)
-        skill = answer.get("active_skill")
-        click.echo(f"bot> {answer.get('response', '')}" + (click.style(f"  [{skill}]", dim=True) if skill else ""))
+def new_user_id() -> str:
+    """A user id of its own for a chat session that was given none."""
+    return f"parley-chat-{uuid.uuid4().hex[:8]}"

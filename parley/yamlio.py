@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from typing import Any
 
 from ruamel.yaml import YAML
@@ -32,10 +31,6 @@ def load_yaml_text(text: str, display_path: str) -> Any:
         raise YamlSyntaxError(f"{display_path}: {where}: {error.problem or error.context}") from None
     except YAMLError as error:
         raise YamlSyntaxError(f"{display_path}: (file): {error}") from None
-
-
-def load_yaml_file(path: Path, display_path: str) -> Any:
-    return load_yaml_text(path.read_text(), display_path)
 
 
 def dump_yaml(data: Any) -> str:

@@ -141,6 +141,16 @@ def test_a_skill_with_a_malformed_answer_is_skipped(tmp_path, caplog):
     assert "skills.odd skipped: answered something other than a list with one result per dialog" in caplog.text
 
 
+def test_a_skill_whose_parallel_lists_differ_in_length_is_skipped_not_cut_short(tmp_path, caplog):
+    # Two texts but one confidence: zipping would silently keep one hypothesis and drop the other.
+    uneven = lambda request: Reply(200, [[["One.", "Two."], [0.9], [{}, {}], [{}, {}], [{}, {}]]])  # noqa: E731
+    with recording_server(uneven) as odd:
+        client = make_client(tmp_path, {"odd": (odd.url("/respond"), 30)})
+        body = client.post("/", json={"user_id": "ann", "payload": "Hello"}).get_json()
+    assert body["response"] == LAST_CHANCE and body["debug_output"] == []
+    assert "skills.odd skipped: its answer could not be used (ValueError: a skill's parallel lists differ in length (2, 1, 2, 2, 2)" in caplog.text
+
+
 def test_a_turn_over_the_response_time_limit_gets_the_timeout_answer(tmp_path):
     with recording_server(skill_reply("Too late.", delay_seconds=10)) as hanging:
         client = make_client(tmp_path, {"slow": (hanging.url("/respond"), 30)}, RESPONSE_TIME_LIMIT="1")
@@ -183,6 +193,28 @@ def test_an_annotators_result_is_stored_and_seen_by_the_skills_after_it(tmp_path
     [dialog] = skill.requests[0].json()["dialogs"]
     assert dialog["human_utterances"][-1]["annotations"] == {"spelling": {"corrected": "HELLO"}}
     assert body["response"] == "Hi."
+
+
+def test_the_reset_annotation_clears_the_users_attributes_on_a_dialogs_first_turn_but_keeps_disliked_skills(tmp_path):
+    # Given a user whose attributes a skill set in an earlier dialog
+    remembering = lambda request: Reply(200, [[["Noted."], [0.9], [{"mood": "sad", "disliked_skills": ["jokes"]}], [{}], [{}]]])  # noqa: E731
+    annotate = lambda request: Reply(200, [{"ok": True}])  # noqa: E731
+    with recording_server(annotate) as annotator, recording_server(remembering) as skill:
+        pipeline = write_pipeline_with_annotator(tmp_path, annotator.url("/respond"), skill.url("/respond"), required=False)
+        data = json.loads(pipeline.read_text())
+        data["services"]["annotators"]["spelling"]["state_manager_method"] = \
+            "add_annotation_and_reset_human_attributes_for_first_turn"
+        pipeline.write_text(json.dumps(data))
+        client = client_for(tmp_path, pipeline)
+        client.post("/", json={"user_id": "ann", "payload": "one"})
+        client.post("/", json={"user_id": "ann", "payload": "two"})
+        attributes_in_the_same_dialog = skill.requests[-1].json()["dialogs"][0]["human"]["attributes"]
+        # When a new dialog starts
+        client.post("/", json={"user_id": "ann", "payload": "/start"})
+        client.post("/", json={"user_id": "ann", "payload": "three"})
+    # Then later turns of a dialog keep what was learnt, and the first turn of the next one starts afresh
+    assert attributes_in_the_same_dialog == {"mood": "sad", "disliked_skills": ["jokes"]}
+    assert skill.requests[-1].json()["dialogs"][0]["human"]["attributes"] == {"disliked_skills": ["jokes"]}
 
 
 def test_a_service_whose_required_service_failed_is_skipped(tmp_path):
@@ -314,7 +346,16 @@ def test_health_lists_the_pipeline_and_ping_answers(client):
     assert client.get("/ping").get_json() == "pong"
 
 
-def test_health_is_503_while_a_wait_host_does_not_accept_connections(tmp_path):
+def test_health_and_ping_are_503_while_a_wait_host_does_not_accept_connections(tmp_path):
     client = make_client(tmp_path, {"s": ("http://127.0.0.1:9/respond", 1)}, WAIT_HOSTS="127.0.0.1:9")
     response = client.get("/health")
     assert response.status_code == 503 and response.get_json()["waiting_for"] == ["127.0.0.1:9"]
+    error = assert_dream_error(client.post("/ping"), 503)
+    assert "127.0.0.1:9" in error["message"]
+
+
+def test_ping_answers_pong_once_every_wait_host_accepts_connections(tmp_path):
+    with recording_server(skill_reply("Hi.")) as skill:
+        host = skill.url("").removeprefix("http://")
+        client = make_client(tmp_path, {"s": (skill.url("/respond"), 1)}, WAIT_HOSTS=host)
+        assert client.post("/ping").get_json() == "pong"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from parley.checks import compose_binary
+from parley.tools import compose_binary
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIST = "assistant_dists/universal_prompted_assistant"

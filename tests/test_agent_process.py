@@ -18,9 +18,8 @@ import pytest
 import requests
 
 from support.recording_server import Reply, recording_server
-from support.servers import REPO_ROOT, VENV_BIN, free_port, running_server
+from support.servers import GUNICORN, REPO_ROOT, free_port, service_server
 
-GUNICORN = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
 DIST_PIPELINE = REPO_ROOT / "assistant_dists/universal_prompted_assistant/pipeline_conf.json"
 SECRET = "sk-process-test-secret-7f3a"
 
@@ -34,24 +33,16 @@ def pipeline_with_skill(tmp_path: Path, skill_url: str, timeout: float = 30) -> 
 
 
 def agent_server(tmp_path: Path, skill_url: str, port: int | None = None):
-    port = port or free_port()
     env = {
-        "SERVICE_PORT": str(port),
         "PIPELINE_CONFIG": str(pipeline_with_skill(tmp_path, skill_url)),
         "STATE_DB_PATH": str(tmp_path / "state" / "dialogs.sqlite3"),
     }
-    return running_server(GUNICORN, port=port, cwd=REPO_ROOT / "services/agent", env=env, startup_timeout_seconds=60)
+    return service_server("agent", env, port=port, startup_timeout_seconds=60)
 
 
 def skill_server(llm_url: str, llm_endpoints: dict, **env: str):
-    port = free_port()
-    env = {
-        "SERVICE_PORT": str(port),
-        "GENERATIVE_SERVICE_URL": llm_url,
-        "LLM_ENDPOINTS": json.dumps(llm_endpoints),
-        **env,
-    }
-    return running_server(GUNICORN, port=port, cwd=REPO_ROOT / "skills/prompted_skill", env=env, startup_timeout_seconds=60)
+    env = {"GENERATIVE_SERVICE_URL": llm_url, "LLM_ENDPOINTS": json.dumps(llm_endpoints), **env}
+    return service_server("prompted_skill", env, startup_timeout_seconds=60)
 
 
 def dream_skill_answer(text: str):
@@ -130,20 +121,22 @@ def test_an_lm_service_url_outside_the_allowlist_is_never_contacted(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("folder", "setting", "variable"),
-    [("services/agent", {"SERVICE_THREADS": "many"}, "SERVICE_THREADS"),
-     ("skills/prompted_skill", {"GENERATIVE_TIMEOUT": "soon"}, "GENERATIVE_TIMEOUT"),
+    ("folder", "setting", "complaint"),
+    [("services/agent", {"SERVICE_THREADS": "many"}, "cannot start: SERVICE_THREADS: "),
+     ("services/agent", {"PIPELINE_CONFIG": "/no/such/pipeline_conf.json"},
+      "cannot start: PIPELINE_CONFIG '/no/such/pipeline_conf.json' does not exist"),
+     ("skills/prompted_skill", {"GENERATIVE_TIMEOUT": "soon"}, "cannot start: GENERATIVE_TIMEOUT: "),
      ("services/openai_api_lm",
       {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "PRETRAINED_MODEL_NAME_OR_PATH": "any", "GENERATIVE_TIMEOUT": "soon"},
-      "GENERATIVE_TIMEOUT")],
-    ids=["agent", "prompted skill", "openai_api_lm"],
+      "cannot start: GENERATIVE_TIMEOUT: ")],
+    ids=["agent", "agent's pipeline", "prompted skill", "openai_api_lm"],
 )
-def test_a_malformed_setting_stops_the_service_with_one_line_naming_it(folder, setting, variable):
+def test_a_service_that_cannot_start_stops_gunicorn_with_one_line_saying_why(folder, setting, complaint):
     env = {**os.environ, "SERVICE_PORT": str(free_port()), **setting}
 
     result = subprocess.run(GUNICORN, cwd=REPO_ROOT / folder, env=env, capture_output=True, text=True, timeout=120)
 
     assert result.returncode != 0
     complaints = [line for line in result.stderr.splitlines() if "cannot start" in line]
-    assert len(complaints) == 1 and f"cannot start: {variable}: " in complaints[0], result.stderr
+    assert len(complaints) == 1 and complaint in complaints[0], result.stderr
     assert "Traceback" not in result.stderr

@@ -18,9 +18,8 @@ import psycopg
 import requests
 
 from support.recording_server import Reply, recording_server
-from support.servers import REPO_ROOT, VENV_BIN, free_port, running_server
+from support.servers import GUNICORN, REPO_ROOT, SERVICE_FOLDERS, free_port, service_server
 
-GUNICORN = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
 DIST_PIPELINE = REPO_ROOT / "assistant_dists/universal_prompted_assistant/pipeline_conf.json"
 USERS = 16
 TURNS = 12
@@ -39,10 +38,8 @@ def agent_process(tmp_path, name: str, skill_url: str, state_url: str):
     pipeline["services"]["skills"]["prompted_skill"]["connector"].update(url=skill_url, timeout=30)
     path = tmp_path / f"pipeline-{name}.json"
     path.write_text(json.dumps(pipeline))
-    port = free_port()
-    env = {"SERVICE_PORT": str(port), "SERVICE_NAME": name, "PIPELINE_CONFIG": str(path), "STATE_URL": state_url,
-           "STATE_POOL_SIZE": "8"}
-    return running_server(GUNICORN, port=port, cwd=REPO_ROOT / "services/agent", env=env, startup_timeout_seconds=60)
+    env = {"SERVICE_NAME": name, "PIPELINE_CONFIG": str(path), "STATE_URL": state_url, "STATE_POOL_SIZE": "8"}
+    return service_server("agent", env, startup_timeout_seconds=60)
 
 
 def test_two_agents_taking_alternate_turns_of_16_users_dialogs_store_every_turn_once_in_order(tmp_path, postgres):
@@ -101,7 +98,7 @@ def test_an_agent_whose_database_refuses_its_password_stops_with_one_line_that_h
     wrong = postgres.create_database().replace(":parley-test-password@", ":wrong-password-1234@")
     env = {**os.environ, "SERVICE_PORT": str(free_port()), "STATE_URL": wrong, "STATE_CONNECT_TIMEOUT": "5"}
 
-    result = subprocess.run(GUNICORN, cwd=REPO_ROOT / "services/agent", env=env, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(GUNICORN, cwd=SERVICE_FOLDERS["agent"], env=env, capture_output=True, text=True, timeout=120)
 
     assert result.returncode != 0
     complaints = [line for line in result.stderr.splitlines() if "cannot start" in line]

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from ruamel.yaml import YAML
 
 from parley.bundle import BundleError, export_distribution, import_bundle, plan_export
-from parley.checks import compose_binary
+from parley.tools import compose_binary
 from parley.cli import cli
 from parley.repo import Repo
 
@@ -85,7 +85,7 @@ class RecordingLoader:
 @pytest.fixture
 def bundle(checkout: Path, tmp_path: Path) -> Path:
     output = tmp_path / "out" / "bundle.tar"
-    export_distribution(Repo(checkout), DIST, output, ("cpu.yml",), PROJECT, compose_binary(), lambda line: None, fake_docker_save)
+    export_distribution(Repo(checkout), DIST, output, ("cpu.yml",), PROJECT, lambda line: None, fake_docker_save)
     return output
 
 
@@ -216,11 +216,11 @@ def test_a_file_that_is_not_a_bundle_is_refused(tmp_path: Path):
 
 def test_dev_yml_does_not_travel_in_a_bundle(checkout: Path):
     with pytest.raises(BundleError, match="dev.yml .*does not travel in a bundle"):
-        plan_export(Repo(checkout), DIST, ("dev.yml",), PROJECT, compose_binary())
+        plan_export(Repo(checkout), DIST, ("dev.yml",), PROJECT)
 
 
 def test_the_postgres_overlay_travels_with_its_database_image_and_volume(checkout: Path):
-    plan = plan_export(Repo(checkout), DIST, ("cpu.yml", "postgres.yml"), PROJECT, compose_binary())
+    plan = plan_export(Repo(checkout), DIST, ("cpu.yml", "postgres.yml"), PROJECT)
 
     assert f"{PROJECT}-postgres" in plan.images
     assert plan.compose["services"]["agent"]["environment"]["STATE_URL"] == "postgresql://parley:${PARLEY_POSTGRES_PASSWORD:-parley}@postgres:5432/parley"

@@ -12,7 +12,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from services.transformers_lm.engine import (
+from services.transformers_lm.engines import (
     EngineError,
     FinishReason,
     GenerationRequest,
@@ -124,6 +124,36 @@ def test_greedy_tokens_equal_a_full_forward_pass_of_the_model(engine):
                 tokens.append(int(reference_model(torch.tensor([tokens])).logits[0, -1].argmax()))
 
         assert generate_alone(engine, prompt, greedy(12)) == tokens[len(prompt) :]
+
+
+def test_a_repetition_penalty_changes_the_greedy_tokens_as_transformers_generate_does(engine):
+    prompt = PROMPTS[4]
+    plain = generate_alone(engine, prompt, greedy(16))
+    penalised = generate_alone(engine, prompt, greedy(16, repetition_penalty=1.5))
+
+    with torch.inference_mode():
+        expected = build_tiny_model().generate(
+            torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long), max_new_tokens=16,
+            do_sample=False, repetition_penalty=1.5, eos_token_id=None, pad_token_id=0,
+        )
+    assert penalised != plain
+    assert penalised == expected[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize(
+    "penalties", [{"frequency_penalty": 1.5}, {"presence_penalty": 1.0, "frequency_penalty": -0.5}],
+    ids=["frequency", "presence and negative frequency"],
+)
+def test_openai_penalties_change_the_greedy_tokens_and_hold_under_batching(engine, penalties):
+    plain = generate_alone(engine, PROMPTS[4], greedy(16))
+    alone = generate_alone(engine, PROMPTS[4], greedy(16, **penalties))
+    others = [engine.submit(GenerationRequest(p, greedy(24))) for p in PROMPTS[:3]]
+    batched = collect(engine.submit(GenerationRequest(PROMPTS[4], greedy(16, **penalties))))
+    for stream in others:
+        collect(stream)
+
+    assert alone != plain
+    assert batched == alone
 
 
 def test_greedy_tokens_under_batching_equal_the_tokens_alone_while_other_requests_run(engine):

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from support.servers import REPO_ROOT, VENV_BIN, free_port, running_server
+from support.servers import service_server
 from support.tiny_model import tiny_model_dir
 
-SERVICE_DIR = REPO_ROOT / "services" / "transformers_lm"
-GUNICORN_COMMAND = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
 # The tiny model runs to the limit (it never emits its end-of-sequence token here): about 5 s on this
 # machine, far longer than the next request takes to arrive.
 LONG_ANSWER_TOKENS = 4000
@@ -26,17 +24,15 @@ LONG_ANSWER_TOKENS = 4000
 
 @pytest.fixture(scope="module")
 def server():
-    port = free_port()
     env = {
         "PRETRAINED_MODEL_NAME_OR_PATH": str(tiny_model_dir()),
         "BACKEND": "transformers",
-        "SERVICE_PORT": str(port),
         "MAX_BATCH_SIZE": "1",
         "MAX_QUEUE_SIZE": "0",
         "GUNICORN_THREADS": "4",
         "MAX_NEW_TOKENS_CAP": str(LONG_ANSWER_TOKENS),
     }
-    with running_server(GUNICORN_COMMAND, port=port, cwd=SERVICE_DIR, env=env, startup_timeout_seconds=300) as server:
+    with service_server("transformers_lm", env, startup_timeout_seconds=300) as server:
         yield server
 
 

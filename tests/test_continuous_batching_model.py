@@ -2,7 +2,7 @@
 
 Run with both models the engine can be given: Parley's native Llama (what the service runs for this
 model) and transformers' own (what it runs for other architectures). The answers alone come from
-transformers' plain forward passes (the sequential engine), so both are held to transformers' output.
+transformers' own greedy `generate`, so both are held to transformers' output.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from common.model_sources import DEFAULT_MODEL_NAME, file_sha256, resolve_model_source
 from services.transformers_lm.backends.transformers_backend import converted_gguf_dir
-from services.transformers_lm.engine import GenerationRequest, SamplingParams
+from services.transformers_lm.engines import GenerationRequest, SamplingParams
 from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine
 from services.transformers_lm.engines.native_llama import NativeLlama
-from services.transformers_lm.engines.sequential import SequentialEngine
 from support.servers import REPO_ROOT
 
 pytestmark = pytest.mark.model
@@ -54,11 +53,15 @@ def load(model_dir):
 def test_greedy_answers_under_batching_equal_the_answers_alone_while_other_requests_run(model_dir, prompts, model_code):
     prompt_ids, tokenizer = prompts
     greedy = SamplingParams(max_new_tokens=NEW_TOKENS)
-    sequential = SequentialEngine(load(model_dir), context_length=8192)
-    try:
-        single_request_answers = [sequential.submit(GenerationRequest(p, greedy)).collect() for p in prompt_ids]
-    finally:
-        sequential.close()
+    reference = load(model_dir)
+    with torch.inference_mode():
+        single_request_answers = [
+            reference.generate(
+                torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long), max_new_tokens=NEW_TOKENS,
+                do_sample=False, eos_token_id=None, pad_token_id=tokenizer.pad_token_id or 0,
+            )[0, len(p):].tolist()
+            for p in prompt_ids
+        ]
 
     batched_model = NativeLlama.load(model_dir, torch.float32, torch.device("cpu")) if model_code == "native" else load(model_dir)
     engine = ContinuousBatchingEngine(batched_model, max_batch_size=8)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import pytest
 import requests
@@ -25,8 +24,8 @@ from schemathesis.specs.openapi.checks import (
     response_schema_conformance,
     status_code_conformance,
 )
-from support.servers import REPO_ROOT, free_port, running_server
-from support.tiny_stack import GUNICORN, agent_service, llm_service, skill_service
+from support.servers import REPO_ROOT, service_server
+from support.tiny_stack import agent_service, tiny_generative_config
 
 MIN_CASES_PER_SERVICE = 500
 SEED = 20261125
@@ -85,11 +84,10 @@ def assert_fuzzed(service: str, counts: Counter, failures: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory):
+def stack(tmp_path_factory, tiny_llm, tiny_skill):
     folder = tmp_path_factory.mktemp("fuzz")
-    with llm_service(folder) as llm, skill_service(folder, llm) as skill, \
-            agent_service(folder, skill, folder / "state.sqlite3") as agent:
-        yield {"llm": llm, "skill": skill, "agent": agent, "folder": folder}
+    with agent_service(folder, tiny_skill, folder / "state.sqlite3") as agent:
+        yield {"llm": tiny_llm, "skill": tiny_skill, "agent": agent, "folder": folder}
 
 
 def test_llm_service_answers_every_generated_request_as_documented(stack):
@@ -111,11 +109,10 @@ def test_openai_api_lm_answers_every_generated_request_as_documented(stack):
     # Its upstream is the tiny LLM service's own OpenAI API: a real OpenAI-compatible server.
     llm = stack["llm"]
     model = requests.get(llm.url("/v1/models"), timeout=10).json()["data"][0]["id"]
-    port = free_port()
-    env = {"SERVICE_PORT": str(port), "SERVICE_NAME": "openai-api-tiny", "OPENAI_BASE_URL": llm.url("/v1"),
+    env = {"SERVICE_NAME": "openai-api-tiny", "OPENAI_BASE_URL": llm.url("/v1"),
            "PRETRAINED_MODEL_NAME_OR_PATH": model, "GENERATIVE_TIMEOUT": "20",
-           "GENERATIVE_CONFIG": str(stack["folder"] / "tiny-generative-config.json"),
+           "GENERATIVE_CONFIG": str(tiny_generative_config(stack["folder"])),
            "MAX_NEW_TOKENS_CAP": "24", "MAX_NUM_RETURN_SEQUENCES": "3"}
-    with running_server(GUNICORN, port=port, cwd=REPO_ROOT / "services" / "openai_api_lm", env=env) as service:
+    with service_server("openai_api_lm", env) as service:
         counts, failures = fuzz_service(service.base_url, 520)
     assert_fuzzed("openai_api_lm", counts, failures)

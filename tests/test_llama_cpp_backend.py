@@ -101,7 +101,7 @@ def test_a_model_directory_is_refused_with_a_one_line_fix():
 
 def test_f16_weights_are_converted_once_and_answer_the_capital_of_france_with_paris(tmp_path):
     from services.transformers_lm.backends.llama_cpp_backend import f16_copy
-    from services.transformers_lm.engine import GenerationRequest, SamplingParams
+    from services.transformers_lm.engines import GenerationRequest, SamplingParams
 
     source = resolve_model_source(DEFAULT_MODEL_NAME)
     options = LoadOptions(threads=1, max_batch_size=1, cache_dir=tmp_path, gguf_weights="f16")
@@ -121,7 +121,8 @@ def test_f16_weights_are_converted_once_and_answer_the_capital_of_france_with_pa
 
 
 def test_auto_weights_are_f16_for_the_embedded_model_and_the_file_itself_otherwise():
-    from common.model_sources import llama_cpp_weights_for
+    from services.transformers_lm.backends.llama_cpp_backend import weights_to_run
 
-    assert llama_cpp_weights_for(DEFAULT_MODEL_NAME) == "f16"
-    assert llama_cpp_weights_for("/models/llama-3-8b.Q4_K_M.gguf") == "file"
+    assert weights_to_run(DEFAULT_MODEL_NAME, "auto") == "f16"
+    assert weights_to_run("/models/llama-3-8b.Q4_K_M.gguf", "auto") == "file"
+    assert weights_to_run(DEFAULT_MODEL_NAME, "file") == "file"

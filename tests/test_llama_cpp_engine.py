@@ -15,7 +15,7 @@ pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (make
 
 from common.model_sources import DEFAULT_MODEL_NAME, embedded_model_path  # noqa: E402
 from services.transformers_lm.backends.chat_template import render_chat_template  # noqa: E402
-from services.transformers_lm.engine import (  # noqa: E402
+from services.transformers_lm.engines import (  # noqa: E402
     FinishReason,
     GenerationRequest,
     QueueFullError,
@@ -209,12 +209,12 @@ def test_a_shared_system_prompt_is_computed_once_and_copied(model, eos_ids):
     sharing = make_engine(model)
     try:
         outputs = together(sharing, requests)
-        stats = sharing.stats()
+        stats = sharing.stats
     finally:
         sharing.close()
     # Then three of them reused the first one's system prompt instead of computing it again
-    assert stats["reused_tokens"] >= 3 * shared_prefix
-    assert stats["prefilled_tokens"] <= sum(len(r.prompt_token_ids) for r in requests) - 3 * shared_prefix
+    assert stats.prompt_tokens_from_cache >= 3 * shared_prefix
+    assert stats.prompt_tokens_computed <= sum(len(r.prompt_token_ids) for r in requests) - 3 * shared_prefix
     # And the answers are those of an engine that shares nothing
     cold = make_engine(model, share_prefixes=False, slots=1)
     try:

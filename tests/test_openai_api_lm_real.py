@@ -13,22 +13,17 @@ import requests
 
 from support.errors import assert_dream_error
 from support.recording_server import Reply, recording_server
-from support.servers import REPO_ROOT, VENV_BIN, free_port, running_server
+from support.servers import free_port, service_server
 
 SECRET = "sk-real-test-fedcba9876543210-SECRET"
-GUNICORN = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
 GREEDY = {"do_sample": False, "max_new_tokens": 24}
 
 
 def openai_api_lm(upstream_url: str, **env: str):
     """The service under gunicorn from its own folder, as its Dockerfile runs it."""
-    port = free_port()
-    return running_server(
-        GUNICORN,
-        port=port,
-        cwd=REPO_ROOT / "services" / "openai_api_lm",
-        env={
-            "SERVICE_PORT": str(port),
+    return service_server(
+        "openai_api_lm",
+        {
             "OPENAI_BASE_URL": upstream_url,
             "PRETRAINED_MODEL_NAME_OR_PATH": "smollm2-135m-instruct",
             "OPENAI_API_KEY_ENV_VAR": "PARLEY_TEST_LLM_KEY",
@@ -38,22 +33,6 @@ def openai_api_lm(upstream_url: str, **env: str):
         },
         startup_timeout_seconds=60,
     )
-
-
-@pytest.fixture(scope="module")
-def embedded_lm():
-    """services/transformers_lm on the embedded model, under gunicorn."""
-    port = free_port()
-    with running_server(
-        GUNICORN,
-        port=port,
-        cwd=REPO_ROOT / "services" / "transformers_lm",
-        # The transformers backend whether or not llama.cpp is installed: these tests are about the
-        # forwarding, so they pin the upstream that runs the same everywhere.
-        env={"SERVICE_PORT": str(port), "PRETRAINED_MODEL_NAME_OR_PATH": "smollm2-135m-instruct", "BACKEND": "transformers"},
-        startup_timeout_seconds=300,
-    ) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

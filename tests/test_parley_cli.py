@@ -1,10 +1,14 @@
-"""The `parley` command line as its users meet it: help texts, the README's copy of them, `parley chat`."""
+"""The `parley` command line as its users meet it: help texts, the README's copy of them (`parley docs`), `parley chat`.
+
+Tier: in-process (click's CliRunner); `parley chat` talks to a real HTTP server on loopback that
+answers like the agent (the real agent is chatted with in tests/test_dialog_parley_up.py)."""
 
 from __future__ import annotations
 
 import json
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import click
 import pytest
@@ -12,41 +16,97 @@ from click.testing import CliRunner
 from support.servers import REPO_ROOT
 
 from parley.cli import cli
-from parley.docs import update_readme
+from parley.docs import BEGIN, END, command_reference, help_problems, update_readme, walk_commands
 
-COMMANDS = sorted(cli.commands)
-
-
-def test_readme_holds_the_current_help_of_every_command():
-    changed = update_readme(REPO_ROOT / "README.md", cli, write=False)
-
-    assert not changed, "README.md's command reference is out of date: run `.venv/bin/parley docs`"
+def _readme_with_markers(tmp_path: Path) -> Path:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"# A project\n\n{BEGIN}\n(out of date)\n{END}\n\nThe rest stays.\n")
+    return readme
 
 
-@pytest.mark.parametrize("name", COMMANDS)
-def test_every_command_shows_an_example_in_its_help(name: str):
-    result = CliRunner().invoke(cli, [name, "--help"], catch_exceptions=False)
+def test_the_readme_holds_the_current_help_and_every_help_text_is_complete():
+    # The one check of the CLI's docs, as `make test` runs it.
+    result = CliRunner().invoke(cli, ["docs", "--check", "--repo", str(REPO_ROOT)], catch_exceptions=False)
 
-    assert result.exit_code == 0
-    assert "Example" in result.output
-    assert f"parley {name}" in result.output.split("Example", 1)[1]
-
-
-@pytest.mark.parametrize("name", COMMANDS)
-def test_every_option_has_help(name: str):
-    command = cli.commands[name]
-
-    undocumented = [option.name for option in command.params if isinstance(option, click.Option) and not option.help]
-
-    assert undocumented == []
+    assert result.exit_code == 0, f"{result.output}\nrun `.venv/bin/parley docs`"
+    assert "README.md is up to date" in result.output
 
 
-def test_the_group_help_lists_every_command_with_an_example():
-    output = CliRunner().invoke(cli, ["--help"], catch_exceptions=False).output
+def test_the_reference_holds_the_help_of_every_subcommand():
+    reference = command_reference(cli)
 
-    examples = output.split("Examples:", 1)[1]
-    for name in ("add-llm", "remove-llm", "check", "up", "chat"):
-        assert f"parley {name}" in examples
+    for words in ("engine start", "engine status", "engine stop"):
+        assert f"#### `parley {words}`\n\n```text\n$ parley {words} --help\nUsage: parley {words} [OPTIONS]" in reference
+
+
+def test_docs_writes_the_reference_between_the_markers_and_keeps_the_rest(tmp_path: Path):
+    readme = _readme_with_markers(tmp_path)
+
+    assert update_readme(readme, cli) is True
+    text = readme.read_text()
+
+    assert text.startswith("# A project\n\n")
+    assert text.endswith(f"{END}\n\nThe rest stays.\n")
+    assert "(out of date)" not in text
+    assert "$ parley engine stop --help" in text
+    assert update_readme(readme, cli) is False  # a second run changes nothing
+
+
+def test_docs_check_refuses_an_out_of_date_reference_and_writes_nothing(tmp_path: Path):
+    readme = _readme_with_markers(tmp_path)
+    (tmp_path / "components").mkdir()
+    (tmp_path / "assistant_dists").mkdir()
+
+    result = CliRunner().invoke(cli, ["docs", "--check", "--repo", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert "README.md's command reference is out of date: run `parley docs`" in result.output
+    assert "(out of date)" in readme.read_text()
+
+
+def _group_with_gaps() -> click.Group:
+    @click.group(epilog="\b\nExamples:\n  parley good --name x")
+    def group() -> None:
+        """A group."""
+
+    @group.command(name="good")
+    @click.option("--name", help="A name.")
+    def good(name) -> None:
+        """Documented.
+
+        \b
+        Example:
+          parley good --name x
+        """
+
+    @group.command(name="bare")
+    @click.option("--flag", is_flag=True)
+    def bare(flag) -> None:
+        """No example, an option without help."""
+
+    return group
+
+
+def test_help_problems_name_a_command_without_an_example_an_option_without_help_and_a_gap_in_the_groups_examples():
+    problems = help_problems(_group_with_gaps())
+
+    assert problems == [
+        "`parley bare --help`: no example of `parley bare`; add an Example section to its docstring",
+        "`parley bare --help`: option --flag has no help=",
+        "`parley --help`: its examples do not show `parley bare`; add one to the group's epilog",
+    ]
+
+
+def test_every_command_and_subcommand_of_parley_is_walked_in_help_order():
+    paths = [path for path, _ in walk_commands(cli)]
+
+    assert paths[:3] == ["parley add-llm", "parley chat", "parley check"]
+    assert paths[paths.index("parley engine") + 1 : paths.index("parley engine") + 4] == [
+        "parley engine start",
+        "parley engine status",
+        "parley engine stop",
+    ]
+    assert set(paths) >= {f"parley {name}" for name in cli.commands}
 
 
 class _RecordingAgent(BaseHTTPRequestHandler):

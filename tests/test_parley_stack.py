@@ -179,7 +179,7 @@ def test_push_names_the_images_in_the_registry(checkout: Path, monkeypatch):
         pushed.append(command)
         return subprocess.CompletedProcess(command, 0, "", "")
 
-    monkeypatch.setattr("parley.stack.subprocess.run", _only_docker(fake_docker))
+    monkeypatch.setattr("parley.tools.subprocess.run", _only_docker(fake_docker))
     stack, _ = write_stack(checkout, "--push", "registry.example:5000/team")
 
     assert stack["services"][LLM]["image"] == f"registry.example:5000/team/parley-{LLM}:latest"

@@ -17,7 +17,8 @@ from support.servers import free_port
 from support.tiny_dist import write_tiny_distribution
 
 from parley.repo import Repo
-from parley.up import UpError, parse_dockerfile, run_distribution
+from parley.up import UpError, run_distribution
+from parley.up.dockerfile import parse_dockerfile
 
 PARLEY = [sys.executable, "-m", "parley"]
 

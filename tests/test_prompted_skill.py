@@ -86,7 +86,7 @@ def test_hypotheses_come_back_in_dreams_skill_format_with_confidences():
     assert sent["prompts"] == ["Be brief."]
 
 
-def test_the_endpoints_generative_config_is_sent_whole_so_the_llms_defaults_cannot_override_it(tmp_path):
+def test_the_endpoints_generative_config_is_sent_as_its_file_writes_it_and_nothing_more(tmp_path):
     greedy = tmp_path / "greedy.json"
     greedy.write_text(json.dumps({"do_sample": False, "num_return_sequences": 1, "max_new_tokens": 24}))
     with recording_server(answering("Paris.")) as llm:
@@ -95,8 +95,25 @@ def test_the_endpoints_generative_config_is_sent_whole_so_the_llms_defaults_cann
             LLM_ENDPOINTS=json.dumps({llm.url("/respond"): {"key_env_vars": [], "generative_config": str(greedy)}}),
         )
         client.post("/respond", json=turn())
-    [config] = llm.requests[0].json()["configs"]
-    assert (config["do_sample"], config["num_return_sequences"], config["max_new_tokens"]) == (False, 1, 24)
+    # Only the keys the skill's config sets: the LLM merges them over its own default config.
+    assert llm.requests[0].json()["configs"] == [{"do_sample": False, "num_return_sequences": 1, "max_new_tokens": 24}]
+
+
+def test_without_a_config_of_its_own_the_skill_sends_none_so_the_llms_default_config_applies():
+    with recording_server(answering("Paris.")) as llm:
+        client = make_client(GENERATIVE_SERVICE_URL=llm.url("/respond"))
+        client.post("/respond", json=turn())
+    assert llm.requests[0].json()["configs"] == [None]
+
+
+def test_a_turns_lm_service_config_goes_over_the_endpoints_config_key_by_key(tmp_path):
+    config_file = tmp_path / "config.json"
+    config_file.write_text(json.dumps({"max_new_tokens": 24, "do_sample": False}))
+    with recording_server(answering("Paris.")) as llm:
+        client = make_client(GENERATIVE_SERVICE_URL=llm.url("/respond"), GENERATIVE_SERVICE_CONFIG=str(config_file))
+        client.post("/respond", json=turn(lm_service_config={"max_new_tokens": 8, "timeout": 5}))
+    # Dream's `timeout` is the skill's business (GENERATIVE_TIMEOUT), not a generation key.
+    assert llm.requests[0].json()["configs"] == [{"max_new_tokens": 8, "do_sample": False}]
 
 
 def test_a_turns_own_prompt_replaces_the_default():

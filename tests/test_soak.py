@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import pytest
 import requests
 from support.servers import REPO_ROOT, free_port
-from support.tiny_stack import agent_service, llm_service, skill_service
+from support.tiny_stack import agent_service
 
 USERS = 16
 TURNS = 20
@@ -104,46 +104,45 @@ def state_env(request) -> dict[str, str]:
     return {"STATE_URL": request.getfixturevalue("postgres").create_database()}
 
 
-def test_concurrent_users_turns_survive_a_sigkill_of_the_agent(tmp_path, state_env):
+def test_concurrent_users_turns_survive_a_sigkill_of_the_agent(tmp_path, tiny_skill, state_env):
     state_db = tmp_path / "state.sqlite3"
     backend = "postgresql" if state_env else "sqlite"
     port = free_port()
     users = [User(f"soak-user-{index:02d}") for index in range(USERS)]
-    with llm_service(tmp_path) as llm, skill_service(tmp_path, llm) as skill:
-        with agent_service(tmp_path, skill, state_db, port=port, **state_env) as agent:
-            # 16 users x 20 turns at once.
-            started = time.monotonic()
-            with ThreadPoolExecutor(max_workers=USERS) as pool:
-                for future in [pool.submit(talk, agent.url("/"), user, range(TURNS)) for user in users]:
-                    future.result()
-            elapsed = time.monotonic() - started
-            for user in users:
-                assert len(user.acknowledged) == TURNS
-                assert_stored_once_in_order(agent.base_url, user, exactly=True)
-            latencies = [latency for user in users for latency in user.latencies]
+    with agent_service(tmp_path, tiny_skill, state_db, port=port, **state_env) as agent:
+        # 16 users x 20 turns at once.
+        started = time.monotonic()
+        with ThreadPoolExecutor(max_workers=USERS) as pool:
+            for future in [pool.submit(talk, agent.url("/"), user, range(TURNS)) for user in users]:
+                future.result()
+        elapsed = time.monotonic() - started
+        for user in users:
+            assert len(user.acknowledged) == TURNS
+            assert_stored_once_in_order(agent.base_url, user, exactly=True)
+        latencies = [latency for user in users for latency in user.latencies]
 
-            # The users go on; the agent is killed (SIGKILL, master and worker) while they talk.
-            acknowledged_before = sum(len(user.acknowledged) for user in users)
-            stop = threading.Event()
-            pool = ThreadPoolExecutor(max_workers=USERS)
-            futures = [pool.submit(talk_through_a_crash, agent.url("/"), user, range(TURNS, TURNS + TURNS_AFTER_KILL), stop)
-                       for user in users]
-            deadline = time.monotonic() + 120
-            while sum(len(u.acknowledged) for u in users) < acknowledged_before + USERS * 2 and time.monotonic() < deadline:
-                time.sleep(0.05)
-            os.killpg(agent.process.pid, signal.SIGKILL)
-            agent.process.wait(timeout=30)
-            acknowledged_at_kill = {user.user_id: list(user.acknowledged) for user in users}
-        try:
-            with agent_service(tmp_path, skill, state_db, port=port, **state_env) as restarted:
-                for future in futures:
-                    future.result(timeout=300)
-                for user in users:
-                    assert len(user.acknowledged) == TURNS + TURNS_AFTER_KILL
-                    assert_stored_once_in_order(restarted.base_url, user, exactly=False)
-        finally:
-            stop.set()
-            pool.shutdown(wait=True)
+        # The users go on; the agent is killed (SIGKILL, master and worker) while they talk.
+        acknowledged_before = sum(len(user.acknowledged) for user in users)
+        stop = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=USERS)
+        futures = [pool.submit(talk_through_a_crash, agent.url("/"), user, range(TURNS, TURNS + TURNS_AFTER_KILL), stop)
+                   for user in users]
+        deadline = time.monotonic() + 120
+        while sum(len(u.acknowledged) for u in users) < acknowledged_before + USERS * 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.killpg(agent.process.pid, signal.SIGKILL)
+        agent.process.wait(timeout=30)
+        acknowledged_at_kill = {user.user_id: list(user.acknowledged) for user in users}
+    try:
+        with agent_service(tmp_path, tiny_skill, state_db, port=port, **state_env) as restarted:
+            for future in futures:
+                future.result(timeout=300)
+            for user in users:
+                assert len(user.acknowledged) == TURNS + TURNS_AFTER_KILL
+                assert_stored_once_in_order(restarted.base_url, user, exactly=False)
+    finally:
+        stop.set()
+        pool.shutdown(wait=True)
 
     report = {
         "state": backend, "users": USERS, "turns_per_user": TURNS, "turns": USERS * TURNS, "seconds": round(elapsed, 2),

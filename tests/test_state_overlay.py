@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from parley.checks import compose_binary
+from parley.tools import compose_binary
 from parley.cli import cli
 from services.agent.settings import Settings
 from services.agent.store import store_class

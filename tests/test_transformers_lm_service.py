@@ -15,13 +15,11 @@ import openai
 import pytest
 import requests
 from support.errors import assert_dream_error
-from support.servers import REPO_ROOT, VENV_BIN, free_port, running_server
+from support.servers import GUNICORN, SERVICE_FOLDERS, free_port, service_server
 from support.tiny_model import tiny_model_dir
 
 pytestmark = pytest.mark.model
 
-SERVICE_DIR = REPO_ROOT / "services" / "transformers_lm"
-GUNICORN_COMMAND = [str(VENV_BIN / "gunicorn"), "--config", "python:common.gunicorn_conf", "server:app"]
 MODEL = "smollm2-135m-instruct"
 ALIAS = "parley-smollm2"
 GREEDY = {"do_sample": False, "num_return_sequences": 1}
@@ -39,18 +37,16 @@ def backend(request) -> str:
 
 @pytest.fixture(scope="module")
 def lm_url(backend):
-    port = free_port()
     env = {
         "BACKEND": backend,
         "PRETRAINED_MODEL_NAME_OR_PATH": MODEL,
-        "SERVICE_PORT": str(port),
         "MODEL_ALIASES": ALIAS,
         "MAX_NEW_TOKENS_CAP": "256",
         "MAX_NUM_RETURN_SEQUENCES": "4",
         "MAX_REQUEST_BYTES": "100000",
         "GUNICORN_THREADS": "8",
     }
-    with running_server(GUNICORN_COMMAND, port=port, cwd=SERVICE_DIR, env=env, startup_timeout_seconds=400) as server:
+    with service_server("transformers_lm", env, startup_timeout_seconds=400) as server:
         yield server.base_url
 
 
@@ -310,8 +306,8 @@ def test_an_unknown_model_is_a_404(client):
 def _start_and_wait_for_exit(env: dict[str, str]) -> subprocess.CompletedProcess:
     port = free_port()
     return subprocess.run(
-        GUNICORN_COMMAND,
-        cwd=SERVICE_DIR,
+        GUNICORN,
+        cwd=SERVICE_FOLDERS["transformers_lm"],
         env={**_base_env(), "SERVICE_PORT": str(port), **env},
         capture_output=True,
         text=True,

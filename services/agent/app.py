@@ -14,10 +14,9 @@ import logging
 import socket
 
 from flask import Flask, Response, jsonify
-from pydantic import ValidationError
 
-from common.dream_errors import dream_error, register_dream_error_handlers
-from common.json_body import InvalidJsonBody, read_json_body
+from common.dream_errors import NotReadyError, dream_error, register_dream_error_handlers
+from common.validation import RequestTooLargeError, RequestValidationError, read_json_body, validate
 from common.openapi import register_openapi
 from services.agent import chat_page
 from services.agent.openapi_spec import API
@@ -30,14 +29,6 @@ from services.agent.store import open_store
 logger = logging.getLogger(__name__)
 # A turn's attributes are stored and copied for every service; deeper ones are refused at the edge.
 MAX_ATTRIBUTE_DEPTH = 32
-
-
-class BadRequest(ValueError):
-    """Bad input: `message` says what is wrong, `field` where; `status` is 400 or 413."""
-
-    def __init__(self, message: str, field: str | None = None, status: int = 400):
-        super().__init__(message)
-        self.message, self.field, self.status = message, field, status
 
 
 class NotFound(LookupError):
@@ -75,14 +66,23 @@ def create_app(settings: Settings | None = None) -> Flask:
     def dialogs_of_user(user_id: str) -> Response:
         return jsonify({"user_id": user_id, "dialog_ids": agent.store.dialog_ids_of(user_id)})
 
+    def waiting_for() -> list[str]:
+        """The WAIT_HOSTS entries that do not accept connections yet (once one did, it is not asked again)."""
+        waiting = [host for host in settings.wait_hosts if host not in waited_for and not _accepts(host)]
+        waited_for.update(h for h in settings.wait_hosts if h not in waiting)
+        return waiting
+
     @app.route("/ping", methods=["GET", "POST"])
     def ping() -> Response:
+        """Dream's liveness check, honest: "pong" once ready, as /health says; 503 before."""
+        waiting = waiting_for()
+        if waiting:
+            raise NotReadyError(f"waiting for {', '.join(waiting)} (WAIT_HOSTS) to accept connections")
         return jsonify("pong")
 
     @app.get("/health")
     def health():
-        waiting = [host for host in settings.wait_hosts if host not in waited_for and not _accepts(host)]
-        waited_for.update(h for h in settings.wait_hosts if h not in waiting)
+        waiting = waiting_for()
         body = {"status": "ok" if not waiting else "waiting", "service": settings.service_name,
                 "pipeline": agent.pipeline.service_names(), "waiting_for": waiting}
         return jsonify(body), 200 if not waiting else 503
@@ -94,25 +94,17 @@ def create_app(settings: Settings | None = None) -> Flask:
 
 
 def parse_turn(settings: Settings) -> TurnRequest:
-    try:
-        data = read_json_body()
-    except InvalidJsonBody:
-        raise BadRequest("the request body must be JSON, e.g. {\"user_id\": \"me\", \"payload\": \"Hi\"}") from None
+    """The turn in the request's body; a RequestValidationError (400, 413) naming the field otherwise."""
+    data = read_json_body()
     if not isinstance(data, dict):
-        raise BadRequest("the request body must be a JSON object with user_id and payload")
+        raise RequestValidationError('the request body must be a JSON object, e.g. {"user_id": "me", "payload": "Hi"}')
     for name, value in data.items():
         if nesting_depth(value) > MAX_ATTRIBUTE_DEPTH:
-            raise BadRequest(f"{name}: nested more than {MAX_ATTRIBUTE_DEPTH} levels deep", name)
-    try:
-        turn_request = TurnRequest.model_validate(data)
-    except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        field = ".".join(str(part) for part in first["loc"])
-        message = "this field is required" if first["type"] == "missing" else first["msg"]
-        raise BadRequest(f"{field}: {message}", field) from None
+            raise RequestValidationError(f"{name}: nested more than {MAX_ATTRIBUTE_DEPTH} levels deep", name)
+    turn_request = validate(TurnRequest, data)
     if len(turn_request.payload) > settings.max_payload_chars:
-        raise BadRequest(f"payload: {len(turn_request.payload)} characters, over the limit of "
-                         f"{settings.max_payload_chars} (MAX_PAYLOAD_CHARS)", "payload", status=413)
+        raise RequestTooLargeError(f"payload: {len(turn_request.payload)} characters, over the limit of "
+                                   f"{settings.max_payload_chars} (MAX_PAYLOAD_CHARS)", "payload")
     return turn_request
 
 
@@ -139,10 +131,6 @@ def _accepts(host_port: str) -> bool:
 
 
 def _register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(BadRequest)
-    def bad_request(error: BadRequest):
-        return dream_error(error.status, error.message, error.field)
-
     @app.errorhandler(NotFound)
     def not_found(error: NotFound):
         return dream_error(404, str(error))

@@ -20,7 +20,7 @@ def call_http(session: requests.Session, url: str, payload: dict, timeout_second
     try:
         response = session.post(url, json=payload, timeout=timeout_seconds)
     except requests.Timeout:
-        raise ServiceCallError(f"no answer within {timeout_seconds:g}s") from None
+        raise ServiceCallError(f"no answer within its timeout of {timeout_seconds:g}s") from None
     except requests.RequestException as error:
         raise ServiceCallError(f"unreachable ({type(error).__name__})") from None
     if response.status_code != 200:

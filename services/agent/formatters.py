@@ -3,31 +3,21 @@
 A pipeline names them Dream's way (`state_formatters.dp_formatters:full_history_dialog`); only the
 part after the colon matters. Dialog formatters turn the dialog into one request for a batch of
 one; response formatters turn the service's answer for that dialog into what the state method stores.
+The dialog they get holds the turn's recent utterances only (`service.HISTORY_UTTERANCES`).
 """
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-# Utterances a skill sees; Dream's formatters cut the history too (its get_last_n_turns).
-SKILL_CONTEXT_UTTERANCES = 20
-
 
 def short_name(name: str) -> str:
     return name.rsplit(":", 1)[-1]
 
 
-def _recent_dialog(dialog: dict) -> dict:
-    recent = dict(dialog)
-    recent["utterances"] = dialog["utterances"][-SKILL_CONTEXT_UTTERANCES:]
-    recent["human_utterances"] = [u for u in recent["utterances"] if u["user"]["user_type"] == "human"]
-    recent["bot_utterances"] = [u for u in recent["utterances"] if u["user"]["user_type"] == "bot"]
-    return recent
-
-
 def dialogs_batch(dialog: dict) -> dict:
-    """`{"dialogs": [dialog]}` with the recent utterances: what Dream skills and selectors take."""
-    return {"dialogs": [_recent_dialog(dialog)]}
+    """`{"dialogs": [dialog]}`: what Dream skills and selectors take."""
+    return {"dialogs": [dialog]}
 
 
 def last_human_sentences(dialog: dict) -> dict:
@@ -65,11 +55,21 @@ def _hypothesis(item: list | tuple) -> dict:
 
 
 def skill_with_attributes(payload: Any) -> list[dict]:
-    """Dream skills' `(text, confidence, [human_attrs, bot_attrs,] attrs)`, or parallel lists of them."""
+    """Dream skills' `(text, confidence, [human_attrs, bot_attrs,] attrs)`, or parallel lists of them.
+
+    Parallel lists of different lengths are refused (ValueError, so the skill is skipped with that
+    reason), never cut to the shortest.
+    """
     if not isinstance(payload, (list, tuple)) or len(payload) < 2:
         raise ValueError("a skill's answer must be [text, confidence, ...] or lists of them")
     if isinstance(payload[0], list) and isinstance(payload[1], list):
-        items = list(zip(*payload))
+        if not all(isinstance(part, list) for part in payload):
+            raise ValueError("a skill's answer mixes parallel lists with single values")
+        try:
+            items = list(zip(*payload, strict=True))
+        except ValueError:
+            lengths = ", ".join(str(len(part)) for part in payload)
+            raise ValueError(f"a skill's parallel lists differ in length ({lengths}): one item per hypothesis") from None
     else:
         items = [payload]
     hypotheses = []

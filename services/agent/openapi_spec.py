@@ -80,7 +80,9 @@ API = Api(
                   responses={200: Body(OfferedLLMs)}),
         Operation("GET", "/health", "Ready once every WAIT_HOSTS entry accepts connections",
                   responses={200: Body(AgentHealth, "ready"), 503: Body(AgentHealth, "still waiting")}),
-        Operation("GET", "/ping", "Liveness", responses={200: Body(str)}),
-        Operation("POST", "/ping", "Liveness", responses={200: Body(str)}),
+        Operation("GET", "/ping", "Dream's liveness check: \"pong\" once ready, 503 before", responses={200: Body(str)},
+                  errors=(503,)),
+        Operation("POST", "/ping", "Dream's liveness check: \"pong\" once ready, 503 before", responses={200: Body(str)},
+                  errors=(503,)),
     ],
 )

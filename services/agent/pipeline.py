@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from common.validation import StartupError
 from services.agent import connectors, formatters
 from services.agent.state_methods import STATE_METHODS
 
@@ -21,7 +22,7 @@ SPECIAL_SERVICES = ("last_chance_service", "timeout_service")
 DEFAULT_HTTP_TIMEOUT = 5.0
 
 
-class PipelineError(ValueError):
+class PipelineError(StartupError, ValueError):
     """A pipeline_conf.json the agent cannot run; the message names the service and the key."""
 
 

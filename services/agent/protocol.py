@@ -41,16 +41,6 @@ class TurnRequest(BaseModel):
         return attributes, keys
 
 
-class Hypothesis(BaseModel):
-    """One skill's candidate answer, as stored with the user's utterance and shown in debug_output."""
-
-    model_config = ConfigDict(extra="allow")
-
-    skill_name: str
-    text: str
-    confidence: float
-
-
 class TurnResponse(BaseModel):
     """What `POST /` answers (Dream's http output formatter, plus confidence and debug_output)."""
 

@@ -1,8 +1,6 @@
-"""What gunicorn imports: `gunicorn --config python:common.gunicorn_conf server:app`."""
+"""What gunicorn imports: `gunicorn server:app`, run from this folder (its gunicorn.conf.py holds the settings)."""
 
 from common.service_main import app_or_exit
-from common.settings_support import SettingsError
 from services.agent.app import create_app
-from services.agent.store import StoreError
 
-app = app_or_exit(create_app, "agent", (SettingsError, StoreError))
+app = app_or_exit(create_app, "agent")

@@ -30,8 +30,11 @@ logger = logging.getLogger(__name__)
 REDACTED = "[redacted]"
 # Secrets this long are scrubbed wherever they appear in a text; shorter ones only as a whole value.
 MIN_SUBSTRING_SECRET = 8
-# Utterances of a dialog that a turn loads for its services (Dream's formatters look at fewer still).
-HISTORY_UTTERANCES = 2 * formatters.SKILL_CONTEXT_UTTERANCES
+# The most utterances of a dialog that its turn's services see, the user's new one included: the one
+# cut the agent makes (Dream's formatters cut too, with get_last_n_turns). The whole dialog is stored.
+# A skill may send its LLM fewer (the prompted skill's N_UTTERANCES_CONTEXT), and an LLM drops the
+# oldest ones that do not fit its window.
+HISTORY_UTTERANCES = 20
 
 
 def redact(value: Any, secrets: list[str]) -> Any:
@@ -67,6 +70,15 @@ class Turn:
     selected_skills: set[str] | None = None
     human_attributes: dict = field(default_factory=dict)
     bot_attributes: dict = field(default_factory=dict)
+    # The user's stored attributes are replaced by these (then human_attributes merged) instead of kept.
+    human_attributes_reset_to: dict | None = None
+
+    def reset_human_attributes(self, keep: tuple[str, ...] = ()) -> None:
+        """Clear the user's attributes, but for the `keep` names (Dream keeps `disliked_skills` as a list)."""
+        current = self.dialog["human"]["attributes"]
+        kept = {name: current.get(name, []) for name in keep}
+        self.dialog["human"]["attributes"] = dict(kept)
+        self.human_attributes_reset_to = kept
 
     def view(self) -> dict:
         """What services see: the dialog with this turn's keys in the user's last utterance's attributes."""
@@ -122,7 +134,7 @@ class Agent:
         started = time.monotonic()
         attributes, keys = request.split_attributes()
         secrets = sorted(set(keys.values()), key=len, reverse=True)
-        dialog = self.store.active_dialog(request.user_id, last_utterances=HISTORY_UTTERANCES)
+        dialog = self.store.active_dialog(request.user_id, last_utterances=HISTORY_UTTERANCES - 1)
         human_utterance = {
             "utt_id": new_id(),
             "text": request.payload,
@@ -150,6 +162,7 @@ class Agent:
         self.store.append_turn(
             dialog["dialog_id"], human_utterance, bot_utterance,
             redact(turn.human_attributes, secrets), redact(turn.bot_attributes, secrets),
+            human_attributes_reset_to=turn.human_attributes_reset_to,
         )
         logger.info(
             "turn of user %s in dialog %s answered by %s in %.2fs",

@@ -9,6 +9,14 @@ def add_annotation(turn: Any, service_name: str, result: Any) -> None:
     turn.human_utterance["annotations"][service_name] = result
 
 
+def add_annotation_and_reset_human_attributes_for_first_turn(turn: Any, service_name: str, result: Any) -> None:
+    """Dream's: the annotation, and on a dialog's first turn the user's attributes cleared but for
+    `disliked_skills` (what a user said before is not carried into a new dialog)."""
+    add_annotation(turn, service_name, result)
+    if len(turn.dialog["utterances"]) == 1:
+        turn.reset_human_attributes(keep=("disliked_skills",))
+
+
 def add_annotation_prev_bot_utt(turn: Any, service_name: str, result: Any) -> None:
     if turn.bot_utterance is not None:
         turn.bot_utterance["annotations"][service_name] = result
@@ -48,7 +56,7 @@ def add_bot_utterance_last_chance(turn: Any, service_name: str, result: Any) -> 
 
 STATE_METHODS: dict[str, Callable[[Any, str, Any], None]] = {
     "add_annotation": add_annotation,
-    "add_annotation_and_reset_human_attributes_for_first_turn": add_annotation,
+    "add_annotation_and_reset_human_attributes_for_first_turn": add_annotation_and_reset_human_attributes_for_first_turn,
     "add_annotation_prev_bot_utt": add_annotation_prev_bot_utt,
     "add_hypothesis": add_hypothesis,
     "add_hypothesis_annotation_batch": add_hypothesis_annotation_batch,

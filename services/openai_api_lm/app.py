@@ -12,14 +12,13 @@ import logging
 
 from flask import Flask, Response, jsonify, request
 
-from common.lm_protocol import RequestValidationError
 from common.dream_errors import dream_error, register_dream_error_handlers
-from common.json_body import read_json_body
+from common.validation import read_json_body
 from common.openapi import register_openapi
 from services.openai_api_lm.openapi_spec import API
 from services.openai_api_lm.protocol import OpenAIGenerateGoalsRequest, OpenAIRespondRequest, parse_with_keys
 from services.openai_api_lm.service import OpenAIApiLM
-from services.openai_api_lm.settings import Settings, SettingsError
+from services.openai_api_lm.settings import Settings
 from services.openai_api_lm.upstream import ChatCompletionsClient, UpstreamError, UpstreamTimeoutError
 
 logger = logging.getLogger(__name__)
@@ -28,10 +27,7 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, client: ChatCompletionsClient | None = None) -> Flask:
     """The service's Flask app; settings come from the environment unless given."""
     settings = settings or Settings.from_env()
-    try:
-        lm = OpenAIApiLM(settings, client)
-    except RequestValidationError as error:  # the default generative config: unreadable, or over the caps
-        raise SettingsError(f"{error.message} (MAX_NEW_TOKENS_CAP, MAX_NUM_RETURN_SEQUENCES are the caps)") from None
+    lm = OpenAIApiLM(settings, client)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["openai_api_lm"] = lm
@@ -78,10 +74,6 @@ def create_app(settings: Settings | None = None, client: ChatCompletionsClient |
 
 
 def _register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(RequestValidationError)
-    def bad_request(error: RequestValidationError):
-        return dream_error(400, error.message, error.field)
-
     @app.errorhandler(UpstreamTimeoutError)
     def upstream_timeout(error: UpstreamTimeoutError):
         logger.warning("504 for %s: %s", request.path, error)

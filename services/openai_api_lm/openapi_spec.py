@@ -51,7 +51,9 @@ API = Api(
         Operation("POST", "/generate_goals", "What a bot with each prompt can do", request=GenerateGoalsRequestWithKeys,
                   responses={200: Body(GenerateGoalsResponse, "one description per prompt")}, errors=ERRORS),
         Operation("GET", "/health", "Ready (the upstream is asked only per request)", responses={200: Body(UpstreamHealth)}),
-        Operation("GET", "/ping", "Liveness", responses={200: Body(str)}),
-        Operation("POST", "/ping", "Liveness", responses={200: Body(str)}),
+        Operation("GET", "/ping", "Dream's liveness check: \"pong\" (ready once started: nothing to load)",
+                  responses={200: Body(str)}),
+        Operation("POST", "/ping", "Dream's liveness check: \"pong\" (ready once started: nothing to load)",
+                  responses={200: Body(str)}),
     ],
 )

@@ -16,21 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
-from common.lm_protocol import (
-    GenerateGoalsRequest,
-    GenerationConfig,
-    RequestValidationError,
-    RespondRequest,
-    field_path,
-    validation_error_to_request_error,
-)
+from common.lm_protocol import GenerateGoalsRequest, GenerationConfig, RespondRequest
+from common.validation import RequestValidationError, parse_json
 
 # OpenAI's name -> the shared config's name for the same thing.
 OPENAI_KEY_NAMES = {"max_tokens": "max_new_tokens", "n": "num_return_sequences"}
-# Keys of the shared config that the OpenAI chat API has no parameter for: accepted, not sent.
-KEYS_WITHOUT_OPENAI_PARAMETER = ("min_new_tokens", "top_k", "repetition_penalty")
 # Dream's field for per-request organizations (its skills send `<env var lower case>s`).
 ORGANIZATION_FIELDS = ("openai_api_organizations", "openai_organizations")
 
@@ -69,7 +61,10 @@ class OpenAIGenerationConfig(GenerationConfig):
         return sorted({*cls.model_fields, *OPENAI_KEY_NAMES})
 
     def to_openai_parameters(self) -> dict[str, Any]:
-        """The chat completion parameters for this config (OpenAI's names; defaults left out)."""
+        """The chat completion parameters for this config (OpenAI's names; defaults left out).
+
+        min_new_tokens, top_k and repetition_penalty have no chat API parameter: accepted, not sent.
+        """
         parameters: dict[str, Any] = {"max_tokens": self.max_new_tokens, "n": self.num_return_sequences}
         if self.is_greedy:
             parameters["temperature"] = 0.0
@@ -125,14 +120,11 @@ def parse_with_keys(
     the shared models forbid unknown fields.
     """
     if not isinstance(data, dict):
-        raise RequestValidationError("the request body must be a JSON object", None)
+        raise RequestValidationError("the request body must be a JSON object")
     data = dict(data)
     key_values = [(name, data.pop(name)) for name in dict.fromkeys(key_fields) if name in data]
     organization_values = [(name, data.pop(name)) for name in ORGANIZATION_FIELDS if name in data]
-    try:
-        request = model.model_validate(data)
-    except ValidationError as error:
-        raise _request_error(error) from None
+    request = parse_json(model, data)
     count = len(request.items())
     api_keys = _per_item(key_values, count)
     organizations = _per_item(organization_values, count)
@@ -155,12 +147,3 @@ def _per_item(values: list[tuple[str, Any]], count: int) -> tuple[str | None, ..
                 merged[index] = item.strip() or None
     return tuple(merged)
 
-
-def _request_error(error: ValidationError) -> RequestValidationError:
-    first = error.errors(include_url=False, include_input=False)[0]
-    if first["type"] == "extra_forbidden" and "configs" in first["loc"]:
-        field = field_path(first["loc"])
-        return RequestValidationError(
-            f"{field}: unknown key; allowed keys: {', '.join(OpenAIGenerationConfig.allowed_keys())}", field
-        )
-    return validation_error_to_request_error(error)

@@ -15,36 +15,27 @@ from typing import Any, Callable, Sequence, TypeVar
 from services.openai_api_lm.protocol import OpenAIGenerationConfig, RequestKeys
 from services.openai_api_lm.settings import Settings
 from services.openai_api_lm.upstream import ChatCompletionsClient, Credentials, UpstreamResponseError
-from common.lm_protocol import GenerateGoalsItem, RespondItem, load_generation_config
-from common.settings_support import REPO_ROOT
+from common.lm_protocol import GenerateGoalsItem, RespondItem, dream_turns, goals_request, load_default_config
 
 logger = logging.getLogger(__name__)
 
 # Dialogs of one request asked at once; more wait for a free slot (within the same deadline).
 MAX_PARALLEL_UPSTREAM_CALLS = 8
 
-# /generate_goals asks what every Parley LLM service asks: this file's text with the prompt in it.
-GOALS_PROMPT_FILE = REPO_ROOT / "common" / "prompts" / "generate_goals.txt"
-
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 def chat_messages(prompt: str, dialog_context: Sequence[str]) -> list[dict[str, str]]:
-    """The prompt as the system message, then the dialog as turns that alternate and end with the user's.
-
-    Counting back from the last utterance (the user's), every other one is the assistant's, as Dream does.
-    """
+    """The prompt as the system message, then the dialog as turns that alternate and end with the user's."""
     messages = [{"role": "system", "content": prompt}] if prompt else []
-    last = len(dialog_context) - 1
-    for index, utterance in enumerate(dialog_context):
-        messages.append({"role": "user" if (last - index) % 2 == 0 else "assistant", "content": utterance})
+    messages.extend({"role": role, "content": utterance} for role, utterance in dream_turns(list(dialog_context)))
     return messages
 
 
-def goals_messages(goals_prompt: str, prompt: str) -> list[dict[str, str]]:
-    """One user message: the goals instruction with the bot's prompt in its `{prompt}` slot."""
-    return chat_messages("", [goals_prompt.replace("{prompt}", prompt)])
+def goals_messages(prompt: str) -> list[dict[str, str]]:
+    """One user message: the goals instruction with the bot's prompt in it."""
+    return chat_messages("", [goals_request(prompt)])
 
 
 def hypotheses_from(answer: dict[str, Any]) -> list[str]:
@@ -73,12 +64,8 @@ class OpenAIApiLM:
     def __init__(self, settings: Settings, client: ChatCompletionsClient | None = None):
         self.settings = settings
         self.client = client or ChatCompletionsClient(settings.chat_completions_url)
-        path = settings.generative_config_path
-        # A bad file is a RequestValidationError naming GENERATIVE_CONFIG, raised at start-up.
-        self.default_config = load_generation_config(path, OpenAIGenerationConfig) if path else OpenAIGenerationConfig()
-        # A default over the caps would turn every request without a config into a 400: refuse to start.
-        self.default_config.check_caps(settings.caps, "GENERATIVE_CONFIG" if path else "the built-in default config")
-        self.goals_prompt = GOALS_PROMPT_FILE.read_text().strip()
+        # A file that cannot be used, or a default over the caps, is a SettingsError at start-up.
+        self.default_config = load_default_config(settings.generative_config, settings.caps, OpenAIGenerationConfig)
         self._pool = ThreadPoolExecutor(MAX_PARALLEL_UPSTREAM_CALLS, thread_name_prefix="upstream")
 
     def respond(self, items: Sequence[RespondItem], keys: RequestKeys) -> list[list[str]]:
@@ -99,7 +86,7 @@ class OpenAIApiLM:
         configs = [self._config(item.config, f"configs[{index}]").merged_with(one) for index, item in enumerate(items)]
         credentials = self._credentials(keys, len(items))
         calls = [
-            (goals_messages(self.goals_prompt, item.prompt), config, credential)
+            (goals_messages(item.prompt), config, credential)
             for item, config, credential in zip(items, configs, credentials, strict=True)
         ]
         return [texts[0] for texts in self._map(lambda call: self._hypotheses(*call, deadline), calls)]

@@ -8,33 +8,28 @@ card's `--key-env`) and kept as a `SecretStr`, so no repr, log line or error mes
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Annotated, Mapping, Self
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, field_validator
 
 from common.lm_protocol import GenerationCaps
-from common.settings_support import SettingsError, parse_boolean, resolve_repo_path, settings_error
+from common.settings_support import NOT_AN_ENV_VAR, RepoPath, ServiceSettings, SettingsError
 
 _ENV_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_REQUIRED = {
-    "OPENAI_BASE_URL": "the upstream's OpenAI API root, e.g. https://api.openai.com/v1 or http://vllm:8000/v1",
-    "PRETRAINED_MODEL_NAME_OR_PATH": "the upstream's model name, e.g. gpt-4o-mini",
-}
 
 
 __all__ = ["Settings", "SettingsError"]
 
 
-class Settings(BaseModel):
+class Settings(ServiceSettings):
     """What the service reads from its environment. Field descriptions are the documentation."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # A value set in the wrong variable may be a key: errors never quote values.
+    show_values_in_errors = False
 
     openai_base_url: str = Field(
-        description="the upstream's OpenAI API root, e.g. https://api.openai.com/v1; /chat/completions is appended"
+        description="the upstream's OpenAI API root, e.g. https://api.openai.com/v1 (/chat/completions is appended)"
     )
     pretrained_model_name_or_path: str = Field(
         min_length=1, description="the upstream's model name, sent as `model`, e.g. gpt-4o-mini (Dream's variable)"
@@ -43,7 +38,9 @@ class Settings(BaseModel):
         "OPENAI_API_KEY",
         description="the NAME of the variable that holds the API key (the card's --key-env); unset or empty key: no Authorization header",
     )
-    api_key: SecretStr | None = Field(None, exclude=True, description="read from the variable OPENAI_API_KEY_ENV_VAR names")
+    api_key: Annotated[SecretStr | None, NOT_AN_ENV_VAR] = Field(
+        None, exclude=True, description="read from the variable OPENAI_API_KEY_ENV_VAR names"
+    )
     allow_request_api_keys: bool = Field(
         False,
         description="1: a request's own key (Dream's `openai_api_keys` field) replaces the service's; 0: such fields are ignored",
@@ -51,12 +48,12 @@ class Settings(BaseModel):
     generative_timeout: float = Field(
         60.0, gt=0, le=3600, description="seconds a request may wait for the upstream in all; then 504"
     )
-    generative_config: Path | None = Field(
+    generative_config: RepoPath | None = Field(
         None,
         description="the default generative config (JSON) that requests' configs are merged over; unset: greedy, 120 tokens, one hypothesis",
     )
     service_name: str = Field("openai-api-lm", description="the service's name, shown in /health and logs")
-    service_port: int = Field(8181, ge=1, le=65535, description="the port gunicorn binds (read by common/gunicorn_conf.py)")
+    service_port: int = Field(8181, ge=1, le=65535, description="the port gunicorn binds on 0.0.0.0")
     max_new_tokens_cap: int = Field(4096, ge=1, description="the largest max_new_tokens / max_tokens a request may ask")
     max_num_return_sequences: int = Field(8, ge=1, description="the largest num_return_sequences / n a request may ask")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
@@ -81,10 +78,6 @@ class Settings(BaseModel):
         return f"{self.openai_base_url}/chat/completions"
 
     @property
-    def generative_config_path(self) -> Path | None:
-        return resolve_repo_path(self.generative_config) if self.generative_config else None
-
-    @property
     def request_key_field(self) -> str:
         """Dream's request field for this service's key: the key variable's name, lower case, plus `s`."""
         return f"{self.openai_api_key_env_var.lower()}s"
@@ -95,32 +88,7 @@ class Settings(BaseModel):
             max_new_tokens=self.max_new_tokens_cap, max_num_return_sequences=self.max_num_return_sequences
         )
 
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
-        """Read every field from the variable of the same name in upper case; raise SettingsError."""
-        environ = os.environ if environ is None else environ
-        for variable, meaning in _REQUIRED.items():
-            if not environ.get(variable, "").strip():
-                raise SettingsError(f"missing {variable}: set it to {meaning}")
-        values: dict[str, Any] = {}
-        for name in cls.model_fields:
-            raw = environ.get(name.upper())
-            if name == "api_key" or raw is None or not raw.strip():
-                continue
-            if name == "allow_request_api_keys":
-                values[name] = _boolean(raw, name.upper())
-            else:
-                values[name] = raw.strip()
-        try:
-            settings = cls.model_validate(values)
-        except ValidationError as error:
-            raise settings_error(error) from None  # never shows a value: it may be a key in the wrong variable
-        key = environ.get(settings.openai_api_key_env_var, "").strip()
-        return settings.model_copy(update={"api_key": SecretStr(key) if key else None})
-
-
-def _boolean(value: str, name: str) -> bool:
-    try:
-        return parse_boolean(value, name)
-    except ValueError as error:
-        raise SettingsError(str(error)) from None
+    def _completed_from_env(self, environ: Mapping[str, str]) -> Self:
+        """The API key, read from the variable OPENAI_API_KEY_ENV_VAR names."""
+        key = environ.get(self.openai_api_key_env_var, "").strip()
+        return self.model_copy(update={"api_key": SecretStr(key) if key else None})

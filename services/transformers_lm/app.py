@@ -9,7 +9,6 @@ loads the model in a background thread (or takes a model handed in, as tests do)
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from typing import Callable
@@ -17,35 +16,32 @@ from typing import Callable
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from common.lm_protocol import GenerationConfig, RequestValidationError, load_generation_config, parse_request
-from common.model_sources import ModelSourceError, llama_cpp_weights_for, resolve_model_source
-from common.json_body import read_json_body
+from common.lm_protocol import GenerationConfig, load_default_config
+from common.model_sources import ModelSourceError, resolve_model_source
+from common.validation import RequestValidationError, parse_body
+from common.dream_errors import NotReadyError
 from common.openapi import register_openapi
-from services.transformers_lm import openai_api
+from common.service_main import stop_worker
+from services.transformers_lm import openai_serving
 from services.transformers_lm.openapi_spec import API
 from services.transformers_lm.backends import BackendRegistry, LoadedModel, LoadOptions, ModelLoadError, default_registry
-from services.transformers_lm.engine import QueueFullError
+from services.transformers_lm.engines import QueueFullError
 from services.transformers_lm.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateGoalsRequest,
     RespondRequest,
+    openai_error,
 )
 from services.transformers_lm.service import GenerationFailedError, LMService
-from services.transformers_lm.settings import Settings, SettingsError
+from services.transformers_lm.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-# The exit status gunicorn reads as "worker failed to boot": the master stops instead of retrying.
-WORKER_BOOT_ERROR = 3
 
 
-class ModelNotReadyError(RuntimeError):
+class ModelNotReadyError(NotReadyError):
     """The model is still loading (or failed to load): 503."""
-
-
-class StartupError(RuntimeError):
-    """The service cannot start; the message is one line that says how to fix it."""
 
 
 def load_model(settings: Settings, registry: BackendRegistry | None = None) -> LoadedModel:
@@ -60,7 +56,7 @@ def load_model(settings: Settings, registry: BackendRegistry | None = None) -> L
     options = LoadOptions(
         device=settings.device,
         half_precision=settings.half_precision and backend.supports_half_precision,
-        cache_dir=settings.model_cache_path,
+        cache_dir=settings.model_cache_dir,
         sha256=settings.model_sha256,
         additional_eos_tokens=settings.additional_eos_tokens,
         max_batch_size=settings.max_batch_size,
@@ -68,11 +64,7 @@ def load_model(settings: Settings, registry: BackendRegistry | None = None) -> L
         threads=settings.threads,
         model_code=settings.model_code,
         context_length=settings.context_length,
-        gguf_weights=(
-            llama_cpp_weights_for(settings.pretrained_model_name_or_path)
-            if settings.gguf_weights == "auto"
-            else settings.gguf_weights
-        ),
+        gguf_weights=settings.gguf_weights,
     )
     logger.info("loading %s with the %s backend", settings.pretrained_model_name_or_path, backend.name)
     return backend().load(source, options)
@@ -125,9 +117,7 @@ class ServiceHolder:
 
 def exit_worker(message: str) -> None:
     """Stop the process: the service cannot serve without its model (gunicorn then stops too)."""
-    logger.error("cannot start: %s", message)
-    logging.shutdown()
-    os._exit(WORKER_BOOT_ERROR)
+    stop_worker(logger, message)
 
 
 def create_app(
@@ -139,12 +129,8 @@ def create_app(
 ) -> Flask:
     """The service's Flask app. With `model` given it serves that model at once; else it loads the
     model from the settings in a background thread and calls `on_load_failure` if that fails."""
-    try:
-        settings = settings or Settings.from_env()
-        default_config = load_generation_config(settings.generative_config_path)
-        default_config.check_caps(settings.caps, "GENERATIVE_CONFIG")
-    except (SettingsError, RequestValidationError) as error:
-        raise StartupError(getattr(error, "message", str(error))) from None
+    settings = settings or Settings.from_env()
+    default_config = load_default_config(settings.generative_config, settings.caps)
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
@@ -158,16 +144,18 @@ def create_app(
 
     @app.post("/respond")
     def respond() -> Response:
-        respond_request = parse_request(RespondRequest, read_json_body())
+        respond_request = parse_body(RespondRequest)
         return jsonify(holder.get().respond(respond_request.items()))
 
     @app.post("/generate_goals")
     def generate_goals() -> Response:
-        goals_request = parse_request(GenerateGoalsRequest, read_json_body())
+        goals_request = parse_body(GenerateGoalsRequest)
         return jsonify(holder.get().generate_goals(goals_request.items()))
 
     @app.route("/ping", methods=["GET", "POST"])
     def ping() -> Response:
+        """Dream's liveness check, honest: "pong" once the model serves, 503 while it loads or after it failed."""
+        holder.get()
         return jsonify("pong")
 
     @app.get("/health")
@@ -191,17 +179,17 @@ def create_app(
 
     @app.get("/v1/models")
     def v1_models() -> Response:
-        return jsonify(openai_api.list_models(holder.get(), started_at))
+        return jsonify(openai_serving.list_models(holder.get(), started_at))
 
     @app.post("/v1/chat/completions")
     def v1_chat_completions() -> Response:
-        chat_request = parse_request(ChatCompletionRequest, read_json_body())
-        return _openai_result(openai_api.chat_completion(holder.get(), chat_request))
+        chat_request = parse_body(ChatCompletionRequest)
+        return _openai_result(openai_serving.chat_completion(holder.get(), chat_request))
 
     @app.post("/v1/completions")
     def v1_completions() -> Response:
-        completion_request = parse_request(CompletionRequest, read_json_body())
-        return _openai_result(openai_api.completion(holder.get(), completion_request))
+        completion_request = parse_body(CompletionRequest)
+        return _openai_result(openai_serving.completion(holder.get(), completion_request))
 
     register_openapi(app, API)
     _register_error_handler(app)
@@ -218,7 +206,7 @@ def _openai_result(result) -> Response:
 # Status, OpenAI error type and code for each error class; the first match wins.
 _ERROR_STATUSES: list[tuple[type[BaseException], int, str, str | None]] = [
     (RequestValidationError, 400, "invalid_request_error", None),
-    (openai_api.ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
+    (openai_serving.ModelNotFoundError, 404, "invalid_request_error", "model_not_found"),
     (RequestEntityTooLarge, 413, "invalid_request_error", "request_too_large"),
     (QueueFullError, 429, "rate_limit_error", "queue_full"),
     (ModelNotReadyError, 503, "service_unavailable", "model_not_ready"),
@@ -251,7 +239,7 @@ def _register_error_handler(app: Flask) -> None:
             if not isinstance(error, (GenerationFailedError, HTTPException)):
                 message = f"internal error ({type(error).__name__}); the service log has the details"
         if request.path.startswith("/v1/"):
-            body = {"error": {"message": message, "type": error_type, "param": field, "code": code}}
+            body = openai_error(message, error_type, field, code)
         else:
             body = {"error": {"message": message, "field": field}}
         response = jsonify(body)

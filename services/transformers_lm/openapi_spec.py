@@ -3,7 +3,7 @@ Dream's endpoints with Dream's error shape, OpenAI's `/v1` endpoints with OpenAI
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -118,7 +118,9 @@ API = Api(
         ),
         Operation("GET", "/health", "200 once the model is loaded and warmed up, 503 before",
                   responses={200: Body(LMHealth, "ready"), 503: Body(LMHealth, "loading or failed")}),
-        Operation("GET", "/ping", "Liveness", responses={200: Body(str)}),
-        Operation("POST", "/ping", "Liveness", responses={200: Body(str)}),
+        Operation("GET", "/ping", "Dream's liveness check: \"pong\" once ready, 503 before", responses={200: Body(str)},
+                  errors=(503,)),
+        Operation("POST", "/ping", "Dream's liveness check: \"pong\" once ready, 503 before", responses={200: Body(str)},
+                  errors=(503,)),
     ],
 )

@@ -12,7 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from common.lm_protocol import RequestValidationError
+from common.lm_protocol import dream_turns
+from common.validation import RequestValidationError
 from services.transformers_lm.backends import ChatMessage
 from services.transformers_lm.settings import PromptFormat
 
@@ -32,13 +33,8 @@ class Conversation:
 
 
 def conversation_from_dream(prompt: str, dialog_context: list[str]) -> Conversation:
-    """Dream's dialog: utterances alternate between user and bot, and the last one is the user's."""
-    count = len(dialog_context)
-    turns = tuple(
-        ChatMessage("user" if (count - index) % 2 == 1 else "assistant", utterance)
-        for index, utterance in enumerate(dialog_context)
-    )
-    return Conversation(prompt, turns)
+    """Dream's dialog: the prompt as the system prompt, then utterances that alternate and end with the user's."""
+    return Conversation(prompt, tuple(ChatMessage(role, text) for role, text in dream_turns(dialog_context)))
 
 
 def conversation_from_messages(messages: list[ChatMessage]) -> Conversation:

@@ -10,12 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.lm_protocol import (  # noqa: F401 - re-exported: the service's Dream wire models
-    GenerateGoalsRequest,
-    GenerationConfig,
-    RequestValidationError,
-    RespondRequest,
-)
+from common.lm_protocol import GenerateGoalsRequest, RespondRequest  # noqa: F401 - re-exported: the Dream wire models
+from common.validation import RequestValidationError
 
 # OpenAI's parameter names for our generation keys, to name the right field in errors.
 OPENAI_PARAM_FOR_KEY = {
@@ -26,6 +22,12 @@ OPENAI_PARAM_FOR_KEY = {
     "seed": "seed",
     "stop": "stop",
 }
+
+
+def openai_error(message: str, error_type: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error body, `{"error": {"message", "type", "param", "code"}}`: the answer of every
+    `/v1` failure, and the last event of a stream that fails after it started."""
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
 
 
 class TextPart(BaseModel):

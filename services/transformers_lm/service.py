@@ -16,10 +16,10 @@ from common.lm_protocol import (
     GenerationConfig,
     RequestValidationError,
     RespondItem,
+    goals_request,
 )
-from common.settings_support import REPO_ROOT
 from services.transformers_lm.backends import ChatMessage, LoadedModel
-from services.transformers_lm.engine import FinishReason, GenerationRequest, SamplingParams, TokenStream
+from services.transformers_lm.engines import FinishReason, GenerationRequest, SamplingParams, TokenStream
 from services.transformers_lm.prompting import (
     BuiltPrompt,
     ChatTemplateRenderer,
@@ -34,9 +34,6 @@ from services.transformers_lm.prompting import (
 from services.transformers_lm.settings import Settings
 
 logger = logging.getLogger(__name__)
-
-GOALS_PROMPT_FILE = REPO_ROOT / "common" / "prompts" / "generate_goals.txt"
-
 
 class GenerationFailedError(RuntimeError):
     """Generation failed inside the engine: a failure of ours (500), not of the request."""
@@ -97,7 +94,6 @@ class LMService:
             context_length=model.info.context_length,
             stop_sequences=(*settings.stop_sequences, *model.info.extra_stop_sequences),
         )
-        self.goals_prompt = GOALS_PROMPT_FILE.read_text().strip()
 
     # --- building blocks ----------------------------------------------------------------------
     def config_for(self, override: GenerationConfig | None, field: str) -> GenerationConfig:
@@ -200,7 +196,7 @@ class LMService:
             config = self.config_for(item.config, f"configs[{index}]").merged_with(
                 GenerationConfig(num_return_sequences=1)
             )
-            request = self.goals_prompt.replace("{prompt}", item.prompt)
+            request = goals_request(item.prompt)
             jobs.append((self.build_prompt(Conversation("", (ChatMessage("user", request),)), config, f"prompts[{index}]"), config))
         return [completions[0].text.strip() for completions in self.complete_all(jobs)]
 

@@ -6,17 +6,12 @@ has one); the table in this service's README lists them all, and a test checks i
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from common.lm_protocol import GenerationCaps
-from common.settings_support import SettingsError, parse_boolean, resolve_repo_path, settings_error
-
-DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
+from common.lm_protocol import DEFAULT_GENERATIVE_CONFIG, GenerationCaps
+from common.settings_support import CommaList, Json, RepoPath, ServiceSettings, SettingsError
 
 
 __all__ = ["PromptFormat", "Settings", "SettingsError"]
@@ -47,52 +42,33 @@ class PromptFormat(BaseModel):
         return template
 
 
-def _comma_list(value: str) -> tuple[str, ...]:
-    return tuple(part.strip() for part in value.split(",") if part.strip())
-
-
-def _json_string_list(value: str, name: str) -> tuple[str, ...]:
-    try:
-        items = json.loads(value)
-    except json.JSONDecodeError as error:
-        raise SettingsError(f"{name} must be a JSON list of strings, e.g. [\"\\nUser:\"]: {error}") from None
-    if not isinstance(items, list) or not all(isinstance(item, str) and item for item in items):
-        raise SettingsError(f"{name} must be a JSON list of non-empty strings, e.g. [\"\\nUser:\"]")
-    return tuple(items)
-
-
-def _boolean(value: str, name: str) -> bool:
-    try:
-        return parse_boolean(value, name)
-    except ValueError as error:
-        raise SettingsError(str(error)) from None
-
-
-class Settings(BaseModel):
+class Settings(ServiceSettings):
     """What the service reads from its environment. Field descriptions are the documentation."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     pretrained_model_name_or_path: str = Field(
         "smollm2-135m-instruct",
         description="the model: an embedded name (smollm2-135m-instruct), a local directory, a .gguf file or a Hugging Face id",
     )
     service_name: str = Field("transformers-lm", description="the service's name, shown in /health and logs")
-    service_port: int = Field(8180, ge=1, le=65535, description="the port gunicorn binds (read by common/gunicorn_conf.py)")
+    service_port: int = Field(8180, ge=1, le=65535, description="the port gunicorn binds on 0.0.0.0")
     half_precision: bool = Field(False, description="1: float16 on CUDA, bfloat16 on CPU; 0: float32")
     device: Literal["cpu", "cuda", "auto"] = Field("auto", description="cpu, cuda or auto (cuda when available)")
-    additional_eos_tokens: tuple[str, ...] = Field(
+    additional_eos_tokens: CommaList = Field(
         (), description="comma-separated strings that also end a hypothesis (single tokens end generation; longer ones cut the text)"
     )
     language: Literal["EN", "RU"] = Field("EN", description="speaker names of the plain prompt format: EN Human/AI, RU Human/Assistant")
-    generative_config: Path = Field(
-        Path(DEFAULT_GENERATIVE_CONFIG),
+    generative_config: RepoPath = Field(
+        DEFAULT_GENERATIVE_CONFIG,
+        validate_default=True,
         description="the model's default generative config (JSON); requests' configs are merged over it",
     )
-    model_cache_dir: Path = Field(Path(".cache/models"), description="where converted models (GGUF → safetensors) are kept")
+    model_cache_dir: RepoPath = Field(
+        ".cache/models", validate_default=True,
+        description="where converted models are kept (GGUF → safetensors for transformers, the F16 copy for llama.cpp)",
+    )
     model_sha256: str | None = Field(None, description="pinned sha256 of the model file; a mismatch refuses to start")
     backend: str = Field("auto", description="auto, transformers or llama_cpp (auto: llama_cpp for .gguf when installed)")
-    model_aliases: tuple[str, ...] = Field((), description="comma-separated extra model names accepted by /v1 endpoints")
+    model_aliases: CommaList = Field((), description="comma-separated extra model names accepted by /v1 endpoints")
     max_new_tokens_cap: int = Field(1024, ge=1, description="the largest max_new_tokens / max_tokens a request may ask")
     max_num_return_sequences: int = Field(8, ge=1, description="the largest num_return_sequences / n a request may ask")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="larger request bodies get 413")
@@ -128,10 +104,17 @@ class Settings(BaseModel):
     threads: int | None = Field(
         None, ge=1, description="CPU threads of the llama_cpp backend; default: the cores this process may use"
     )
-    prompt_format: PromptFormat | None = Field(
+    prompt_format: Annotated[PromptFormat | None, Json('{"user": "User: {instruction}\\n"}')] = Field(
         None, description="JSON object with RayLLM's prompt_format fields; overrides the chat template"
     )
-    stop_sequences: tuple[str, ...] = Field((), description="JSON list of strings where every hypothesis is cut")
+    stop_sequences: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Json('["\\nUser:"]')] = Field(
+        (), description="JSON list of strings where every hypothesis is cut"
+    )
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @field_validator("model_sha256")
     @classmethod
@@ -144,14 +127,6 @@ class Settings(BaseModel):
         return value
 
     @property
-    def generative_config_path(self) -> Path:
-        return resolve_repo_path(self.generative_config)
-
-    @property
-    def model_cache_path(self) -> Path:
-        return resolve_repo_path(self.model_cache_dir)
-
-    @property
     def served_model_names(self) -> list[str]:
         """The names /v1 endpoints accept: the model as configured, then its aliases."""
         names = [self.pretrained_model_name_or_path, *self.model_aliases]
@@ -162,33 +137,3 @@ class Settings(BaseModel):
         return GenerationCaps(
             max_new_tokens=self.max_new_tokens_cap, max_num_return_sequences=self.max_num_return_sequences
         )
-
-    @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
-        """Read every field from the variable of the same name in upper case; raise SettingsError."""
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for name in cls.model_fields:
-            variable = name.upper()
-            raw = environ.get(variable)
-            if raw is None or (raw.strip() == "" and name != "stop_sequences"):
-                continue
-            if name in ("additional_eos_tokens", "model_aliases"):
-                values[name] = _comma_list(raw)
-            elif name == "stop_sequences":
-                values[name] = _json_string_list(raw, variable) if raw.strip() else ()
-            elif name == "half_precision":
-                values[name] = _boolean(raw, variable)
-            elif name == "prompt_format":
-                try:
-                    values[name] = json.loads(raw)
-                except json.JSONDecodeError as error:
-                    raise SettingsError(f"PROMPT_FORMAT must be a JSON object: {error}") from None
-            elif name in ("language",):
-                values[name] = raw.strip().upper()
-            else:
-                values[name] = raw.strip()
-        try:
-            return cls.model_validate(values)
-        except ValidationError as error:
-            raise settings_error(error, environ) from None  # no key among these: the value helps

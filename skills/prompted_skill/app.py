@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 
 from flask import Flask, Response, jsonify
-from pydantic import ValidationError
 
-from common.lm_protocol import RequestValidationError, validation_error_to_request_error
-from common.dream_errors import dream_error, register_dream_error_handlers
-from common.json_body import read_json_body
+from common.dream_errors import register_dream_error_handlers
+from common.validation import parse_body
 from common.openapi import register_openapi
 from skills.prompted_skill.llm_client import LLMClient
 from skills.prompted_skill.openapi_spec import API
@@ -30,7 +28,7 @@ def create_app(settings: Settings | None = None, llm_client: LLMClient | None = 
 
     @app.post("/respond")
     def respond() -> Response:
-        skill_request = _parse(SkillRequest)
+        skill_request = parse_body(SkillRequest)
         replies = skill.respond(skill_request.dialogs)
         return jsonify([reply.to_dream() for reply in replies])
 
@@ -43,23 +41,5 @@ def create_app(settings: Settings | None = None, llm_client: LLMClient | None = 
         return jsonify("pong")
 
     register_openapi(app, API)
-    _register_error_handlers(app)
-    return app
-
-
-def _parse(model):
-    data = read_json_body()
-    if not isinstance(data, dict):
-        raise RequestValidationError("the request body must be a JSON object", None)
-    try:
-        return model.model_validate(data)
-    except ValidationError as error:
-        raise validation_error_to_request_error(error) from None
-
-
-def _register_error_handlers(app: Flask) -> None:
-    @app.errorhandler(RequestValidationError)
-    def bad_request(error: RequestValidationError):
-        return dream_error(400, error.message, error.field)
-
     register_dream_error_handlers(app, logger)
+    return app

@@ -9,7 +9,7 @@ from typing import Any
 import requests
 from pydantic import TypeAdapter, ValidationError
 
-from common.lm_protocol import GenerationConfig, RespondResponse
+from common.lm_protocol import RespondResponse
 
 _RESPOND_RESPONSE = TypeAdapter(RespondResponse)
 logger = logging.getLogger(__name__)
@@ -36,17 +36,16 @@ class LLMClient:
         url: str,
         dialog_context: list[str],
         prompt: str,
-        config: GenerationConfig,
+        config: dict[str, Any] | None,
         key_fields: dict[str, list[str]],
         timeout_seconds: float,
     ) -> list[str]:
-        """The LLM's hypotheses for one dialog. `key_fields` are Dream's `{"<env var>s": [value]}`."""
+        """The LLM's hypotheses for one dialog. `config` holds the generation keys the skill sets (None:
+        the LLM's own default config applies); `key_fields` are Dream's `{"<env var>s": [value]}`."""
         body: dict[str, Any] = {
             "dialog_contexts": [dialog_context],
             "prompts": [prompt],
-            # Every key, defaults included: the LLM merges what it gets over its own default config,
-            # so a key left out (do_sample: false) would silently become the LLM's (do_sample: true).
-            "configs": [config.model_dump(mode="json", exclude_none=True)],
+            "configs": [config],
             **key_fields,
         }
         try:

@@ -36,7 +36,9 @@ API = Api(
             errors=(400, 413),
         ),
         Operation("GET", "/health", "Ready; the LLM URLs this skill may call", responses={200: Body(SkillHealth)}),
-        Operation("GET", "/ping", "Liveness", responses={200: Body(str)}),
-        Operation("POST", "/ping", "Liveness", responses={200: Body(str)}),
+        Operation("GET", "/ping", "Dream's liveness check: \"pong\" (ready once started: nothing to load)",
+                  responses={200: Body(str)}),
+        Operation("POST", "/ping", "Dream's liveness check: \"pong\" (ready once started: nothing to load)",
+                  responses={200: Body(str)}),
     ],
 )

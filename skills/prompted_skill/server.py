@@ -1,4 +1,4 @@
-"""What gunicorn imports: `gunicorn --config python:common.gunicorn_conf server:app`."""
+"""What gunicorn imports: `gunicorn server:app`, run from this folder (its gunicorn.conf.py holds the settings)."""
 
 from common.service_main import app_or_exit
 from skills.prompted_skill.app import create_app

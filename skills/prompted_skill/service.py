@@ -14,9 +14,8 @@ import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from pydantic import ValidationError
-
-from common.lm_protocol import GenerationConfig, RequestValidationError, load_generation_config
+from common.lm_protocol import GenerationConfig, load_generation_config
+from common.validation import RequestValidationError, validate
 from skills.prompted_skill.llm_client import LLMCallError, LLMClient
 from skills.prompted_skill.protocol import Dialog, DialogReply, Hypothesis
 from skills.prompted_skill.settings import Settings
@@ -58,9 +57,14 @@ class PromptedSkill:
         self.settings = settings
         self.llm_client = llm_client or LLMClient()
         self._allowed_urls = settings.allowed_urls()
-        self._configs: dict[str, GenerationConfig] = {
-            url: load_generation_config(settings.generative_config_path(url)) for url in self._allowed_urls
-        }
+        # The generation keys the skill's settings give each endpoint (as written in its file); an
+        # endpoint with none gets no config, so the LLM's own default config applies.
+        self._configs: dict[str, dict[str, Any]] = {}
+        for url in self._allowed_urls:
+            path = settings.generative_config_path(url)
+            if path is not None:
+                setting = "GENERATIVE_SERVICE_CONFIG" if url == settings.generative_service_url else "LLM_ENDPOINTS"
+                self._configs[url] = _set_keys(load_generation_config(path, setting=setting))
 
     def respond(self, dialogs: list[Dialog]) -> list[DialogReply]:
         """One reply per dialog, in order; dialogs of a batch are answered concurrently."""
@@ -116,21 +120,18 @@ class PromptedSkill:
             return _no_hypothesis("lm_empty", f"the LLM at {url} answered only empty text")
         return DialogReply(hypotheses=hypotheses)
 
-    def _config_for(self, url: str, turn_config: Any) -> GenerationConfig:
-        """The endpoint's generative config, with a turn's `lm_service_config` (Dream's dict) over it."""
-        base = self._configs[url]
-        if turn_config is None:
-            return base
-        if not isinstance(turn_config, dict):
-            raise RequestValidationError("lm_service_config must be an object of generation keys", "lm_service_config")
-        # Dream lets a turn set the LLM timeout here; ours is the skill's GENERATIVE_TIMEOUT.
-        overrides = {key: value for key, value in turn_config.items() if key != "timeout"}
-        try:
-            return base.merged_with(GenerationConfig.model_validate(overrides))
-        except ValidationError as error:
-            first = error.errors(include_url=False)[0]
-            field = ".".join(map(str, first["loc"]))
-            raise RequestValidationError(f"lm_service_config.{field}: {first['msg']}", "lm_service_config") from None
+    def _config_for(self, url: str, turn_config: Any) -> dict[str, Any] | None:
+        """The generation keys to send: the endpoint's config from the skill's settings, with a turn's
+        `lm_service_config` (Dream's dict) over it; None when neither sets a key, so that the LLM's own
+        default config applies whole. The LLM merges what it gets over its default config."""
+        keys = dict(self._configs.get(url, {}))
+        if turn_config is not None:
+            if not isinstance(turn_config, dict):
+                raise RequestValidationError("lm_service_config must be an object of generation keys", "lm_service_config")
+            # Dream lets a turn set the LLM timeout here; ours is the skill's GENERATIVE_TIMEOUT.
+            overrides = {key: value for key, value in turn_config.items() if key != "timeout"}
+            keys.update(_set_keys(validate(GenerationConfig, overrides, prefix="lm_service_config")))
+        return keys or None
 
     def _key_fields(self, url: str, attributes: dict[str, Any]) -> dict[str, list[str]]:
         """Dream's key fields (`{"openai_api_keys": [value]}`) for exactly the env vars `url` may receive.
@@ -149,6 +150,11 @@ class PromptedSkill:
             if value:
                 fields[f"{name.lower()}s"] = [value]
         return fields
+
+
+def _set_keys(config: GenerationConfig) -> dict[str, Any]:
+    """The keys a config sets explicitly, as JSON: what a file or a turn said, and nothing else."""
+    return config.model_dump(mode="json", exclude_unset=True)
 
 
 def _turn_keys(attributes: dict[str, Any]) -> dict[str, str]:

@@ -3,23 +3,22 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Mapping
+from typing import Annotated, Any, Mapping
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from common.settings_support import SettingsError, env_values, resolve_repo_path, settings_error
+from common.settings_support import NOT_AN_ENV_VAR, EnvVars, Json, ServiceSettings, SettingsError, resolve_repo_path
 
 DEFAULT_PROMPT = "Respond like a friendly chatbot."
-DEFAULT_GENERATIVE_CONFIG = "common/generative_configs/default_generative_config.json"
 
 
 __all__ = ["LLMEndpoint", "Settings", "SettingsError"]
 
 
 class LLMEndpoint(BaseModel):
-    """One allowed LLM `/respond` URL: the API-key env vars it may receive and its generative config."""
+    """One allowed LLM `/respond` URL: the API-key env vars it may receive and the skill's generative
+    config for it (a file of generation keys the skill sends; none: the LLM's own defaults apply)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -27,49 +26,45 @@ class LLMEndpoint(BaseModel):
     generative_config: str | None = None
 
 
-class Settings(BaseModel):
+class Settings(ServiceSettings):
     """Everything the skill reads from its environment, documented by field."""
 
-    model_config = ConfigDict(frozen=True)
+    # The values of LLM_ENDPOINTS' key env vars are secrets: never quoted in an error.
+    show_values_in_errors = False
 
-    service_name: str = Field("prompted_skill", description="SERVICE_NAME: the name in logs and /health")
-    service_port: int = Field(8147, description="SERVICE_PORT: the port gunicorn binds")
-    prompt: str = Field(DEFAULT_PROMPT, description="PROMPT, or the contents of PROMPT_FILE: the default prompt")
-    generative_service_url: str | None = Field(
-        None, description="GENERATIVE_SERVICE_URL: the LLM `/respond` URL used when a turn names none"
+    service_name: str = Field("prompted_skill", description="the name in logs and /health")
+    service_port: int = Field(8147, ge=1, le=65535, description="the port gunicorn binds on 0.0.0.0")
+    prompt: Annotated[str, EnvVars(("PROMPT", "PROMPT_FILE"))] = Field(
+        DEFAULT_PROMPT, min_length=1, description="the default prompt: PROMPT, else the contents of PROMPT_FILE"
     )
+    generative_service_url: str | None = Field(None, description="the LLM `/respond` URL used when a turn names none")
     generative_service_config: str | None = Field(
-        None, description="GENERATIVE_SERVICE_CONFIG: the generative config file for GENERATIVE_SERVICE_URL"
+        None, description="the generative config file the skill sends to GENERATIVE_SERVICE_URL"
     )
-    generative_timeout: float = Field(20.0, gt=0, description="GENERATIVE_TIMEOUT: seconds to wait for the LLM")
-    n_utterances_context: int = Field(7, ge=1, description="N_UTTERANCES_CONTEXT: utterances sent to the LLM")
-    llm_endpoints: dict[str, LLMEndpoint] = Field(
-        default_factory=dict,
-        description="LLM_ENDPOINTS: JSON object, allowed LLM URL -> {key_env_vars, generative_config}",
-    )
+    generative_timeout: float = Field(20.0, gt=0, description="seconds to wait for the LLM")
+    n_utterances_context: int = Field(7, ge=1, description="the most utterances of a dialog sent to the LLM")
+    llm_endpoints: Annotated[
+        dict[str, LLMEndpoint], Json('{"http://llm:8180/respond": {"key_env_vars": []}}')
+    ] = Field(default_factory=dict, description="JSON object, allowed LLM URL -> {key_env_vars, generative_config}")
     # The values of the key env vars that LLM_ENDPOINTS names, read once; never logged (SecretStr).
-    env_keys: dict[str, SecretStr] = Field(default_factory=dict, description="values of the key_env_vars")
-    max_request_bytes: int = Field(1 << 20, ge=1024, description="MAX_REQUEST_BYTES: the largest request body")
+    env_keys: Annotated[dict[str, SecretStr], NOT_AN_ENV_VAR] = Field(
+        default_factory=dict, description="values of the key_env_vars"
+    )
+    max_request_bytes: int = Field(1 << 20, ge=1024, description="the largest request body")
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "Settings":
-        env = os.environ if environ is None else environ
-        values: dict = env_values(
-            env,
-            (
-                "service_name", "service_port", "generative_service_url", "generative_service_config",
-                "generative_timeout", "n_utterances_context", "max_request_bytes",
-            ),
-        )
-        values["prompt"] = _read_prompt(env)
-        endpoints = _parse_llm_endpoints(env.get("LLM_ENDPOINTS", ""))
-        values["llm_endpoints"] = endpoints
-        key_names = {name for endpoint in endpoints.values() for name in endpoint.key_env_vars}
-        values["env_keys"] = {name: env[name] for name in sorted(key_names) if env.get(name)}
-        try:
-            return cls.model_validate(values)
-        except ValidationError as error:
-            raise settings_error(error) from None
+    def _values_from_env(cls, environ: Mapping[str, str], values: dict[str, Any]) -> dict[str, Any]:
+        endpoints = values.get("llm_endpoints")
+        key_names = set()
+        if isinstance(endpoints, dict):
+            for entry in endpoints.values():
+                names = entry.get("key_env_vars") if isinstance(entry, dict) else None
+                key_names.update(name for name in names or () if isinstance(name, str))
+        found: dict[str, Any] = {"env_keys": {name: environ[name] for name in sorted(key_names) if environ.get(name)}}
+        prompt = _read_prompt(environ)
+        if prompt is not None:
+            found["prompt"] = prompt
+        return found
 
     def allowed_urls(self) -> list[str]:
         """The LLM URLs this skill may contact: LLM_ENDPOINTS, plus GENERATIVE_SERVICE_URL."""
@@ -78,26 +73,24 @@ class Settings(BaseModel):
             urls.append(self.generative_service_url)
         return urls
 
-    def generative_config_path(self, url: str) -> Path:
-        """The generative config file for `url` (an allowed URL), resolved against the repository root."""
+    def generative_config_path(self, url: str) -> Path | None:
+        """The skill's generative config file for `url` (an allowed URL), resolved against the repository
+        root; None when the settings name none, so the LLM's own default config applies."""
         endpoint = self.llm_endpoints.get(url)
         if url == self.generative_service_url and self.generative_service_config:
-            name = self.generative_service_config
-        elif endpoint is not None and endpoint.generative_config:
-            name = endpoint.generative_config
-        else:
-            name = DEFAULT_GENERATIVE_CONFIG
-        return resolve_repo_path(name)
+            return resolve_repo_path(self.generative_service_config)
+        if endpoint is not None and endpoint.generative_config:
+            return resolve_repo_path(endpoint.generative_config)
+        return None
 
 
-
-
-def _read_prompt(env: Mapping[str, str]) -> str:
-    if env.get("PROMPT", "").strip():
-        return env["PROMPT"].strip()
-    prompt_file = env.get("PROMPT_FILE", "").strip()
+def _read_prompt(environ: Mapping[str, str]) -> str | None:
+    """PROMPT, else the prompt in PROMPT_FILE (text, or Dream's JSON `{"prompt": ...}`); None: neither is set."""
+    if environ.get("PROMPT", "").strip():
+        return environ["PROMPT"].strip()
+    prompt_file = environ.get("PROMPT_FILE", "").strip()
     if not prompt_file:
-        return DEFAULT_PROMPT
+        return None
     path = resolve_repo_path(prompt_file)
     try:
         text = path.read_text()
@@ -112,19 +105,3 @@ def _read_prompt(env: Mapping[str, str]) -> str:
     if not isinstance(text, str) or not text.strip():
         raise SettingsError(f"PROMPT_FILE {prompt_file!r} holds an empty prompt")
     return text.strip()
-
-
-def _parse_llm_endpoints(raw: str) -> dict[str, LLMEndpoint]:
-    if not raw.strip():
-        return {}
-    try:
-        data = json.loads(raw)
-    except json.JSONDecodeError as error:
-        raise SettingsError(f"LLM_ENDPOINTS is not JSON: {error}") from None
-    if not isinstance(data, dict):
-        raise SettingsError('LLM_ENDPOINTS must be a JSON object: {"http://llm:8180/respond": {"key_env_vars": []}}')
-    try:
-        return {url: LLMEndpoint.model_validate(entry) for url, entry in data.items()}
-    except ValidationError as error:
-        first = error.errors(include_url=False)[0]
-        raise SettingsError(f"LLM_ENDPOINTS: {'.'.join(map(str, first['loc']))}: {first['msg']}") from None

@@ -60,11 +60,10 @@ def run(command: list[str], env: dict[str, str], log_name: str | None = None, ti
     OUTPUT_DIR.mkdir(parents=True, exist_ok=True)
     log_path = OUTPUT_DIR / (log_name or "docker-commands.log")
     lines: list[str] = []
-    with open(log_path, "a") as log:
+    with open(log_path, "a") as log, subprocess.Popen(
+        command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    ) as process:  # closes the pipe when done (pytest's filterwarnings=error fails an unclosed one)
         log.write(f"\n$ {' '.join(command)}\n")
-        process = subprocess.Popen(
-            command, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-        )
         assert process.stdout is not None
         deadline = time.monotonic() + timeout
         for line in process.stdout:

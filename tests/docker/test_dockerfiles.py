@@ -40,7 +40,7 @@ def test_a_service_image_runs_gunicorn_from_its_folder_on_a_base_image_given_as_
 
     assert re.search(r"^ARG BASE_IMAGE=python:3\.11-slim$", text, re.M)
     assert f"WORKDIR /app/{dockerfile.parent}" in text
-    assert 'CMD ["gunicorn", "--config", "python:common.gunicorn_conf", "server:app"]' in text
+    assert 'CMD ["gunicorn", "server:app"]' in text
     assert "PYTHONPATH=/app" in text
 
 

@@ -19,6 +19,15 @@ import requests
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
+# How every service runs, in its image and here: plain gunicorn from the service's folder, whose
+# gunicorn.conf.py gives the port (SERVICE_PORT) and the threaded worker.
+GUNICORN = [str(VENV_BIN / "gunicorn"), "server:app"]
+SERVICE_FOLDERS = {
+    "agent": REPO_ROOT / "services" / "agent",
+    "openai_api_lm": REPO_ROOT / "services" / "openai_api_lm",
+    "transformers_lm": REPO_ROOT / "services" / "transformers_lm",
+    "prompted_skill": REPO_ROOT / "skills" / "prompted_skill",
+}
 
 
 def free_port() -> int:
@@ -84,6 +93,18 @@ def stop_process(process: subprocess.Popen, grace_seconds: float = 10) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=grace_seconds)
+
+
+def service_server(
+    service: str, env: Mapping[str, str], *, port: int | None = None, startup_timeout_seconds: float = 180
+) -> contextlib.AbstractContextManager[RunningServer]:
+    """One of our services (a key of SERVICE_FOLDERS) under gunicorn from its folder, on `port` (a free
+    one by default) with `env` over this process's environment; polled on /health until it is ready."""
+    port = port or free_port()
+    return running_server(
+        GUNICORN, port=port, cwd=SERVICE_FOLDERS[service], env={"SERVICE_PORT": str(port), **env},
+        startup_timeout_seconds=startup_timeout_seconds,
+    )
 
 
 @contextlib.contextmanager

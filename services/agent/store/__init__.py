@@ -21,14 +21,17 @@ from datetime import datetime, timezone
 from typing import Callable, ClassVar
 from urllib.parse import urlsplit, urlunsplit
 
+from common.validation import StartupError
+
 __all__ = ["DialogStore", "StoreError", "open_store", "register_store", "redact_url", "new_id", "now"]
 
 # Modules whose store classes register themselves when imported (each imports its driver lazily).
 STORE_MODULES = ("services.agent.store.sqlite", "services.agent.store.postgres")
 
 
-class StoreError(RuntimeError):
-    """The state cannot be opened or used; the message says why and how to fix it (never a password)."""
+class StoreError(StartupError, RuntimeError):
+    """The state cannot be opened or used; the message says why and how to fix it (never a password).
+    At start it stops the agent with that one line, as any StartupError does."""
 
 
 def now() -> str:
@@ -75,8 +78,10 @@ class DialogStore(ABC):
 
     @abstractmethod
     def append_turn(self, dialog_id: str, human_utterance: dict, bot_utterance: dict,
-                    human_attributes: dict, bot_attributes: dict) -> None:
-        """Store the user's utterance and the bot's answer at the end of the dialog, together."""
+                    human_attributes: dict, bot_attributes: dict, human_attributes_reset_to: dict | None = None) -> None:
+        """Store the user's utterance and the bot's answer at the end of the dialog, together; the
+        user's attributes get `human_attributes` merged over them (over `human_attributes_reset_to`
+        instead, when the turn reset them)."""
 
     @abstractmethod
     def dialog(self, dialog_id: str, last_utterances: int | None = None) -> dict | None:

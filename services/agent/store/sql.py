@@ -132,7 +132,7 @@ class SqlDialogStore(DialogStore):
             db.run("UPDATE dialogs SET active = 0 WHERE user_external_id = ? AND active = 1", (user_external_id,))
 
     def append_turn(self, dialog_id: str, human_utterance: dict, bot_utterance: dict,
-                    human_attributes: dict, bot_attributes: dict) -> None:
+                    human_attributes: dict, bot_attributes: dict, human_attributes_reset_to: dict | None = None) -> None:
         with self._write() as db:
             # The dialog's row first: the lock that orders this dialog's turns across processes.
             dialog = db.one("SELECT user_external_id, bot_attributes FROM dialogs WHERE dialog_id = ?" + self.lock_clause,
@@ -146,11 +146,12 @@ class SqlDialogStore(DialogStore):
             for offset, (user_type, utterance) in enumerate((("human", human_utterance), ("bot", bot_utterance)), 1):
                 db.run("INSERT INTO utterances (utt_id, dialog_id, position, user_type, data) VALUES (?, ?, ?, ?, ?)",
                        (utterance["utt_id"], dialog_id, position + offset, user_type, json.dumps(utterance)))
-            if human_attributes:
+            if human_attributes or human_attributes_reset_to is not None:
                 user = db.one("SELECT attributes FROM users WHERE user_external_id = ?" + self.lock_clause,
                               (dialog["user_external_id"],))
                 assert user is not None
-                merged = {**json.loads(user["attributes"]), **human_attributes}
+                base = json.loads(user["attributes"]) if human_attributes_reset_to is None else human_attributes_reset_to
+                merged = {**base, **human_attributes}
                 db.run("UPDATE users SET attributes = ? WHERE user_external_id = ?",
                        (json.dumps(merged), dialog["user_external_id"]))
             merged_bot = {**json.loads(dialog["bot_attributes"]), **bot_attributes}

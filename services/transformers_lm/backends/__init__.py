@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 from common.model_sources import ModelSource, SourceKind
-from services.transformers_lm.engine import Engine
+from common.validation import StartupError
+from services.transformers_lm.engines import Engine
 
 logger = logging.getLogger(__name__)
 
@@ -29,7 +30,7 @@ BACKEND_MODULES = (
 AUTO = "auto"
 
 
-class ModelLoadError(RuntimeError):
+class ModelLoadError(StartupError, RuntimeError):
     """The model cannot be loaded; the message is one line that says how to fix it."""
 
 
@@ -50,7 +51,7 @@ class LoadOptions:
     threads: int | None = None  # CPU threads for backends that take a count; None: the cores this process may use
     max_batch_size: int = 16  # sequences a batching engine decodes together
     model_code: str = "auto"  # transformers backend: native | transformers | auto (native when it can)
-    gguf_weights: str = "file"  # llama_cpp: run the GGUF as it is ("file") or a cached F16 copy ("f16")
+    gguf_weights: str = "file"  # llama_cpp: the GGUF as it is ("file"), a cached F16 copy ("f16"), or "auto"
     context_length: int | None = None  # tokens per sequence, at most the model's window; None: the backend's default
 
     def window(self, model_window: int) -> int:

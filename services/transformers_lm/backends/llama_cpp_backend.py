@@ -29,6 +29,21 @@ from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel, Llam
 
 logger = logging.getLogger(__name__)
 
+# Models whose GGUF llama.cpp runs as an F16 copy under GGUF_WEIGHTS=auto (what the user wrote in
+# PRETRAINED_MODEL_NAME_OR_PATH). llama.cpp's Q4_1 kernels also quantise activations to 8 bits, and
+# the 135M SmolLM2 does not survive it: greedily it answers "What is the capital of France?" with
+# French nonsense, as llama-cpp-python's own Llama does. The F16 copy (270 MB) keeps the dequantised
+# weights and answers "The capital of France is Paris.", as the transformers backend does.
+F16_BY_DEFAULT = frozenset({"smollm2-135m-instruct"})
+
+
+def weights_to_run(requested: str, gguf_weights: str) -> str:
+    """What llama.cpp runs for a source: "file" (the GGUF's own quantisation) or "f16" (a cached
+    dequantised copy); GGUF_WEIGHTS=auto means f16 for the models in F16_BY_DEFAULT, else the file."""
+    if gguf_weights != "auto":
+        return gguf_weights
+    return "f16" if requested.strip() in F16_BY_DEFAULT else "file"
+
 
 class LlamaCppLoadedModel(LoadedModel):
     """A GGUF model on llama.cpp: its vocabulary for text <-> ids, its template, its batching engine."""
@@ -135,7 +150,7 @@ class LlamaCppBackend(Backend):
 
             sha256 = check_sha256_pin(source.path, options.sha256)
         weights_path = source.path
-        if options.gguf_weights == "f16":
+        if weights_to_run(source.requested, options.gguf_weights) == "f16":
             weights_path = f16_copy(source.path, options.cache_dir, sha256)  # a pinned file is hashed once
         try:
             model = LlamaCppModel.load(weights_path)

@@ -41,7 +41,8 @@ from typing import Protocol
 
 import torch
 
-from services.transformers_lm.engine import (
+from services.transformers_lm.engines import (
+    EngineStats,
     FinishReason,
     GenerationRequest,
     QueueFullError,
@@ -104,38 +105,6 @@ class _Row:
     @property
     def sampling(self) -> SamplingParams:
         return self.stream.request.sampling
-
-
-@dataclass
-class EngineStats:
-    """Counters for logs, /health and the benchmark's profile."""
-
-    steps: int = 0
-    tokens_generated: int = 0
-    prompt_tokens: int = 0
-    prompt_tokens_from_cache: int = 0
-    forward_seconds: float = 0.0
-    sampling_seconds: float = 0.0
-    step_seconds: float = 0.0
-    rows_per_step_sum: int = 0
-    max_rows_in_step: int = 0
-    requests_finished: int = 0
-    request_seconds_ema: float = 0.0
-
-    def as_dict(self) -> dict:
-        steps = max(self.steps, 1)
-        return {
-            "steps": self.steps,
-            "tokens_generated": self.tokens_generated,
-            "prompt_tokens": self.prompt_tokens,
-            "prompt_tokens_from_cache": self.prompt_tokens_from_cache,
-            "mean_rows_per_step": self.rows_per_step_sum / steps,
-            "max_rows_in_step": self.max_rows_in_step,
-            "forward_ms_per_step": 1000 * self.forward_seconds / steps,
-            "sampling_ms_per_step": 1000 * self.sampling_seconds / steps,
-            "step_ms": 1000 * self.step_seconds / steps,
-            "requests_finished": self.requests_finished,
-        }
 
 
 class ContinuousBatchingEngine:
@@ -215,13 +184,12 @@ class ContinuousBatchingEngine:
             self._waiting.clear()
             self._active.clear()
 
+    def reset_stats(self) -> None:
+        self.stats = EngineStats()
+
     @property
     def num_active(self) -> int:
         return len(self._active)
-
-    @property
-    def num_waiting(self) -> int:
-        return len(self._waiting)
 
     def _validate(self, request: GenerationRequest) -> None:
         prompt = request.prompt_token_ids
@@ -276,15 +244,15 @@ class ContinuousBatchingEngine:
             row.length += 1
         for row in joining:
             row.length = len(row.prompt)
+            self.stats.requests_admitted += 1
             self.stats.prompt_tokens += len(row.prompt)
             self.stats.prompt_tokens_from_cache += row.cached_prefix
+            self.stats.prompt_tokens_computed += len(row.prompt) - row.cached_prefix
             if row.prompt not in self._prefixes:  # a repeated prompt is not copied again
                 self._prefixes.add(row.prompt, self._cache.tensor[:, :, row.slot, :, : row.length].clone())
         finished = [row for row, token_id in zip(rows, token_ids) if self._advance(row, token_id)]
         self._release(finished)
-        self.stats.steps += 1
-        self.stats.rows_per_step_sum += len(rows)
-        self.stats.max_rows_in_step = max(self.stats.max_rows_in_step, len(rows))
+        self.stats.count_step(len(rows))
         self.stats.step_seconds += time.perf_counter() - started
 
     def _drop_cancelled(self) -> None:
@@ -362,7 +330,7 @@ class ContinuousBatchingEngine:
             batch,
             torch.tensor(logit_indices, dtype=torch.long, device=self.device),
         )
-        self.stats.forward_seconds += time.perf_counter() - forward_started
+        self.stats.model_seconds += time.perf_counter() - forward_started
         return logits
 
     def _advance(self, row: _Row, token_id: int) -> bool:
@@ -395,10 +363,7 @@ class ContinuousBatchingEngine:
                 last.slot = row.slot
                 self._active[row.slot] = last
             row.slot = -1
-            self.stats.requests_finished += 1
-            elapsed = now - row.submitted_at
-            ema = self.stats.request_seconds_ema
-            self.stats.request_seconds_ema = elapsed if ema == 0 else 0.8 * ema + 0.2 * elapsed
+            self.stats.count_finished(now - row.submitted_at)
 
     def _warm_up(self) -> None:
         """Run one tiny generation through the same path, so the first real request is not the slow one."""
@@ -409,5 +374,5 @@ class ContinuousBatchingEngine:
                 self._waiting.append(row)
             while row.stream.finish_reason is None:
                 self._step()
-        self.stats = EngineStats()
+        self.reset_stats()
         self._prefixes = PrefixCache(self._prefixes.budget_bytes)

@@ -38,13 +38,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from services.transformers_lm.engine import (
+from services.transformers_lm.engines import (
     EngineError,
+    EngineStats,
     FinishReason,
     GenerationRequest,
     QueueFullError,
     SamplingParams,
     TokenStream,
+    common_prefix_length,
 )
 from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel
 
@@ -81,33 +83,6 @@ class LlamaCppEngineConfig:
             raise ValueError("batch_tokens must be at least slots (one decoding token per slot per step)")
         if self.max_queue_size < 0:
             raise ValueError("max_queue_size must not be negative")
-
-
-@dataclass
-class EngineStats:
-    """Where the scheduler thread's time went; read with `LlamaCppEngine.stats()`."""
-
-    steps: int = 0
-    decode_seconds: float = 0.0  # inside llama_decode
-    sample_seconds: float = 0.0  # logits → token for every row, pushing tokens
-    schedule_seconds: float = 0.0  # admission, batch building, prefix copies
-    prompt_tokens: int = 0  # prompt tokens of admitted requests
-    prefilled_tokens: int = 0  # prompt tokens actually computed
-    reused_tokens: int = 0  # prompt tokens taken from the cache instead
-    decoded_tokens: int = 0  # output tokens fed back for the next step
-    admitted: int = 0
-    deferred: int = 0  # admissions that waited for a shared prefix being prefilled
-
-    def as_dict(self) -> dict[str, float | int]:
-        return dict(self.__dict__)
-
-
-def _common_prefix_length(cached: list[int], prompt: tuple[int, ...]) -> int:
-    limit = min(len(cached), len(prompt))
-    index = 0
-    while index < limit and cached[index] == prompt[index]:
-        index += 1
-    return index
 
 
 class _Slot:
@@ -155,7 +130,7 @@ class LlamaCppEngine:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._closed = False
-        self._stats = EngineStats()
+        self.stats = EngineStats()
         self._thread = threading.Thread(target=self._run, name="llama-cpp-engine", daemon=True)
         self._thread.start()
 
@@ -206,11 +181,8 @@ class LlamaCppEngine:
     def context_per_slot(self) -> int:
         return self._context_per_slot
 
-    def stats(self) -> dict[str, float | int]:
-        return self._stats.as_dict()
-
     def reset_stats(self) -> None:
-        self._stats = EngineStats()
+        self.stats = EngineStats()
 
     # --- setup ---------------------------------------------------------------------------------
     def _create_context(self):
@@ -273,7 +245,7 @@ class LlamaCppEngine:
                 continue
             placement = self._place(stream.request.prompt_token_ids, free)
             if placement is None:
-                self._stats.deferred += 1
+                self.stats.admissions_deferred += 1
                 still_waiting.append(stream)
                 continue
             self._start(stream, *placement)
@@ -289,16 +261,16 @@ class LlamaCppEngine:
         if config.kv_unified:
             # Copies are free and sequence ids need not be dense: keep the free slot whose own
             # cache matches best (tie: the emptiest), so other caches survive for later requests.
-            slot = max(free, key=lambda s: (min(_common_prefix_length(s.cached, prompt), usable), -len(s.cached)))
+            slot = max(free, key=lambda s: (min(common_prefix_length(s.cached, prompt), usable), -len(s.cached)))
         else:
             slot = free[0]  # lowest free sequence id keeps the decode in one chunk
-        own = min(_common_prefix_length(slot.cached, prompt), usable)
+        own = min(common_prefix_length(slot.cached, prompt), usable)
         source, shared = None, own
         if config.share_prefixes:
             for other in self._slots:
                 if other is slot or other.copy_pending:
                     continue
-                length = min(_common_prefix_length(other.cached, prompt), usable)
+                length = min(common_prefix_length(other.cached, prompt), usable)
                 if length > shared:
                     source, shared = other, length
             if source is not None and shared - own < config.min_shared_prefix_tokens:
@@ -306,7 +278,7 @@ class LlamaCppEngine:
             # A prompt being prefilled now that shares much more: wait for it, then copy.
             for other in self._slots:
                 if other.prefilling and other is not slot:
-                    upcoming = min(_common_prefix_length(list(other.prompt), prompt), usable)
+                    upcoming = min(common_prefix_length(other.prompt, prompt), usable)
                     if upcoming - shared >= config.min_shared_prefix_tokens:
                         return None
         return slot, source, shared
@@ -331,9 +303,9 @@ class LlamaCppEngine:
         slot.next_token = None
         slot.generated = 0
         self._prepare_sampling(slot, stream.request.sampling)
-        self._stats.admitted += 1
-        self._stats.prompt_tokens += len(prompt)
-        self._stats.reused_tokens += reused
+        self.stats.requests_admitted += 1
+        self.stats.prompt_tokens += len(prompt)
+        self.stats.prompt_tokens_from_cache += reused
 
     def _prepare_sampling(self, slot: _Slot, sampling: SamplingParams) -> None:
         llama = self._llama
@@ -363,6 +335,7 @@ class LlamaCppEngine:
         """End the slot's request; its KV stays as a prefix cache for the next requests."""
         if slot.stream is not None:
             slot.stream.finish(reason, error)
+            self.stats.requests_finished += 1
         if slot.sampler is not None:
             self._llama.llama_sampler_free(slot.sampler)
         slot.stream = None
@@ -425,7 +398,6 @@ class LlamaCppEngine:
             rows.append((slot, tokens, count - 1 if wants_logits else -1))
         batch.n_tokens = count
         decode_started = time.perf_counter()
-        self._stats.schedule_seconds += decode_started - started
 
         result = llama.llama_decode(self._context, batch)
         if result == 1:  # no room in the KV: drop the idle slots' caches and try once more
@@ -434,8 +406,8 @@ class LlamaCppEngine:
         if result != 0:
             raise EngineError(f"llama_decode failed with code {result}")
         sample_started = time.perf_counter()
-        self._stats.decode_seconds += sample_started - decode_started
-        self._stats.steps += 1
+        self.stats.model_seconds += sample_started - decode_started
+        self.stats.count_step(len(rows))
 
         for slot in self._slots:  # every decode first performs the copies queued before it
             slot.copy_pending = False
@@ -446,14 +418,16 @@ class LlamaCppEngine:
             slot.cached.extend(tokens)
             if slot.prefilling:
                 slot.prefill_position += len(tokens)
-                self._stats.prefilled_tokens += len(tokens)
+                self.stats.prompt_tokens_computed += len(tokens)
                 if logits_index < 0:
                     continue
             else:
-                self._stats.decoded_tokens += 1
+                self.stats.tokens_generated += 1
             self._sample(slot, logits[output], logits_index)
             output += 1
-        self._stats.sample_seconds += time.perf_counter() - sample_started
+        finished = time.perf_counter()
+        self.stats.sampling_seconds += finished - sample_started
+        self.stats.step_seconds += finished - started
 
     def _sample(self, slot: _Slot, logits: np.ndarray, batch_index: int) -> None:
         """Pick the row's next token from its logits (a view into llama.cpp's buffer) and hand it on."""

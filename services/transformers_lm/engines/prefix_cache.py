@@ -19,16 +19,9 @@ import collections
 
 import torch
 
+from services.transformers_lm.engines import common_prefix_length
+
 DEFAULT_BUDGET_BYTES = 64 * 1024 * 1024
-
-
-def common_prefix_length(first: tuple[int, ...], second: tuple[int, ...]) -> int:
-    length = 0
-    for a, b in zip(first, second):
-        if a != b:
-            break
-        length += 1
-    return length
 
 
 class PrefixCache:

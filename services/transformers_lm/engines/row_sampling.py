@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from services.transformers_lm.engine import SamplingParams
+from services.transformers_lm.engines import SamplingParams
 from services.transformers_lm.engines.sampling import make_generator, next_token
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from services.transformers_lm.engine import SamplingParams
+from services.transformers_lm.engines import SamplingParams
 
 
 def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator:

@@ -16,13 +16,15 @@ from typing import Iterator
 
 from pydantic import ValidationError
 
-from common.lm_protocol import GenerationConfig, RequestValidationError, validation_error_to_request_error
+from common.lm_protocol import GenerationConfig
+from common.validation import RequestValidationError, request_error
 from services.transformers_lm.backends import ChatMessage
 from services.transformers_lm.prompting import BuiltPrompt, conversation_from_messages
 from services.transformers_lm.protocol import (
     OPENAI_PARAM_FOR_KEY,
     ChatCompletionRequest,
     CompletionRequest,
+    openai_error,
 )
 from services.transformers_lm.service import LMService
 
@@ -50,7 +52,7 @@ def generation_config(service: LMService, request: ChatCompletionRequest | Compl
     try:
         override = GenerationConfig.model_validate(request.generation_override())
     except ValidationError as error:
-        raise _as_openai_param(validation_error_to_request_error(error)) from None
+        raise _as_openai_param(request_error(error, model=GenerationConfig)) from None
     config = service.default_config.merged_with(override)
     try:
         config.check_caps(service.settings.caps)
@@ -196,7 +198,7 @@ def _stream_events(
                 yield chunk([], _usage(sum(len(p.token_ids) for p in prompts), completion_tokens))
         except Exception as error:  # noqa: BLE001 - the status line is sent: report it in the stream
             logger.exception("streamed generation failed")
-            yield _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": None}})
+            yield _sse(openai_error(str(error), "server_error"))
         finally:
             for _, stream in started:
                 stream.cancel()
