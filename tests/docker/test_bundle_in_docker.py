@@ -62,6 +62,7 @@ def test_an_exported_bundle_imported_after_wiping_the_images_answers_paris_from_
     images = [f"{PROJECT}-{name}" for name in ("agent", "prompted-skill", "transformers-lm-smollm2", "postgres")]
     other_tags = {image: [tag for tag in image_tags(image) if not tag.startswith(PROJECT)] for image in images}
     agent_port = free_port()
+    compose_environment = {**environment, "PARLEY_AGENT_PORT": str(agent_port)}
     imported_compose: list[str] = []
     try:
         with step("parley export (docker save, model files, cards, sha256 manifest)"):
@@ -83,7 +84,7 @@ def test_an_exported_bundle_imported_after_wiping_the_images_answers_paris_from_
         imported_compose = shlex.split(command)[:-3]
         assert all(image_exists(image) for image in images)
         with step(f"run the printed command (agent on 127.0.0.1:{agent_port})"):
-            run([*shlex.split(command), "--wait-timeout", "300"], {**environment, "PARLEY_AGENT_PORT": str(agent_port)}, "docker-bundle.log")
+            run([*shlex.split(command), "--wait-timeout", "300"], compose_environment, "docker-bundle.log")
             wait_until_healthy(f"http://127.0.0.1:{agent_port}/health")
         with step("ask the imported distribution"):
             answer = requests.post(f"http://127.0.0.1:{agent_port}/",
@@ -91,13 +92,13 @@ def test_an_exported_bundle_imported_after_wiping_the_images_answers_paris_from_
             print(f"    agent answered: {answer['response']!r}")
             stored = run([*imported_compose, "exec", "-T", "postgres", "psql", "-U", "parley", "-d", "parley", "-tAc",
                           f"SELECT count(*) FROM utterances WHERE dialog_id = '{answer['dialog_id']}'"],
-                         {**environment, "PARLEY_AGENT_PORT": str(agent_port)})
+                         compose_environment)
     finally:
         with step("down -v, the bundle, its folder and this test's tags (other tags put back)"):
             if imported_compose:
                 with open(OUTPUT_DIR / "docker-bundle-services.log", "w") as log:
-                    subprocess.run([*imported_compose, "logs", "--no-color"], stdout=log, stderr=subprocess.STDOUT)
-                subprocess.run([*imported_compose, "down", "-v", "--remove-orphans"], capture_output=True)
+                    subprocess.run([*imported_compose, "logs", "--no-color"], env=compose_environment, stdout=log, stderr=subprocess.STDOUT)
+                subprocess.run([*imported_compose, "down", "-v", "--remove-orphans"], env=compose_environment, capture_output=True)
             for image, tags in other_tags.items():
                 for tag in tags:
                     if image_exists(image) and not image_exists(tag):

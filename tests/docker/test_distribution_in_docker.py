@@ -114,11 +114,15 @@ def docker_answers() -> bool:
 
 
 def ports_taken(ports: tuple[int, ...]) -> list[int]:
-    """The ports among these that something on this machine already listens on (127.0.0.1)."""
+    """The ports among these that Docker could not publish on 127.0.0.1 now: something listens on
+    them, or holds them bound without listening (which a connect does not see, but a bind does)."""
     taken = []
     for port in ports:
         with socket.socket() as probe:
-            if probe.connect_ex(("127.0.0.1", port)) == 0:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as Docker's proxy binds
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
                 taken.append(port)
     return taken
 
@@ -137,6 +141,8 @@ def publish_on_free_ports_where_taken() -> None:
         DEV_PORTS[service] = free
     PORTS_OVERLAY.write_text("\n".join(lines) + "\n")
     print(f"    ports {taken} are taken here: publishing on {DEV_PORTS} instead ({PORTS_OVERLAY})")
+    holders = subprocess.run(["ss", "-tanp"], capture_output=True, text=True).stdout.splitlines()
+    print("\n".join(f"    {line}" for line in holders if any(f":{port} " in line for port in taken)))
 
 
 def agent_url(path: str) -> str:
@@ -179,13 +185,16 @@ def engine() -> Iterator[dict[str, str]]:
 def stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
     """The distribution built and up with the base, override, dev and cpu overlays; always taken down."""
     environment = engine
-    publish_on_free_ports_where_taken()
     (OUTPUT_DIR / "docker-build.log").unlink(missing_ok=True)
     try:
         with step(f"build the {DIST} images (base + override + dev + cpu)"):
             run([*compose("dev.yml", "cpu.yml"), "--progress", "plain", "build"], environment, "docker-build.log")
             run(["docker", "tag", f"{PROJECT}-{LLM_SERVICE}", UPSTREAM_LLM], environment)
             print(run(["docker", "image", "ls", "--format", "    {{.Repository}}:{{.Tag}}  {{.Size}}", f"{PROJECT}-*"], environment))
+        running = subprocess.run(["docker", "ps", "--format", "{{.Names}} {{.Ports}}"], env=environment, capture_output=True, text=True).stdout.split("\n")
+        if any(running):
+            print("    already running on this engine:\n" + "\n".join(f"      {line}" for line in running if line))
+        publish_on_free_ports_where_taken()  # just before `up`: what the engine restarted has bound by now
         with step("docker compose up -d --wait (base + override + dev + cpu)"):
             run([*compose("dev.yml", "cpu.yml"), "up", "-d", "--wait", "--wait-timeout", "300"], environment, "docker-up.log")
         yield environment
