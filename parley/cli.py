@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from parley.cards import CardError
+from parley.kinds import llm_apis
 from parley.progress import Progress
 from parley.repo import Repo, RepoError
 from parley.stack import DEFAULT_PROJECT, StackError, StackOptions, make_stack, push_images, stack_header
@@ -25,6 +26,8 @@ from parley.up import RunningDistribution, SupervisorOutput, UpError, plan_distr
 from parley.yamlio import YamlSyntaxError
 
 DEFAULT_DIST = "universal_prompted_assistant"
+# The `api` of each registered LLM kind (parley/kinds/llm.py), for add-llm's --api.
+LLM_APIS = llm_apis()
 # What `parley up` prints once every service is healthy (tests and scripts wait for these lines).
 READY_LINE = "PARLEY_READY"
 SERVICE_LINE = "PARLEY_SERVICE"
@@ -90,7 +93,7 @@ def _report_plan(plan, dry_run: bool, what: str) -> list[str]:
 @click.command(name="add-llm")
 @click.argument("name")
 @click.option("--model", "model", metavar="SOURCE", help="Embedded name (smollm2-135m-instruct), local directory, .gguf file or Hugging Face id; with --api openai, the upstream's model name.")
-@click.option("--api", type=click.Choice(["transformers", "openai"]), default="transformers", show_default=True, help="Serve the model here (transformers) or forward to an OpenAI-compatible upstream (openai).")
+@click.option("--api", type=click.Choice(LLM_APIS), default=None, help="Serve the model here (transformers) or forward to an OpenAI-compatible upstream (openai); default: the card's, else transformers.")
 @click.option("--base-url", metavar="URL", help="With --api openai: the upstream's OpenAI API root, e.g. https://api.openai.com/v1.")
 @click.option("--key-env", "key_env", metavar="VAR", multiple=True, help="Env var holding an API key this LLM may receive, named *_API_KEY, *_KEY, *_TOKEN or the like (repeatable); never the key itself.")
 @click.option("--port", type=int, help="The service's port (1024-65535, unique); default: the first free one from 8180.")
