@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable
 
@@ -186,17 +187,19 @@ def _reader(repo: Repo, overrides: dict[str, str | None]):
     return read
 
 
-def _edit_dist(repo: Repo, dist: str, cards: dict[str, Card], extra: list[str], removed: set[str], read) -> tuple[dict[str, str], list[str]]:
+def _edit_dist(repo: Repo, dist: str, cards: dict[str, Card], extra: list[str], removed: set[str], read,
+               dropped: set[str] = frozenset()) -> tuple[dict[str, str], list[str]]:
     override_path = repo.dist_file(dist, OVERRIDE)
-    override = load_yaml_text(repo.path(override_path).read_text(), override_path) or CommentedMap()
-    members = [name for name in dist_members(override, cards) if name not in removed]
+    override = load_yaml_text(read(override_path) or "", override_path) or CommentedMap()
+    gone = removed | set(dropped)
+    members = [name for name in dist_members(override, cards) if name not in gone]
     members += [name for name in _closure(extra, cards) if name not in members]
     ctx = DistContext(dist, cards, members, read)
     files: dict[str, str] = {}
 
     services = _ensure_services(override)
     for name in list(services):
-        if name in removed:
+        if name in gone and name not in members:
             del services[name]
     for name in members:
         card = cards[name]
@@ -213,8 +216,8 @@ def _edit_dist(repo: Repo, dist: str, cards: dict[str, Card], extra: list[str], 
     participants = ctx.participants()
     for overlay in OVERLAYS:
         overlay_path = repo.dist_file(dist, overlay)
-        path = repo.path(overlay_path)
-        document = (load_yaml_text(path.read_text(), overlay_path) if path.is_file() else None) or CommentedMap()
+        text = read(overlay_path)
+        document = (load_yaml_text(text, overlay_path) if text is not None else None) or CommentedMap()
         services = _ensure_services(document)
         wanted = {}
         volumes: list[str] = []
@@ -240,8 +243,9 @@ def _edit_dist(repo: Repo, dist: str, cards: dict[str, Card], extra: list[str], 
         files[overlay_path] = _with_header(dump_yaml(document))
 
     pipeline_path = repo.dist_file(dist, PIPELINE)
-    if repo.path(pipeline_path).is_file():
-        pipeline = json.loads(repo.path(pipeline_path).read_text())
+    text = read(pipeline_path)
+    if text is not None:
+        pipeline = json.loads(text)
         _edit_pipeline(pipeline, ctx, removed)
         files[pipeline_path] = pipeline_text(pipeline)
     return files, members
@@ -272,6 +276,21 @@ def _edit_pipeline(pipeline: dict[str, Any], ctx: DistContext, removed: set[str]
         group = services.setdefault(group_name, {})
         for key, entry in entries.items():
             group[key] = entry
+    metadata = pipeline.get("metadata")
+    if isinstance(metadata, dict):
+        # Dream's metadata sums what the distribution's components need; kept in step with the cards.
+        for key, field_name in (("ram_usage", "ram_usage"), ("gpu_usage", "gpu_usage")):
+            if key in metadata:
+                metadata[key] = total_size(getattr(card, field_name) for card in ctx.participants())
+
+
+def total_size(sizes: Iterable[str | None]) -> str:
+    """The sum of sizes such as 256M and 2G, as Dream's metadata writes them (e.g. "2.3G", "768M")."""
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    total = sum(float(size[:-1]) * units[size[-1]] for size in sizes if size)
+    if total >= 2**30:
+        return f"{total / 2**30:.1f}".rstrip("0").rstrip(".") + "G"
+    return f"{math.ceil(total / 2**20)}M"
 
 
 def plan_generation(
@@ -280,23 +299,29 @@ def plan_generation(
     *,
     add_to: dict[str, list[str]] | None = None,
     removed: Iterable[str] = (),
+    drop_from: dict[str, list[str]] | None = None,
     new_files: dict[str, str | None] | None = None,
 ) -> Plan:
     """What every generated file should hold, given the cards.
 
     `add_to` maps a distribution to components to add to it (with what they require); `removed`
-    names components (whose cards are gone) to take out of every file; `new_files` are files the
-    caller is about to write (a prompt file), read as if written. Raises YamlSyntaxError for a
-    compose file that does not parse.
+    names components (whose cards are gone) to take out of every file; `drop_from` maps a
+    distribution to components to take out of it alone; `new_files` are files the caller is about
+    to write (a prompt file, a new distribution's files), read as if written. Raises
+    YamlSyntaxError for a compose file that does not parse.
     """
     removed_names = set(removed)
     add_to = add_to or {}
+    drop_from = drop_from or {}
+    new_files = new_files or {}
     plan = Plan(repo)
     kept = {name: card for name, card in cards.items() if name not in removed_names}
-    read = _reader(repo, new_files or {})
+    read = _reader(repo, new_files)
     dists_by_card: dict[str, list[str]] = {}
-    for dist in repo.distributions():
-        files, members = _edit_dist(repo, dist, kept, add_to.get(dist, []), removed_names, read)
+    new_dists = [relative.split("/")[1] for relative in new_files
+                 if relative.startswith("assistant_dists/") and relative.endswith("/" + OVERRIDE)]
+    for dist in sorted({*repo.distributions(), *new_dists}):
+        files, members = _edit_dist(repo, dist, kept, add_to.get(dist, []), removed_names, read, set(drop_from.get(dist, [])))
         plan.files.update(files)
         for name in members:
             dists_by_card.setdefault(name, []).append(dist)

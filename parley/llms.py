@@ -58,20 +58,22 @@ def check_name(name: str) -> None:
         )
 
 
-def free_port(cards: dict[str, Card], name: str) -> int:
+def free_port(cards: dict[str, Card], name: str, start: int = FIRST_LLM_PORT) -> int:
+    """The first port from `start` that no other card has."""
     taken = {card.port for card in cards.values() if card.name != name}
-    port = FIRST_LLM_PORT
+    port = start
     while port in taken:
         port += 1
     return port
 
 
-def check_port(port: int, cards: dict[str, Card], name: str) -> None:
+def check_port(port: int, cards: dict[str, Card], name: str, error: type[Exception] | None = None) -> None:
+    error = error or LlmError
     if not 1024 <= port <= 65535:
-        raise LlmError(f"--port {port} is outside 1024-65535: pick a free one, or leave --port out to get one")
+        raise error(f"--port {port} is outside 1024-65535: pick a free one, or leave --port out to get one")
     for card in cards.values():
         if card.port == port and card.name != name:
-            raise LlmError(f"--port {port} is taken by {card.name} (components/{card.name}.yml): pick another, or leave --port out")
+            raise error(f"--port {port} is taken by {card.name} (components/{card.name}.yml): pick another, or leave --port out")
 
 
 def _weights_bytes(path: Path) -> int:
@@ -217,11 +219,11 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
         raise LlmError("the card would be invalid:\n" + "\n".join(error.problems)) from None
 
 
-def card_text(card: Card, existing_text: str | None = None, display_path: str = "card") -> str:
+def card_text(card: Card, existing_text: str | None = None, display_path: str = "card", header: str = CARD_HEADER) -> str:
     """The card's file. An existing card is edited in place: when it already says the same, it is
     kept byte for byte; otherwise only what changed is rewritten, so its comments survive."""
     if existing_text is None:
-        return CARD_HEADER + dump_yaml(card_to_data(card))
+        return header + dump_yaml(card_to_data(card))
     document = load_yaml_text(existing_text, display_path)
     try:
         if parse_card(document, display_path) == card:
@@ -229,7 +231,7 @@ def card_text(card: Card, existing_text: str | None = None, display_path: str = 
     except CardError:
         pass  # a card that does not parse is replaced by the valid one
     if not isinstance(document, dict):
-        return CARD_HEADER + dump_yaml(card_to_data(card))
+        return header + dump_yaml(card_to_data(card))
     _update_in_place(document, card_to_data(card))
     return dump_yaml(document)
 
@@ -249,7 +251,7 @@ def _update_in_place(document: dict, data: dict) -> None:
             document[key] = value
 
 
-def _distribution_members(repo: Repo, dist: str) -> set[str]:
+def distribution_members(repo: Repo, dist: str) -> set[str]:
     path = repo.dist_file(dist, OVERRIDE)
     document = load_yaml_text(repo.path(path).read_text(), path) or {}
     return set((document.get("services") or {}))
@@ -260,7 +262,7 @@ def plan_add_llm(repo: Repo, options: LlmOptions) -> tuple[Card, Plan]:
     cards = repo.load_valid_cards()
     card = build_card(repo, options, cards)
     known = repo.distributions()
-    dists = options.dists or [dist for dist in known if options.name in _distribution_members(repo, dist)] or known
+    dists = options.dists or [dist for dist in known if options.name in distribution_members(repo, dist)] or known
     for dist in dists:
         if dist not in known:
             raise LlmError(f"--dist {dist!r}: no assistant_dists/{dist}/{OVERRIDE}; known: {', '.join(known) or 'none'}")
