@@ -194,7 +194,7 @@ def _edit_dist(repo: Repo, dist: str, cards: dict[str, Card], extra: list[str], 
     gone = removed | set(dropped)
     members = [name for name in dist_members(override, cards) if name not in gone]
     members += [name for name in _closure(extra, cards) if name not in members]
-    ctx = DistContext(dist, cards, members, read)
+    ctx = DistContext(dist, cards, members, read, frozenset(removed))
     files: dict[str, str] = {}
 
     services = _ensure_services(override)
@@ -281,7 +281,7 @@ def _edit_pipeline(pipeline: dict[str, Any], ctx: DistContext, removed: set[str]
         # Dream's metadata sums what the distribution's components need; kept in step with the cards.
         for key, field_name in (("ram_usage", "ram_usage"), ("gpu_usage", "gpu_usage")):
             if key in metadata:
-                metadata[key] = total_size(getattr(card, field_name) for card in ctx.participants())
+                metadata[key] = total_size(getattr(card, field_name) for card in ctx.runs())
 
 
 def total_size(sizes: Iterable[str | None]) -> str:

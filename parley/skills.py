@@ -56,9 +56,10 @@ def _is_prompted_skill(card: Card) -> bool:
 
 
 def _resolve(repo: Repo, path: Path) -> Path:
-    """A path as given (relative to the working directory), else relative to the repository root."""
+    """A relative path that names a file of the repository is that file (common/prompts/x.json);
+    any other path is taken as given (relative to the working directory)."""
     path = path.expanduser()
-    if not path.exists() and not path.is_absolute() and (repo.root / path).exists():
+    if not path.is_absolute() and (repo.root / path).is_file():
         return repo.root / path
     return path
 

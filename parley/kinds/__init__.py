@@ -65,6 +65,8 @@ class DistContext:
     members: list[str] = field(default_factory=list)
     # A repository file's text by its relative path (None: no such file): for what cards name.
     read: Callable[[str], str | None] = field(default=lambda relative: None, repr=False)
+    # Components whose cards are going: whatever names them goes too.
+    removed: frozenset[str] = frozenset()
 
     @property
     def llms(self) -> list["Card"]:
@@ -88,6 +90,11 @@ class DistContext:
         """The state store the postgres.yml overlay runs (the first, by name, of the state cards)."""
         stores = sorted((card for card in self.cards.values() if card.kind.stores_dialogs), key=lambda card: card.name)
         return stores[0] if stores else None
+
+    def runs(self) -> list["Card"]:
+        """What the distribution itself runs: its agents and members (the store only with postgres.yml)."""
+        names = [card.name for card in self.agents] + list(self.members)
+        return [self.cards[name] for name in dict.fromkeys(names)]
 
     def participants(self) -> list["Card"]:
         """Every card with a place in this distribution's files: agents, members, the store."""

@@ -65,7 +65,7 @@ class Agent(Kind):
             depends_on = healthy(depends_on)
         depends_on = depends_on if isinstance(depends_on, dict) else CommentedMap()
         for name in list(depends_on):
-            if name in ctx.cards and name not in wanted:
+            if (name in ctx.cards or name in ctx.removed) and name not in wanted:
                 del depends_on[name]
         for name in wanted:
             set_if_changed(depends_on, name, block({"condition": "service_healthy"}))
