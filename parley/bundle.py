@@ -188,7 +188,7 @@ def _bundle_service(repo: Repo, name: str, service: dict[str, Any], card: Card, 
         if mount.get("type") != "bind":
             mounts.append(mount)
             continue
-        if not card.is_llm:
+        if not card.kind.mounts_model_files:
             raise BundleError(f"service {name!r} mounts {mount.get('source')} from this machine: only an LLM's model files travel "
                               "in a bundle (dev.yml's source folders do not: leave it out)")
         mounts.append({**mount, "source": "./" + _add_model(repo, name, Path(str(mount["source"])), plan)})

@@ -1,15 +1,17 @@
 """Component cards: the schema of `components/<name>.yml`, loading them, and their errors.
 
-A card is Dream's component card (name, group, connector, formatters, ...) plus, for an LLM, a
-`model` section with what a model registry keeps per model. Everything else in a distribution that
-mentions a component (ports, overlays, generated configs, MODELS.md) is derived from its card.
+A card is Dream's component card (name, group, connector, formatters, ...) plus the section its
+kind needs: an LLM's `model` section (what a model registry keeps per model), a prompted skill's
+`skill` section (its prompt file and LLM). Which kind a card is, and what it generates, is the
+business of its kind (parley/kinds/): `card.kind`. Everything else in a distribution that mentions
+a component (ports, overlays, generated configs, MODELS.md) is derived from its card.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -19,15 +21,13 @@ from common.lm_protocol import GenerationConfig
 from common.validation import error_lines
 from parley.yamlio import YamlSyntaxError, load_yaml_text
 
+if TYPE_CHECKING:
+    from parley.kinds import Kind
+
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_VAR_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 RAM_USAGE = re.compile(r"^\d+(\.\d+)?[KMGT]$")
 LLM_GROUP = "services"
-AGENT_GROUP = "agent"
-# A database the agents keep their dialogs in (the postgres card; the postgres.yml overlay).
-STATE_GROUP = "state"
-# The package folder of each LLM backend (the `api` of a card's model section).
-LLM_SERVICE_FOLDERS = {"transformers": "services/transformers_lm", "openai": "services/openai_api_lm"}
 
 
 class CardError(ValueError):
@@ -62,7 +62,8 @@ class Connector(_Strict):
 class ModelSection(_Strict):
     """What a model registry keeps per model."""
 
-    api: Literal["transformers", "openai"] = "transformers"
+    # Which LLM kind serves it (parley/kinds/llm.py): transformers (served here) or openai (forwarded).
+    api: str = "transformers"
     source: str = Field(description="embedded name, local directory, .gguf file or Hugging Face id; for api=openai the upstream model name")
     sha256: str | None = None
     aliases: list[str] = []
@@ -116,13 +117,57 @@ class ModelSection(_Strict):
             raise ValueError("; ".join(generation_config_problems(error))) from None
         return config
 
+    @field_validator("api")
+    @classmethod
+    def _registered_api(cls, api: str) -> str:
+        from parley.kinds import llm_apis
+
+        if api not in llm_apis():
+            raise ValueError(f"{api!r} is not an LLM api of parley: one of {', '.join(llm_apis())}")
+        return api
+
     @model_validator(mode="after")
-    def _api_fields(self) -> "ModelSection":
-        if self.api == "openai" and not self.base_url:
-            raise ValueError("an api=openai model needs base_url (the upstream's /v1 URL)")
-        if self.api == "transformers" and self.base_url:
-            raise ValueError("base_url is only for api=openai models")
+    def _fields_of_its_kind(self) -> "ModelSection":
+        from parley.kinds import llm_kind
+
+        problems = llm_kind(self.api).model_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
         return self
+
+
+class SkillSection(_Strict):
+    """What a prompted skill is: a prompt file (Dream's `{"prompt", "goals"}`) and the LLM it asks."""
+
+    prompt_file: str = Field(description="its prompt, Dream's JSON {\"prompt\": ..., \"goals\": ...} under common/prompts/")
+    llm: str = Field(description="the card name of the LLM it asks when a turn names none (GENERATIVE_SERVICE_URL)")
+    goals: str | None = Field(None, description="what it is for, when the prompt file says none or says it badly (skill selection)")
+    generative_config: str | None = Field(None, description="a file of generation keys it sends its LLM (GENERATIVE_SERVICE_CONFIG)")
+    send_env: list[str] = Field([], description="env vars whose values it may send its LLM (Dream's ENVVARS_TO_SEND)")
+    n_utterances_context: int = Field(7, ge=1, description="the most utterances of a dialog it sends its LLM")
+
+    @field_validator("prompt_file", "generative_config")
+    @classmethod
+    def _json_file_in_the_repository(cls, value: str | None) -> str | None:
+        if value is not None and (Path(value).is_absolute() or ".." in Path(value).parts or not value.endswith(".json")):
+            raise ValueError(f"{value!r} must be a .json file named relative to the repository root, e.g. common/prompts/fairytale.json")
+        return value
+
+    @field_validator("llm")
+    @classmethod
+    def _card_name(cls, value: str) -> str:
+        if not DNS_LABEL.match(value):
+            raise ValueError(f"{value!r} is not the name of a card (a lowercase DNS label)")
+        return value
+
+    @field_validator("send_env")
+    @classmethod
+    def _key_env_var_names(cls, names: list[str]) -> list[str]:
+        for name in names:
+            problem = key_env_var_problem(name)
+            if problem:
+                raise ValueError(problem)
+        return names
 
 
 class DeploySection(_Strict):
@@ -157,6 +202,7 @@ class Card(_Strict):
     service: str
     date_created: str
     model: ModelSection | None = None
+    skill: SkillSection | None = None
     deploy: DeploySection | None = None
 
     @field_validator("name")
@@ -179,31 +225,52 @@ class Card(_Strict):
             raise ValueError(f"connector.url must name the service {self.name!r} as its host")
         return self
 
+    @model_validator(mode="after")
+    def _one_kind(self) -> "Card":
+        from parley.kinds import kind_problems
+
+        problems = kind_problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    @property
+    def kind(self) -> "Kind":
+        """The kind of component this card is (parley/kinds/): what it needs and what it generates."""
+        from parley.kinds import kind_of
+
+        return kind_of(self)
+
     @property
     def port(self) -> int:
         return urlsplit(self.connector.url).port  # type: ignore[return-value]
 
     @property
+    def pipeline_name(self) -> str:
+        """Its name in a pipeline and as `active_skill` (Dream's: the service name with underscores)."""
+        return self.name.replace("-", "_")
+
+    @property
     def is_llm(self) -> bool:
-        return self.model is not None
+        return self.kind.serves_llm
 
     @property
     def is_agent(self) -> bool:
-        return self.group == AGENT_GROUP
+        return self.kind.routes_turns
 
     @property
     def is_state_store(self) -> bool:
-        return self.group == STATE_GROUP
+        return self.kind.stores_dialogs
+
+    @property
+    def calls_llms(self) -> bool:
+        """A prompted skill: it may call any LLM of its distribution (LLM_ENDPOINTS)."""
+        return self.kind.calls_llms
 
     @property
     def database(self) -> str:
         """A state store's database name (the path of its connector URL)."""
         return urlsplit(self.connector.url).path.strip("/")
-
-    @property
-    def calls_llms(self) -> bool:
-        """A prompted skill: it may call any LLM of its distribution (LLM_ENDPOINTS)."""
-        return self.service.startswith("skills/prompted_skill/") or self.service == "skills/prompted_skill"
 
     @property
     def respond_url(self) -> str:
@@ -252,9 +319,10 @@ def load_card(path: Path, display_path: str | None = None) -> Card:
 def card_to_data(card: Card) -> dict[str, Any]:
     """The card as plain data in the schema's field order, without unset model defaults noise."""
     data = card.model_dump(mode="json")
-    if card.deploy is None:
-        data.pop("deploy")
+    for section in ("model", "skill", "deploy"):
+        if getattr(card, section) is None:
+            data.pop(section)
     if card.model is not None:
-        if card.model.api == "transformers":
-            data["model"].pop("base_url")
+        for name in card.kind.unused_model_fields:
+            data["model"].pop(name)
     return data

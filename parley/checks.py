@@ -24,9 +24,10 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from common.lm_protocol import GenerationConfig
-from parley.cards import LLM_SERVICE_FOLDERS, Card, generation_config_problems
+from parley.cards import Card, generation_config_problems
 from parley.generate import parse_wait_hosts, plan_generation
-from parley.repo import BASE_COMPOSE, OVERLAYS, OVERRIDE, Repo
+from parley.kinds import DistContext, service_config_packages
+from parley.repo import BASE_COMPOSE, OVERLAYS, OVERRIDE, PIPELINE, Repo
 from parley.tools import ToolError, run_compose, tool_path
 from parley.yamlio import YamlSyntaxError, load_yaml_text
 
@@ -122,21 +123,38 @@ def check_services_and_cards(repo: Repo, cards: dict[str, Card], documents: dict
                     in_some_dist.add(name)
                 elif name not in services:
                     report.add(f"{overlay_path}: services.{name}: not a service of {override_path} or {BASE_COMPOSE}")
-        for name, card in cards.items():
-            if card.is_llm and name in services and overlay_needed(card, "proxy.yml"):
-                if name not in _services(documents.get(repo.dist_file(dist, "proxy.yml"))):
-                    report.add(f"{repo.dist_file(dist, 'proxy.yml')}: services.{name}: missing its proxy entry; run `parley generate`")
+        ctx = DistContext(dist, cards, [name for name in services if name in cards])
+        for name in ctx.members:
+            card = cards[name]
+            if not card.kind.generated:
+                continue
+            for overlay in OVERLAYS:
+                overlay_path = repo.dist_file(dist, overlay)
+                if overlay_path in documents and card.kind.overlay_service(card, overlay, ctx) is not None \
+                        and name not in _services(documents.get(overlay_path)):
+                    report.add(f"{overlay_path}: services.{name}: missing its {overlay.removesuffix('.yml')} entry; run `parley generate`")
     for name, card in cards.items():
         if name not in in_some_dist:
-            report.add(f"components/{name}.yml: no compose service {name} in any distribution; add it, or `parley remove-llm {name}`")
+            report.add(
+                f"components/{name}.yml: no compose service {name} in any distribution; add it "
+                f"(`parley add-component {name} --dist DIST`), or {card.kind.remove_command(name)}"
+            )
     for name, card in cards.items():
         expected = Path(card.service)
-        if not repo.path(str(expected)).exists() and not card.is_llm:
+        if not repo.path(str(expected)).exists() and not card.kind.has_service_configs:
             report.add(f"components/{name}.yml: service: {card.service} does not exist")
 
 
-def overlay_needed(card: Card, overlay: str) -> bool:
-    return card.model is not None and (overlay != "proxy.yml" or card.model.api == "transformers")
+def check_cards_among_each_other(repo: Repo, cards: dict[str, Card], report: Report) -> None:
+    """What each card's kind needs from the other cards and the repository's files (a skill's LLM
+    and prompt file), "components/<name>.yml: field: message" each."""
+    def read(relative: str) -> str | None:
+        path = repo.path(relative)
+        return path.read_text() if path.is_file() else None
+
+    for name, card in sorted(cards.items()):
+        for problem in card.kind.bundle_problems(card, cards, read):
+            report.add(f"components/{name}.yml: {problem}")
 
 
 def check_wait_hosts(repo: Repo, cards: dict[str, Card], documents: dict[str, Any], report: Report) -> None:
@@ -192,7 +210,7 @@ def check_ports_in_use_match_cards(repo: Repo, cards: dict[str, Card], documents
                     known = ", ".join(sorted(c.respond_url for c in cards.values() if c.is_llm)) or "none"
                     report.add(f"{relative}: services.{name}.environment.GENERATIVE_SERVICE_URL: {url} is not an LLM's /respond URL (cards: {known})")
     for dist in repo.distributions():
-        relative = repo.dist_file(dist, "pipeline_conf.json")
+        relative = repo.dist_file(dist, PIPELINE)
         path = repo.path(relative)
         if not path.is_file():
             continue
@@ -211,6 +229,51 @@ def check_ports_in_use_match_cards(repo: Repo, cards: dict[str, Card], documents
                 report.add(f"{relative}: {where}.connector.url: {url} names {host}, which has no card components/{host}.yml")
             elif port != card.port:
                 report.add(f"{relative}: {where}.connector.url: port {port}, but components/{host}.yml says {card.port}")
+            elif connector.get("timeout") != card.connector.timeout:
+                # The agent waits for a service as long as its pipeline entry says: its card's timeout.
+                report.add(
+                    f"{relative}: {where}.connector.timeout: {connector.get('timeout')}, "
+                    f"but components/{host}.yml says {card.connector.timeout}"
+                )
+
+
+# A healthcheck's probe names the port it asks: `http://127.0.0.1:PORT/...` or `-p PORT` (pg_isready).
+_PROBED_PORT = re.compile(r"(?:https?://[^/:\s'\"]+:(\d+))|(?:(?:^|\s)-p\s+'?(\d+))")
+
+
+def check_healthchecks_and_published_ports(cards: dict[str, Card], documents: dict[str, Any], report: Report) -> None:
+    """Every healthcheck probes its service's own port, and every published port is its card's."""
+    for relative, document in documents.items():
+        for name, service in _services(document).items():
+            card = cards.get(name)
+            if card is None or not isinstance(service, dict):
+                continue
+            test = (service.get("healthcheck") or {}).get("test") if isinstance(service.get("healthcheck"), dict) else None
+            text = " ".join(str(part) for part in test) if isinstance(test, list) else str(test or "")
+            for found in _PROBED_PORT.finditer(text):
+                probed = int(found.group(1) or found.group(2))
+                if probed != card.port:
+                    report.add(f"{relative}: services.{name}.healthcheck.test: probes port {probed}, but components/{name}.yml says {card.port}")
+            for index, entry in enumerate(service.get("ports") or []):
+                published, target = _published(entry)
+                if target is not None and target != card.port:
+                    report.add(f"{relative}: services.{name}.ports.{index}: container port {target}, but components/{name}.yml says {card.port}")
+                elif published is not None and published != card.port:
+                    report.add(f"{relative}: services.{name}.ports.{index}: publishes port {published}, but components/{name}.yml says {card.port}")
+
+
+def _published(entry: Any) -> tuple[int | None, int | None]:
+    """(published, container) ports of a compose `ports:` entry, short ("127.0.0.1:4242:4242") or long."""
+    if isinstance(entry, dict):
+        return _as_port(entry.get("published")), _as_port(entry.get("target"))
+    parts = str(entry).split("/")[0].split(":")
+    if len(parts) == 1:
+        return None, _as_port(parts[0])
+    return _as_port(parts[-2]), _as_port(parts[-1])
+
+
+def _as_port(value: Any) -> int | None:
+    return int(value) if str(value).isdigit() else None
 
 
 def _pipeline_connectors(node: dict, where: str):
@@ -267,7 +330,7 @@ def check_generated(repo: Repo, cards: dict[str, Card], report: Report) -> None:
                 continue
         line = _first_different_line(current, expected or "")
         report.add(f"{relative}: line {line}: differs from what the cards generate; run `parley generate`")
-    for folder in LLM_SERVICE_FOLDERS.values():
+    for folder in service_config_packages():
         for directory in sorted(repo.path(f"{folder}/service_configs").glob("*")):
             if directory.is_dir() and directory.name not in cards:
                 report.add(f"{folder}/service_configs/{directory.name}: no card components/{directory.name}.yml; delete it or add the card")
@@ -426,6 +489,8 @@ def run_checks(repo: Repo, *, tools: bool = True) -> Report:
     check_services_and_cards(repo, cards, documents, report)
     check_wait_hosts(repo, cards, documents, report)
     check_ports_in_use_match_cards(repo, cards, {k: v for k, v in documents.items() if v is not None}, report)
+    check_healthchecks_and_published_ports(cards, {k: v for k, v in documents.items() if v is not None}, report)
+    check_cards_among_each_other(repo, cards, report)
     check_files_exist(repo, documents, report)
     if not problems and syntax_ok:
         check_generated(repo, cards, report)

@@ -17,6 +17,7 @@ from pathlib import Path
 import click
 
 from parley.cards import CardError
+from parley.kinds import llm_apis
 from parley.progress import Progress
 from parley.repo import Repo, RepoError
 from parley.stack import DEFAULT_PROJECT, StackError, StackOptions, make_stack, push_images, stack_header
@@ -25,6 +26,8 @@ from parley.up import RunningDistribution, SupervisorOutput, UpError, plan_distr
 from parley.yamlio import YamlSyntaxError
 
 DEFAULT_DIST = "universal_prompted_assistant"
+# The `api` of each registered LLM kind (parley/kinds/llm.py), for add-llm's --api.
+LLM_APIS = llm_apis()
 # What `parley up` prints once every service is healthy (tests and scripts wait for these lines).
 READY_LINE = "PARLEY_READY"
 SERVICE_LINE = "PARLEY_SERVICE"
@@ -53,6 +56,10 @@ repo_option = click.option(
 Examples:
   parley add-llm transformers-lm-qwen --model Qwen/Qwen2.5-0.5B-Instruct
   parley remove-llm transformers-lm-qwen
+  parley add-skill travel-prompted-skill --prompt-file travel.json --llm transformers-lm-smollm2
+  parley remove-skill travel-prompted-skill
+  parley new-dist travel_assistant --skills travel-prompted-skill
+  parley add-component travel-prompted-skill --dist universal_prompted_assistant
   parley generate --dry-run
   parley check
   parley up universal_prompted_assistant
@@ -90,7 +97,7 @@ def _report_plan(plan, dry_run: bool, what: str) -> list[str]:
 @click.command(name="add-llm")
 @click.argument("name")
 @click.option("--model", "model", metavar="SOURCE", help="Embedded name (smollm2-135m-instruct), local directory, .gguf file or Hugging Face id; with --api openai, the upstream's model name.")
-@click.option("--api", type=click.Choice(["transformers", "openai"]), default="transformers", show_default=True, help="Serve the model here (transformers) or forward to an OpenAI-compatible upstream (openai).")
+@click.option("--api", type=click.Choice(LLM_APIS), default=None, help="Serve the model here (transformers) or forward to an OpenAI-compatible upstream (openai); default: the card's, else transformers.")
 @click.option("--base-url", metavar="URL", help="With --api openai: the upstream's OpenAI API root, e.g. https://api.openai.com/v1.")
 @click.option("--key-env", "key_env", metavar="VAR", multiple=True, help="Env var holding an API key this LLM may receive, named *_API_KEY, *_KEY, *_TOKEN or the like (repeatable); never the key itself.")
 @click.option("--port", type=int, help="The service's port (1024-65535, unique); default: the first free one from 8180.")
@@ -159,6 +166,126 @@ def remove_llm(name, dry_run, repo_path) -> None:
         return
     for relative in plan.apply():
         click.echo(f"{'removed' if plan.files[relative] is None else 'wrote'} {relative}")
+
+
+@click.command(name="add-skill")
+@click.argument("name")
+@click.option("--prompt-file", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.json", help="Dream's prompt file, {\"prompt\": ..., \"goals\": ...}: used in place under common/prompts/, else copied there as NAME.json, as it is.")
+@click.option("--llm", metavar="LLM_CARD", help="The card name of the LLM it asks when a turn names none, e.g. transformers-lm-smollm2.")
+@click.option("--dist", "dists", metavar="DIST", multiple=True, help="Distribution to add it to (repeatable); default: those that have it already, else all.")
+@click.option("--goals", metavar="TEXT", help="What the skill is for, for the agent's skill selection; default: the prompt file's goals (else its prompt).")
+@click.option("--config", type=click.Path(dir_okay=False, path_type=Path), metavar="FILE.json", help="A generative config it sends its LLM (Dream's GENERATIVE_SERVICE_CONFIG); default: the LLM's own.")
+@click.option("--send-env", "send_env", metavar="VAR", multiple=True, help="An env var whose value the skill may send its LLM, e.g. OPENAI_API_KEY (repeatable; Dream's ENVVARS_TO_SEND).")
+@click.option("--port", type=int, help="The skill's port (1024-65535, unique); default: the first free one from 8147.")
+@click.option("--dry-run", is_flag=True, help="Print the diff of every file it would change; write nothing.")
+@repo_option
+def add_skill(name, prompt_file, llm, dists, goals, config, send_env, port, dry_run, repo_path) -> None:
+    """Add a prompted skill (or update it): one more instance of the one skill image, a prompt and an LLM.
+
+    It writes the skill's card and everything generated from it: its compose service, dev.yml
+    entry, components.tsv, service_configs, its entry in each distribution's pipeline_conf.json
+    and the agent's WAIT_HOSTS. Running it twice changes nothing the second time; `parley
+    remove-skill` undoes it.
+
+    \b
+    Example:
+      parley add-skill fairytale-prompted-skill --prompt-file common/prompts/fairytales.json \\
+          --llm transformers-lm-smollm2 --dist multiskill_assistant
+    """
+    from parley.skills import SkillError, SkillOptions, plan_add_skill
+
+    options = SkillOptions(name=name, prompt_file=prompt_file, llm=llm, dists=list(dists), goals=goals, config=config,
+                           send_env=list(send_env), port=port)
+    repo = _repo(repo_path)
+    try:
+        card, plan = plan_add_skill(repo, options)
+    except (SkillError, CardError, YamlSyntaxError) as error:
+        raise _fail(error) from None
+    if _report_plan(plan, dry_run, name):
+        click.echo(f"next: `parley check`, then `parley up DIST` (its turns are answered as {card.pipeline_name})", err=True)
+
+
+@click.command(name="remove-skill")
+@click.argument("name")
+@click.option("--dry-run", is_flag=True, help="Print the diff of every file it would change; write nothing.")
+@repo_option
+def remove_skill(name, dry_run, repo_path) -> None:
+    """Remove a prompted skill: its card, everything generated from it and the files it copied in.
+
+    \b
+    Example:
+      parley remove-skill fairytale-prompted-skill
+    """
+    from parley.skills import SkillError, plan_remove_skill
+
+    repo = _repo(repo_path)
+    try:
+        plan = plan_remove_skill(repo, name)
+    except (SkillError, CardError, YamlSyntaxError) as error:
+        raise _fail(error) from None
+    if dry_run:
+        click.echo(plan.diff(), nl=False)
+        return
+    for relative in plan.apply():
+        click.echo(f"{'removed' if plan.files[relative] is None else 'wrote'} {relative}")
+
+
+@click.command(name="new-dist")
+@click.argument("name")
+@click.option("--from", "from_dist", metavar="DIST", help="Start from a copy of this distribution (its hand-written parts too).")
+@click.option("--skills", "skills", metavar="A,B", multiple=True, help="The skills it runs (card names, comma-separated); default: --from's, else none.")
+@click.option("--llms", "llms", metavar="X,Y", multiple=True, help="The LLMs it runs besides those its skills ask (card names, comma-separated); default: --from's.")
+@click.option("--language", type=click.Choice(["EN", "RU"], case_sensitive=False), help="The agent's LANGUAGE and its special answers' language; default: --from's, else EN.")
+@click.option("--description", metavar="TEXT", help="One line for the pipeline's metadata.")
+@click.option("--dry-run", is_flag=True, help="Print the diff of every file it would write; write nothing.")
+@repo_option
+def new_dist(name, from_dist, skills, llms, language, description, dry_run, repo_path) -> None:
+    """Make a distribution: its override, dev.yml, cpu.yml, proxy.yml, postgres.yml and pipeline_conf.json.
+
+    Fresh, it has the agent, the skills and LLMs named, and Dream's pipeline with the
+    description-based skill selector (each turn to the skill whose goals fit it) and the
+    confidence response selector; with --from it is a copy of another distribution. Everything
+    the components need is generated from their cards, so `parley up NAME`, `docker compose`
+    and `parley stack NAME` run it at once.
+
+    \b
+    Examples:
+      parley new-dist travel_assistant --skills travel-prompted-skill --llms transformers-lm-smollm2
+      parley new-dist universal_ru_prompted_assistant --from universal_prompted_assistant --language RU
+    """
+    from parley.dists import DistError, NewDistOptions, plan_new_dist
+
+    options = NewDistOptions(name=name, from_dist=from_dist, skills=list(skills) if skills else None,
+                             llms=list(llms) if llms else None, language=language, description=description)
+    repo = _repo(repo_path)
+    try:
+        plan = plan_new_dist(repo, options)
+    except (DistError, CardError, YamlSyntaxError) as error:
+        raise _fail(error) from None
+    if _report_plan(plan, dry_run, name):
+        click.echo(f"next: `parley check`, then `parley up {name}`", err=True)
+
+
+@click.command(name="add-component")
+@click.argument("card")
+@click.option("--dist", "dists", metavar="DIST", multiple=True, help="Distribution to add it to (repeatable).")
+@click.option("--dry-run", is_flag=True, help="Print the diff of every file it would change; write nothing.")
+@repo_option
+def add_component(card, dists, dry_run, repo_path) -> None:
+    """Add a component that has a card to another distribution (with the LLM a skill asks).
+
+    \b
+    Example:
+      parley add-component travel-prompted-skill --dist universal_prompted_assistant
+    """
+    from parley.dists import DistError, plan_add_component
+
+    repo = _repo(repo_path)
+    try:
+        plan = plan_add_component(repo, card, list(dists))
+    except (DistError, CardError, YamlSyntaxError) as error:
+        raise _fail(error) from None
+    _report_plan(plan, dry_run, f"{card} in {', '.join(dists)}")
 
 
 @click.command(name="generate")
@@ -556,6 +683,10 @@ def engine_stop() -> None:
 # Each command is registered here, one line each.
 cli.add_command(add_llm)
 cli.add_command(remove_llm)
+cli.add_command(add_skill)
+cli.add_command(remove_skill)
+cli.add_command(new_dist)
+cli.add_command(add_component)
 cli.add_command(generate)
 cli.add_command(check)
 cli.add_command(up)

@@ -11,13 +11,15 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from common.lm_protocol import DEFAULT_GENERATIVE_CONFIG
-from common.model_sources import EMBEDDED_MODELS, ModelSourceError, SourceKind, file_sha256, resolve_model_source
-from parley.cards import DNS_LABEL, LLM_GROUP, LLM_SERVICE_FOLDERS, Card, CardError, card_to_data, key_env_var_problem, parse_card
+from common.model_sources import SourceKind
+from parley.cards import DNS_LABEL, LLM_GROUP, Card, CardError, card_to_data, key_env_var_problem, parse_card
 from parley.generate import Plan, plan_generation
+from parley.kinds import UnknownKindError, llm_kind
 from parley.repo import OVERRIDE, Repo
 from parley.yamlio import YamlSyntaxError, dump_yaml, load_yaml_text
 
 FIRST_LLM_PORT = 8180
+DEFAULT_API = "transformers"
 CARD_HEADER = "# The card of an LLM: the single source of its wiring. After editing it, run `parley generate`.\n"
 
 
@@ -31,7 +33,7 @@ class LlmOptions:
 
     name: str
     model: str | None = None
-    api: str = "transformers"
+    api: str | None = None  # None: the card's, else transformers
     base_url: str | None = None
     key_env: list[str] = field(default_factory=list)
     port: int | None = None
@@ -56,20 +58,22 @@ def check_name(name: str) -> None:
         )
 
 
-def free_port(cards: dict[str, Card], name: str) -> int:
+def free_port(cards: dict[str, Card], name: str, start: int = FIRST_LLM_PORT) -> int:
+    """The first port from `start` that no other card has."""
     taken = {card.port for card in cards.values() if card.name != name}
-    port = FIRST_LLM_PORT
+    port = start
     while port in taken:
         port += 1
     return port
 
 
-def check_port(port: int, cards: dict[str, Card], name: str) -> None:
+def check_port(port: int, cards: dict[str, Card], name: str, error: type[Exception] | None = None) -> None:
+    error = error or LlmError
     if not 1024 <= port <= 65535:
-        raise LlmError(f"--port {port} is outside 1024-65535: pick a free one, or leave --port out to get one")
+        raise error(f"--port {port} is outside 1024-65535: pick a free one, or leave --port out to get one")
     for card in cards.values():
         if card.port == port and card.name != name:
-            raise LlmError(f"--port {port} is taken by {card.name} (components/{card.name}.yml): pick another, or leave --port out")
+            raise error(f"--port {port} is taken by {card.name} (components/{card.name}.yml): pick another, or leave --port out")
 
 
 def _weights_bytes(path: Path) -> int:
@@ -119,7 +123,7 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
     """The card `parley add-llm` writes: the existing card (or --from) updated with the given options."""
     check_name(options.name)
     existing = cards.get(options.name)
-    if existing is not None and not existing.is_llm:
+    if existing is not None and not existing.kind.serves_llm:
         raise LlmError(
             f"components/{options.name}.yml is not an LLM (no model section): choose another name for the LLM"
         )
@@ -135,10 +139,11 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
     else:
         data = {}
     model = dict(data.get("model") or {})
-    if options.api == "openai" or model.get("api") == "openai":
-        api = "openai"
-    else:
-        api = "transformers"
+    api = options.api or model.get("api") or DEFAULT_API
+    try:
+        kind = llm_kind(api)
+    except UnknownKindError as error:
+        raise LlmError(f"--api: {error}") from None
     if options.model is not None:
         model["source"] = options.model
     if "source" not in model:
@@ -165,40 +170,10 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
     if options.stop:
         model["stop"] = list(options.stop)
 
-    source_kind, location = None, None
-    if api == "transformers":
-        try:
-            source = str(model["source"])
-            if not Path(source).expanduser().exists() and (repo.root / source).exists():
-                source = str(repo.root / source)  # a card's path inside the repository
-            resolved = resolve_model_source(source)
-        except ModelSourceError as error:
-            raise LlmError(f"--model: {error}") from None
-        source_kind = resolved.kind
-        if resolved.kind is not SourceKind.HF_ID:
-            location = resolved.path
-            if resolved.requested not in EMBEDDED_MODELS:
-                # compose mounts it, so it must not depend on the cwd: relative to the repository
-                # root (compose's project directory) when inside it, else absolute
-                inside = location.resolve().is_relative_to(repo.root.resolve())
-                model["source"] = f"./{location.resolve().relative_to(repo.root.resolve()).as_posix()}" if inside else str(location)
-        if model.get("sha256"):
-            if location is None or not location.is_file():
-                raise LlmError("--sha256 checks a single model file (a .gguf or an embedded model); drop it for a directory or hub id")
-            actual = file_sha256(location)
-            if actual != model["sha256"]:
-                raise LlmError(f"--sha256 does not match {location}: the file's sha256 is {actual}")
-        if location is not None and model.get("context_length") is None:
-            model["context_length"] = read_context_length(resolved.kind, location)
-        embedded = EMBEDDED_MODELS.get(resolved.requested)
-        if embedded is not None:
-            model.setdefault("license", embedded.license)
-    else:
-        if not model.get("base_url"):
-            raise LlmError("--api openai needs --base-url, the upstream's OpenAI API root (e.g. https://api.openai.com/v1)")
-        parts = urlsplit(str(model["base_url"]))
-        if parts.scheme not in {"http", "https"} or not parts.netloc:
-            raise LlmError(f"--base-url {model['base_url']!r} is not an http(s) URL such as https://api.openai.com/v1")
+    try:
+        facts = kind.prepare_model(repo, model)
+    except ValueError as error:
+        raise LlmError(str(error)) from None
     model.setdefault("generation_config", _default_generation_config(repo))
 
     if options.port is not None:
@@ -209,24 +184,16 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
         port = free_port(cards, options.name)
     check_port(port, cards, options.name)
 
-    if api == "transformers":
-        default_description = f"{model['source']} served by services/transformers_lm"
-        if source_kind is SourceKind.GGUF_FILE and model["source"] in EMBEDDED_MODELS:
-            default_description = EMBEDDED_MODELS[model["source"]].description
-    else:
-        default_description = f"{model['source']} at {model['base_url']} through services/openai_api_lm"
     data.update(
         {
             "name": options.name,
             "display_name": data.get("display_name") or options.name,
             "component_type": data.get("component_type", "Generative"),
-            "model_type": data.get("model_type", "NN-based" if api == "transformers" else "External"),
+            "model_type": data.get("model_type", kind.model_type),
             "is_customizable": data.get("is_customizable", False),
             "author": data.get("author") or "Parley maintainers",
-            "description": options.description or data.get("description") or default_description,
-            "ram_usage": options.ram_usage
-            or data.get("ram_usage")
-            or ("512M" if api == "openai" else estimate_ram(source_kind, location, bool(model.get("half_precision")))),
+            "description": options.description or data.get("description") or facts.description,
+            "ram_usage": options.ram_usage or data.get("ram_usage") or facts.ram_usage,
             "gpu_usage": options.gpu_usage if options.gpu_usage is not None else data.get("gpu_usage"),
             "group": LLM_GROUP,
             "connector": {
@@ -241,7 +208,7 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
             "state_manager_method": data.get("state_manager_method"),
             "tags": data.get("tags") or ["llm"],
             "endpoint": "respond",
-            "service": f"{LLM_SERVICE_FOLDERS[api]}/service_configs/{options.name}",
+            "service": kind.service_config_dir(options.name),
             "date_created": data.get("date_created") or dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S"),
             "model": model,
         }
@@ -252,11 +219,11 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
         raise LlmError("the card would be invalid:\n" + "\n".join(error.problems)) from None
 
 
-def card_text(card: Card, existing_text: str | None = None, display_path: str = "card") -> str:
+def card_text(card: Card, existing_text: str | None = None, display_path: str = "card", header: str = CARD_HEADER) -> str:
     """The card's file. An existing card is edited in place: when it already says the same, it is
     kept byte for byte; otherwise only what changed is rewritten, so its comments survive."""
     if existing_text is None:
-        return CARD_HEADER + dump_yaml(card_to_data(card))
+        return header + dump_yaml(card_to_data(card))
     document = load_yaml_text(existing_text, display_path)
     try:
         if parse_card(document, display_path) == card:
@@ -264,7 +231,7 @@ def card_text(card: Card, existing_text: str | None = None, display_path: str = 
     except CardError:
         pass  # a card that does not parse is replaced by the valid one
     if not isinstance(document, dict):
-        return CARD_HEADER + dump_yaml(card_to_data(card))
+        return header + dump_yaml(card_to_data(card))
     _update_in_place(document, card_to_data(card))
     return dump_yaml(document)
 
@@ -284,7 +251,7 @@ def _update_in_place(document: dict, data: dict) -> None:
             document[key] = value
 
 
-def _distribution_members(repo: Repo, dist: str) -> set[str]:
+def distribution_members(repo: Repo, dist: str) -> set[str]:
     path = repo.dist_file(dist, OVERRIDE)
     document = load_yaml_text(repo.path(path).read_text(), path) or {}
     return set((document.get("services") or {}))
@@ -295,7 +262,7 @@ def plan_add_llm(repo: Repo, options: LlmOptions) -> tuple[Card, Plan]:
     cards = repo.load_valid_cards()
     card = build_card(repo, options, cards)
     known = repo.distributions()
-    dists = options.dists or [dist for dist in known if options.name in _distribution_members(repo, dist)] or known
+    dists = options.dists or [dist for dist in known if options.name in distribution_members(repo, dist)] or known
     for dist in dists:
         if dist not in known:
             raise LlmError(f"--dist {dist!r}: no assistant_dists/{dist}/{OVERRIDE}; known: {', '.join(known) or 'none'}")
@@ -306,33 +273,27 @@ def plan_add_llm(repo: Repo, options: LlmOptions) -> tuple[Card, Plan]:
     return card, plan
 
 
-def default_llm_users(repo: Repo, name: str, cards: dict[str, Card]) -> list[str]:
-    """`file: services.X.environment.GENERATIVE_SERVICE_URL` for each skill whose default LLM is `name`."""
-    users = []
-    for dist in repo.distributions():
-        path = repo.dist_file(dist, OVERRIDE)
-        document = load_yaml_text(repo.path(path).read_text(), path) or {}
-        for service_name, service in (document.get("services") or {}).items():
-            environment = (service or {}).get("environment") or {}
-            if isinstance(environment, dict):
-                url = str(environment.get("GENERATIVE_SERVICE_URL", ""))
-                if urlsplit(url).hostname == name:
-                    users.append(f"{path}: services.{service_name}.environment.GENERATIVE_SERVICE_URL")
-    return users
+def default_llm_users(name: str, cards: dict[str, Card]) -> list[str]:
+    """`components/<card>.yml: <field>` for each card that requires the LLM `name` (a skill's default LLM)."""
+    return [
+        f"components/{card.name}.yml: {card.kind.requires_field}"
+        for card in cards.values()
+        if card.name != name and name in card.kind.requires(card)
+    ]
 
 
 def plan_remove_llm(repo: Repo, name: str) -> Plan:
     cards = repo.load_valid_cards()
     card = cards.get(name)
     if card is None:
-        llms = ", ".join(sorted(n for n, c in cards.items() if c.is_llm)) or "none"
+        llms = ", ".join(sorted(n for n, c in cards.items() if c.kind.serves_llm)) or "none"
         raise LlmError(f"no card components/{name}.yml: the LLMs are {llms}")
-    if not card.is_llm:
+    if not card.kind.serves_llm:
         raise LlmError(f"components/{name}.yml is not an LLM (no model section): parley remove-llm removes only LLMs")
-    users = default_llm_users(repo, name, cards)
+    users = default_llm_users(name, cards)
     if users:
         raise LlmError(
-            f"{name} is the default LLM of a skill; point it at another LLM first:\n" + "\n".join(users)
+            f"{name} is the default LLM of a skill; point it at another LLM first (or remove the skill):\n" + "\n".join(users)
         )
     plan = plan_generation(repo, {n: c for n, c in cards.items() if n != name}, removed=[name])
     plan.files[f"components/{name}.yml"] = None

@@ -12,6 +12,8 @@ OVERRIDE = "docker-compose.override.yml"
 # postgres.yml moves the agents' state to a shared PostgreSQL (parley/state_overlay.py).
 OVERLAYS = ("dev.yml", "cpu.yml", "proxy.yml", "postgres.yml")
 BASE_COMPOSE = "docker-compose.yml"
+# A distribution's pipeline (Dream's pipeline_conf.json): the agent's services and their order.
+PIPELINE = "pipeline_conf.json"
 
 
 class RepoError(RuntimeError):

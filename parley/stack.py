@@ -114,7 +114,7 @@ def _stack_service(name: str, service: dict[str, Any], card: Card, options: Stac
             result[key] = service[key]
     if "environment" in result:
         result["environment"] = {key: "" if value is None else str(value) for key, value in result["environment"].items()}
-    if card.is_llm and card.deploy and card.deploy.cpus:
+    if card.kind.runs_model and card.deploy and card.deploy.cpus:
         # The model's threads match the cores a replica is given: more threads than cores make every
         # step wait on descheduled threads, which slows generation by orders of magnitude on a busy node.
         # OMP_NUM_THREADS for torch (the transformers backend), THREADS for the llama_cpp backend.

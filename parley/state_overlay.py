@@ -1,4 +1,5 @@
-"""The shared-state overlay of a distribution (`postgres.yml`), generated from the state card.
+"""The shared-state overlay of a distribution (`postgres.yml`), generated from the state card
+(through its kind, parley/kinds/state.py, and the agent's, parley/kinds/agent.py).
 
 It adds the database service of the card (`components/postgres.yml`: its port, database and memory)
 and points the agent at it: `STATE_URL=postgresql://...` and a `depends_on` on its health. With it,
@@ -59,34 +60,3 @@ def state_compose_service(card: Card) -> CommentedMap:
     service["deploy"] = CommentedMap([("resources", CommentedMap([("limits", CommentedMap([("memory", card.ram_usage)]))]))])
     service["restart"] = "unless-stopped"
     return service
-
-
-def _ensure_map(parent: CommentedMap, key: str) -> CommentedMap:
-    if not isinstance(parent.get(key), dict):
-        parent[key] = CommentedMap()
-    return parent[key]
-
-
-def update_state_overlay(document: CommentedMap, cards: dict[str, Card], services: CommentedMap) -> None:
-    """Edit a distribution's postgres.yml in place: the state card's service, its volume, and each
-    agent's STATE_URL and depends_on. Hand-written keys and comments stay."""
-    stores = [card for card in cards.values() if card.is_state_store]
-    store_names = {card.name for card in stores}
-    for name in list(services):
-        card = cards.get(name)
-        if card is not None and card.is_state_store and name not in store_names:
-            del services[name]
-    if not stores:
-        return
-    store = sorted(stores, key=lambda card: card.name)[0]
-    services[store.name] = state_compose_service(store)
-    for agent in (card for card in cards.values() if card.is_agent):
-        entry = _ensure_map(services, agent.name)
-        environment = _ensure_map(entry, "environment")
-        if environment.get("STATE_URL") != state_url(store):
-            environment["STATE_URL"] = DoubleQuotedScalarString(state_url(store))
-        depends_on = _ensure_map(entry, "depends_on")
-        depends_on[store.name] = CommentedMap([("condition", "service_healthy")])
-    volumes = _ensure_map(document, "volumes")
-    if volume_name(store) not in volumes:
-        volumes[volume_name(store)] = None

@@ -243,7 +243,7 @@ def test_bad_input_is_refused_with_a_fix_and_nothing_is_written(checkout: Path, 
 def test_removing_the_default_llm_of_a_skill_is_refused_naming_where_it_is_used(checkout: Path):
     output = parley(checkout, "remove-llm", "transformers-lm-smollm2", code=1)
 
-    assert f"{OVERRIDE}: services.prompted-skill.environment.GENERATIVE_SERVICE_URL" in output
+    assert "components/prompted-skill.yml: skill.llm" in output
 
 
 def test_an_invalid_card_is_reported_as_file_field_message(checkout: Path):

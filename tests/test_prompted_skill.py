@@ -169,6 +169,21 @@ def test_the_skills_own_key_is_sent_when_the_turn_brings_none(monkeypatch):
     assert keyed.requests[0].json()["openai_api_keys"] == ["sk-from-the-environment"]
 
 
+def test_with_envvars_to_send_only_those_of_the_skills_own_keys_are_sent():
+    with recording_server(answering("Hi.")) as keyed:
+        client = make_client(
+            GENERATIVE_SERVICE_URL=keyed.url("/respond"),
+            LLM_ENDPOINTS=json.dumps({keyed.url("/respond"): {"key_env_vars": ["OPENAI_API_KEY", "OPENAI_ORGANIZATION_KEY"]}}),
+            ENVVARS_TO_SEND="OPENAI_API_KEY",
+            OPENAI_API_KEY="sk-from-the-environment",
+            OPENAI_ORGANIZATION_KEY="org-kept-at-home",
+        )
+        client.post("/respond", json=turn())
+    sent = keyed.requests[0].json()
+    assert sent["openai_api_keys"] == ["sk-from-the-environment"]
+    assert "openai_organization_keys" not in sent
+
+
 def test_an_llm_that_times_out_gives_no_hypothesis_not_an_error():
     with recording_server(lambda request: Reply(200, [["late"]], delay_seconds=3)) as slow:
         client = make_client(GENERATIVE_SERVICE_URL=slow.url("/respond"), GENERATIVE_TIMEOUT="0.5")

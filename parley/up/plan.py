@@ -210,7 +210,9 @@ def _host_rewriter(original_ports: dict[str, int], ports: dict[str, int]) -> Cal
 
 
 def _rewrite_json_file(value: str, cwd: Path, repo: Repo, folder: Path, rewrite: Callable[[str], str]) -> str:
-    """A JSON file named by an env value, copied with its hostnames rewritten; the copy's path."""
+    """A JSON file named by an env value, copied with its hostnames rewritten; the copy's path. One
+    that needs no rewriting is named by its absolute path in this checkout (a service resolves a
+    relative path against the checkout its code is in, which may be another one)."""
     if not value.endswith(".json") or "\n" in value:
         return value
     for base in (repo.root, cwd):
@@ -219,7 +221,7 @@ def _rewrite_json_file(value: str, cwd: Path, repo: Repo, folder: Path, rewrite:
             text = path.read_text()
             rewritten = rewrite(text)
             if rewritten == text:
-                return value
+                return str(path)
             folder.mkdir(parents=True, exist_ok=True)
             copy = folder / path.name
             copy.write_text(rewritten)

@@ -10,6 +10,9 @@ from typing import Any, Callable
 
 import requests
 
+from services.agent import skill_selection
+from services.agent.skill_selection import Selection
+
 
 class ServiceCallError(RuntimeError):
     """A service that failed: unreachable, an error status, or an answer that is not what it should be."""
@@ -43,9 +46,28 @@ def predefined_text(dialog: dict, options: dict) -> dict:
     }
 
 
-def all_skills_selector(dialog: dict, options: dict) -> list[str] | None:
-    """Selects every skill of the pipeline (None: no restriction)."""
-    return options.get("skill_names") or None
+def all_skills_selector(dialog: dict, options: dict) -> Selection:
+    """Selects every skill of the pipeline, or those the turn's `selected_skills` names (Dream's attribute)."""
+    names = list(options.get("skill_names") or [])
+    override = skill_selection.requested((dialog["human_utterances"][-1].get("attributes") or {}), names)
+    if override is not None and override[0] is not None:
+        return Selection(override[0], override[1], {name: override[1] for name in override[0]})
+    reason = "the pipeline's skill selector asks every skill"
+    return Selection(None, reason, {name: reason for name in names})
+
+
+def description_based_skill_selector(dialog: dict, options: dict) -> Selection:
+    """Dream's DescriptionBasedSkillSelectorConnector with its prompt selector inside: the prompted
+    skills whose goals rank best for the turn (services/agent/skill_selection.py), the other skills
+    always; options `top_n` (default 1) and `min_score` (default 0)."""
+    return skill_selection.select_skills(
+        dialog,
+        list(options.get("skill_names") or []),
+        dict(options.get("skill_goals") or {}),
+        top_n=int(options.get("top_n", 1)),
+        min_score=float(options.get("min_score", 0.0)),
+        language=str(options.get("language") or skill_selection.DEFAULT_LANGUAGE),
+    )
 
 
 def confidence_response_selector(dialog: dict, options: dict) -> dict | None:
@@ -66,6 +88,7 @@ def confidence_response_selector(dialog: dict, options: dict) -> dict | None:
 PYTHON_CONNECTORS: dict[str, Callable[[dict, dict], Any]] = {
     "PredefinedTextConnector": predefined_text,
     "AllSkillsSelectorConnector": all_skills_selector,
+    "DescriptionBasedSkillSelectorConnector": description_based_skill_selector,
     "ConfidenceResponseSelectorConnector": confidence_response_selector,
 }
 

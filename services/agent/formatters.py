@@ -8,6 +8,7 @@ The dialog they get holds the turn's recent utterances only (`service.HISTORY_UT
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable
 
 
@@ -32,6 +33,7 @@ DIALOG_FORMATTERS: dict[str, Callable[[dict], dict]] = {
     "full_dialog": dialogs_batch,
     "full_history_dialog": dialogs_batch,
     "dff_universal_prompted_skill_formatter": dialogs_batch,
+    "dff_prompted_skill_formatter": dialogs_batch,
     "base_skill_selector_formatter_dialog": dialogs_batch,
     "utt_sentrewrite_modified_last_dialog": dialogs_batch,
     "last_utt_dialog": last_human_sentences,
@@ -106,8 +108,21 @@ RESPONSE_FORMATTERS: dict[str, Callable[[Any], Any]] = {
 }
 
 
+# Dream names each template prompted skill's formatter after the skill (`dff_fairytale_prompted_skill_formatter`):
+# every one of them sends the dialog as it is.
+_PROMPTED_SKILL_FORMATTER = re.compile(r"dff_\w+_prompted_skill_formatter")
+
+
 def dialog_formatter(name: str | None) -> Callable[[dict], dict]:
-    return DIALOG_FORMATTERS[short_name(name)] if name else dialogs_batch
+    if not name:
+        return dialogs_batch
+    if short_name(name) not in DIALOG_FORMATTERS and _PROMPTED_SKILL_FORMATTER.fullmatch(short_name(name)):
+        return dialogs_batch
+    return DIALOG_FORMATTERS[short_name(name)]
+
+
+def knows_dialog_formatter(name: str) -> bool:
+    return short_name(name) in DIALOG_FORMATTERS or bool(_PROMPTED_SKILL_FORMATTER.fullmatch(short_name(name)))
 
 
 def response_formatter(name: str | None) -> Callable[[Any], Any]:

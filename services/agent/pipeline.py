@@ -46,6 +46,9 @@ class PipelineService:
     dialog_formatter: str | None = None
     response_formatter: str | None = None
     tags: tuple[str, ...] = ()
+    # What a prompted skill is for (its pipeline entry's `goals`, generated from its card): what
+    # the description-based skill selector ranks against a turn.
+    goals: str | None = None
 
     @property
     def short_name(self) -> str:
@@ -135,14 +138,17 @@ def _parse_service(name: str, group: str | None, entry: dict, named_connectors: 
         connector = Connector("python", class_name=class_name, options=options)
     else:
         raise PipelineError(f"services.{name}.connector.protocol must be \"http\" or \"python\", not {protocol!r}")
-    for key, known in (
-        ("dialog_formatter", formatters.DIALOG_FORMATTERS),
-        ("response_formatter", formatters.RESPONSE_FORMATTERS),
-        ("state_manager_method", STATE_METHODS),
+    for key, known, knows in (
+        ("dialog_formatter", formatters.DIALOG_FORMATTERS, formatters.knows_dialog_formatter),
+        ("response_formatter", formatters.RESPONSE_FORMATTERS, None),
+        ("state_manager_method", STATE_METHODS, None),
     ):
         value = entry.get(key)
-        if value is not None and formatters.short_name(value) not in known:
+        if value is not None and not (knows(value) if knows else formatters.short_name(value) in known):
             raise PipelineError(f"services.{name}.{key} {value!r} is not one the agent knows: {', '.join(known)}")
+    goals = entry.get("goals")
+    if goals is not None and (not isinstance(goals, str) or not goals.strip()):
+        raise PipelineError(f"services.{name}.goals must be a non-empty text: what the skill is for")
     return PipelineService(
         name=name,
         group=group,
@@ -153,6 +159,7 @@ def _parse_service(name: str, group: str | None, entry: dict, named_connectors: 
         dialog_formatter=entry.get("dialog_formatter"),
         response_formatter=entry.get("response_formatter"),
         tags=tuple(entry.get("tags") or ()),
+        goals=goals.strip() if goals else None,
     )
 
 

@@ -23,6 +23,7 @@ from services.agent import connectors, formatters
 from services.agent.pipeline import Pipeline, PipelineService
 from services.agent.protocol import TurnRequest, TurnResponse
 from services.agent.settings import Settings
+from services.agent.skill_selection import Selection
 from services.agent.state_methods import STATE_METHODS
 from services.agent.store import DialogStore, new_id, now
 
@@ -35,6 +36,8 @@ MIN_SUBSTRING_SECRET = 8
 # A skill may send its LLM fewer (the prompted skill's N_UTTERANCES_CONTEXT), and an LLM drops the
 # oldest ones that do not fit its window.
 HISTORY_UTTERANCES = 20
+# The answer when no skill answered and the pipeline has no last-chance service, in the agent's LANGUAGE.
+FALLBACK_ANSWERS = {"EN": "Sorry, something went wrong inside.", "RU": "Извините, что-то пошло не так."}
 
 
 def redact(value: Any, secrets: list[str]) -> Any:
@@ -72,6 +75,8 @@ class Turn:
     bot_attributes: dict = field(default_factory=dict)
     # The user's stored attributes are replaced by these (then human_attributes merged) instead of kept.
     human_attributes_reset_to: dict | None = None
+    # Why each skill was asked (the skill selector's reasons), for the turn's debug output.
+    selection_reasons: dict[str, str] = field(default_factory=dict)
 
     def reset_human_attributes(self, keep: tuple[str, ...] = ()) -> None:
         """Clear the user's attributes, but for the `keep` names (Dream keeps `disliked_skills` as a list)."""
@@ -126,6 +131,7 @@ class Agent:
         self.session.mount("http://", adapter)
         self.pool = ThreadPoolExecutor(max_workers=settings.service_threads, thread_name_prefix="agent-service")
         self._skill_names = [s.short_name for s in pipeline.services if s.group == "skills"]
+        self._skill_goals = {s.short_name: s.goals for s in pipeline.services if s.group == "skills" and s.goals}
 
     def close_dialog(self, user_id: str) -> None:
         self.store.close_active_dialog(user_id)
@@ -154,7 +160,7 @@ class Agent:
                 if service is not None and turn.bot_utterance is None:
                     self._apply(turn, service, self._call_python(service, turn), secrets)
         if turn.bot_utterance is None:  # a pipeline without a last-chance service
-            turn.set_bot_utterance("Sorry, something went wrong inside.", "last_chance_service", 0.0)
+            turn.set_bot_utterance(FALLBACK_ANSWERS[self.settings.language], "last_chance_service", 0.0)
 
         # Nothing a service gave back may carry a key into the state.
         human_utterance.update(redact({k: human_utterance[k] for k in ("annotations", "hypotheses")}, secrets))
@@ -176,7 +182,9 @@ class Agent:
             active_skill=bot_utterance["active_skill"],
             confidence=bot_utterance["confidence"],
             debug_output=[
-                {"skill_name": h["skill_name"], "text": h["text"], "confidence": h["confidence"]}
+                {"skill_name": h["skill_name"], "text": h["text"], "confidence": h["confidence"],
+                 **({"selected_because": turn.selection_reasons[h["skill_name"]]}
+                    if h["skill_name"] in turn.selection_reasons else {})}
                 for h in human_utterance["hypotheses"]
             ],
         )
@@ -259,11 +267,20 @@ class Agent:
         options = dict(service.connector.options)
         if service.is_selector:
             options.setdefault("skill_names", self._skill_names)
+            options.setdefault("skill_goals", self._skill_goals)
+            options.setdefault("language", self.settings.language)
         return connectors.python_connector(service.connector.class_name)(turn.view(), options)
 
     def _apply(self, turn: Turn, service: PipelineService, result: Any, secrets: list[str]) -> None:
         if service.is_selector and service.group == "skill_selectors":
-            turn.selected_skills = set(result) if result is not None else None
+            if isinstance(result, Selection):
+                turn.selected_skills = set(result.skills) if result.skills is not None else None
+                turn.selection_reasons.update(result.reasons)
+                annotation = result.annotation()
+                if annotation is not None:
+                    turn.human_utterance["annotations"][service.short_name] = annotation
+            else:  # a selector of Dream's kind: the names of the skills to ask (None or []: all)
+                turn.selected_skills = set(result) if result else None
             return
         if service.state_manager_method:
             name = service.short_name if service.group else service.name

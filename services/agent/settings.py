@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pydantic import Field
+from typing import Literal
+
+from pydantic import Field, field_validator
 
 from common.settings_support import CommaList, RepoPath, ServiceSettings, SettingsError
 
@@ -39,6 +41,15 @@ class Settings(ServiceSettings):
     max_request_bytes: int = Field(64 * 1024, ge=1024, description="the largest request body")
     max_payload_chars: int = Field(4000, ge=1, description="the longest user utterance")
     service_threads: int = Field(32, ge=1, description="calls to services that may run at once")
+    language: Literal["EN", "RU"] = Field(
+        "EN", description="the distribution's language (Dream's LANGUAGE): the stop words the skill selector leaves out, "
+        "and the agent's own answer when nothing answered and the pipeline has no last-chance service",
+    )
+
+    @field_validator("language", mode="before")
+    @classmethod
+    def _upper_case(cls, value: object) -> object:
+        return value.upper() if isinstance(value, str) else value
 
     @property
     def state_location(self) -> str:

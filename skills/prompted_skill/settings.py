@@ -8,7 +8,7 @@ from typing import Annotated, Any, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 
-from common.settings_support import NOT_AN_ENV_VAR, EnvVars, Json, ServiceSettings, SettingsError, resolve_repo_path
+from common.settings_support import NOT_AN_ENV_VAR, CommaList, EnvVars, Json, ServiceSettings, SettingsError, resolve_repo_path
 
 DEFAULT_PROMPT = "Respond like a friendly chatbot."
 
@@ -46,6 +46,10 @@ class Settings(ServiceSettings):
     llm_endpoints: Annotated[
         dict[str, LLMEndpoint], Json('{"http://llm:8180/respond": {"key_env_vars": []}}')
     ] = Field(default_factory=dict, description="JSON object, allowed LLM URL -> {key_env_vars, generative_config}")
+    envvars_to_send: CommaList = Field(
+        (), description="Dream's ENVVARS_TO_SEND: the env vars whose values the skill itself may send (each only to an LLM "
+        "whose LLM_ENDPOINTS entry lists it); unset: every key env var LLM_ENDPOINTS lists",
+    )
     # The values of the key env vars that LLM_ENDPOINTS names, read once; never logged (SecretStr).
     env_keys: Annotated[dict[str, SecretStr], NOT_AN_ENV_VAR] = Field(
         default_factory=dict, description="values of the key_env_vars"
@@ -60,6 +64,9 @@ class Settings(ServiceSettings):
             for entry in endpoints.values():
                 names = entry.get("key_env_vars") if isinstance(entry, dict) else None
                 key_names.update(name for name in names or () if isinstance(name, str))
+        to_send = values.get("envvars_to_send")
+        if to_send:  # only these of the skill's own variables may leave it
+            key_names &= set(to_send)
         found: dict[str, Any] = {"env_keys": {name: environ[name] for name in sorted(key_names) if environ.get(name)}}
         prompt = _read_prompt(environ)
         if prompt is not None:
