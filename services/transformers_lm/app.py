@@ -220,7 +220,9 @@ def _register_error_handler(app: Flask) -> None:
         message = "generation failed; the service log has the details"
         for error_class, error_status, error_type_name, error_code in _ERROR_STATUSES:
             if isinstance(error, error_class):
-                status, error_type, code = error_status, error_type_name, error_code
+                status, error_type = error_status, error_type_name
+                own_code = getattr(error, "code", None)  # e.g. context_length_exceeded (an HTTPException's is its status)
+                code = own_code if isinstance(own_code, str) else error_code
                 message = getattr(error, "message", None) or str(error)
                 field = getattr(error, "field", None)
                 break
