@@ -31,6 +31,7 @@ from services.transformers_lm.protocol import (
     CompletionRequest,
     GenerateGoalsRequest,
     RespondRequest,
+    TokenizeRequest,
     openai_error,
 )
 from services.transformers_lm.service import GenerationFailedError, LMService
@@ -176,6 +177,13 @@ def create_app(
                 "prompt_style": holder.service.renderer.name,
             }
         ), 200
+
+    @app.post("/tokenize")
+    def tokenize() -> Response:
+        """The ids a text becomes as a prompt (special tokens as the model adds them): what usage counts."""
+        tokenize_request = parse_body(TokenizeRequest)
+        token_ids = holder.get().model.encode(tokenize_request.text)
+        return jsonify({"tokens": token_ids, "count": len(token_ids)})
 
     @app.get("/v1/models")
     def v1_models() -> Response:

@@ -236,6 +236,25 @@ class ChatCompletionRequest(_SamplingRequest):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize` (llama-server's and vLLM's shape): the token ids a text becomes as a prompt."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    content: str | None = None
+    prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _has_text(self) -> "TokenizeRequest":
+        if self.content is None and self.prompt is None:
+            raise RequestValidationError("give the text to tokenize as content (or prompt)", "content")
+        return self
+
+    @property
+    def text(self) -> str:
+        return self.content if self.content is not None else self.prompt or ""
+
+
 class CompletionRequest(_SamplingRequest):
     """`POST /v1/completions`: the prompt is used as is, without any template."""
 
