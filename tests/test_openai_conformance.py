@@ -136,7 +136,7 @@ def test_a_schema_the_library_cannot_compile_is_a_400_naming_the_keyword(client)
 
 
 def test_a_dream_config_may_ask_for_a_json_answer(lm_url):
-    config = {"do_sample": False, "max_new_tokens": 48, "response_format": person_format()}
+    config = {"do_sample": False, "num_return_sequences": 1, "max_new_tokens": 48, "response_format": person_format()}
     response = requests.post(lm_url + "/respond", json={"dialog_contexts": [["Invent a person."]], "configs": [config]}, timeout=600)
 
     assert response.status_code == 200, response.text

@@ -7,7 +7,8 @@ plus the prompt of every joining row, less the beginning found in the prefix cac
 row's own sampling settings. A row leaves the batch as soon as it hits one of its stop tokens, its
 `max_new_tokens`, the context window or a cancel; the next waiting request takes its slot at the
 next step, without waiting for the longest row. See `slot_cache.py` for how rows at different
-positions share a pass without padding.
+positions share a pass without padding. A row with a grammar (`grammar.py`) has the tokens its grammar
+forbids set to -inf in its logits before its token is chosen, and ends when the grammar is complete.
 
 The engine runs a `PackedModel`: `native_llama.NativeLlama` for the Llama family, or any
 transformers causal LM through `slot_attention.TransformersPackedModel` (a plain `torch.nn.Module`

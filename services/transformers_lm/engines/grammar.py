@@ -29,9 +29,14 @@ Lark grammars embed JSON schemas (`%json {...}`), which is how a tool call is wr
 adds no dependency (xgrammar would pull triton, hundreds of MB, into every image). `make bench`
 (`bench/structured_steps.py`) measures the cost per constrained token against unconstrained ones.
 
-llama.cpp's own GBNF grammar sampler is not used: it walks every candidate token through the
-grammar's stacks on each step, ms per token on a 49k vocabulary, and it cannot compile JSON
-schemas itself (llama-cpp-python converts them to GBNF in Python first).
+llama.cpp's own GBNF grammar sampler is not used: it walks the candidate tokens through the
+grammar's stacks on each step, one sequence at a time, and it does not compile JSON schemas itself
+(llama-cpp-python converts them to GBNF in Python first). Measured once through llama-cpp-python
+(F16 SmolLM2, 1 thread, greedy, 32 tokens, the 400-character-story schema of
+`bench/structured_steps.py`, on a machine loaded by other work, so only the ratio counts): 412–424
+ms per token with the grammar against 308 ms without, about +35 % for that one row; llguidance's
+masks for 16 rows of that schema took 0.2–3 ms per step to compute and about 1 ms to apply (one
+outlier of 15 ms under load), a few per cent of a 16-row step.
 """
 
 from __future__ import annotations

@@ -23,6 +23,9 @@ Why this shape (measured on a 2-core CPU with SmolLM2-135M Q4_1, see bench/llama
   cells then lie in whatever order they were freed, attention sums them in that order, and
   greedy output drifts from the one-at-a-time output (tests/test_llama_cpp_engine.py shows it);
   it is kept as an option for measurements only.
+- A request with a grammar (`grammar.py`) gets llguidance's token mask applied in place on its
+  row of the logits buffer before the argmax or its sampler chain reads it; the masks of all
+  constrained rows of a step are computed together, rows without a grammar are not touched.
 - All llama.cpp calls happen on the scheduler thread; callers only queue requests and read
   `TokenStream`s, exactly as with the other engines.
 """
