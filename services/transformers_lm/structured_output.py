@@ -92,8 +92,10 @@ def strict_generation_schema(schema: dict[str, Any]) -> dict[str, Any]:
         if "properties" in node and not {"additionalProperties", "patternProperties", "unevaluatedProperties"} & node.keys():
             node["additionalProperties"] = False
         for key in _SUBSCHEMA_LISTS:
-            for child in node.get(key) or []:
-                walk(child)
+            children = node.get(key)
+            if isinstance(children, list):
+                for child in children:
+                    walk(child)
         for key in _SUBSCHEMA_MAPS:
             children = node.get(key)
             if isinstance(children, dict):

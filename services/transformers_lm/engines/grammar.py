@@ -91,7 +91,10 @@ class GrammarTokenizer:
 
     def _compile_uncached(self, grammar: str) -> "Grammar":
         llguidance = llguidance_module()
-        matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        try:
+            matcher = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0)
+        except (ValueError, TypeError, RuntimeError) as error:  # a grammar it cannot even read
+            raise GrammarError(_first_line(str(error))) from None
         if matcher.is_error():
             raise GrammarError(_first_line(matcher.get_error()))
         return Grammar(self, matcher)
