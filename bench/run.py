@@ -31,6 +31,7 @@ STEP_MODULES = (
     "bench.service_steps",
     "bench.peer_steps",
     "bench.llama_cpp_steps",
+    "bench.structured_steps",
 )
 RAW_SEQUENTIAL = ("raw generate", "sequential")
 RAW_STATIC = ("raw generate", "static batch 16")

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from typing import Any, Literal
+
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common.settings_support import REPO_ROOT, SettingsError
@@ -31,6 +33,44 @@ class GenerationCaps:
 
     max_new_tokens: int = 1024
     max_num_return_sequences: int = 8
+
+
+class JsonSchemaFormat(BaseModel):
+    """OpenAI's `response_format.json_schema`: a named JSON schema the answer must validate against."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True)
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$", description="the schema's name")
+    description: str | None = Field(None, description="what the answer is for")
+    schema_: dict[str, Any] = Field(default_factory=dict, alias="schema", description="the JSON schema")
+    strict: bool | None = Field(None, description="accepted for compatibility: answers always follow the schema")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON that validates against a schema.
+
+    A JSON answer is guaranteed by constrained decoding where the service generates it itself."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    type: Literal["text", "json_object", "json_schema"] = Field(description="text, json_object or json_schema")
+    json_schema: JsonSchemaFormat | None = Field(None, description="the schema, for type json_schema")
+
+    @model_validator(mode="after")
+    def _schema_goes_with_its_type(self) -> "ResponseFormat":
+        if self.type == "json_schema" and self.json_schema is None:
+            raise RequestValidationError("response_format of type json_schema needs json_schema", "json_schema")
+        if self.type != "json_schema" and self.json_schema is not None:
+            raise RequestValidationError(f"json_schema is only for type json_schema, not {self.type}", "json_schema")
+        return self
+
+    @property
+    def constrains(self) -> bool:
+        return self.type != "text"
+
+    def to_openai(self) -> dict[str, Any]:
+        """The wire form OpenAI's API takes."""
+        return self.model_dump(by_alias=True, exclude_none=True)
 
 
 class GenerationConfig(BaseModel):
@@ -59,6 +99,9 @@ class GenerationConfig(BaseModel):
     )
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="makes sampling reproducible")
     stop: list[str] = Field(default_factory=list, max_length=MAX_STOP_SEQUENCES, description="cut the text here")
+    response_format: ResponseFormat | None = Field(
+        None, description='OpenAI\'s: {"type": "json_object"} or {"type": "json_schema", "json_schema": {...}} for JSON answers'
+    )
 
     @field_validator("stop")
     @classmethod

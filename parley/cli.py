@@ -310,18 +310,31 @@ def generate(dry_run, repo_path) -> None:
 
 @click.command(name="check")
 @click.option("--no-tools", is_flag=True, help="Skip the external validators (compose, hadolint, docker stack config).")
+@click.option("--live", "live_url", metavar="URL", help="Instead of the bundle, check a running OpenAI-compatible server at this base URL (e.g. http://127.0.0.1:8180/v1) against OpenAI's contract.")
+@click.option("--model", "live_model", metavar="NAME", help="With --live: the model to ask (default: the first one GET /models lists).")
+@click.option("--api-key", "live_api_key", metavar="KEY", envvar="PARLEY_LIVE_API_KEY", help="With --live: sent as a Bearer token (or set PARLEY_LIVE_API_KEY); never printed.")
+@click.option("--timeout", "live_timeout", type=float, default=300.0, show_default=True, help="With --live: seconds one request may take.")
 @repo_option
-def check(no_tools, repo_path) -> None:
+def check(no_tools, live_url, live_model, live_api_key, live_timeout, repo_path) -> None:
     """Verify the whole bundle; print one line per problem ("file: where: what") and exit 1 if any.
 
     Cards, ports, components.tsv, services vs cards, WAIT_HOSTS, env files and build contexts, every
     generated file, generative configs; then the Compose validator on every overlay combination,
     hadolint on every Dockerfile and `docker stack config` where the docker CLI is installed.
 
+    With --live URL it checks a running server instead: models, chat, completions, streaming,
+    usage, finish reasons, structured output, tool calls (streamed too) and OpenAI's error shapes,
+    one line per case (PASS/FAIL and why); exit 0 only when every case passes.
+
     \b
-    Example:
+    Examples:
       parley check
+      parley check --live http://127.0.0.1:8180/v1
+      parley check --live http://127.0.0.1:8080/v1 --model smollm2 --api-key sk-...
     """
+    if live_url:
+        _check_live(live_url, live_model, live_api_key, live_timeout)
+        return
     from parley.checks import run_checks
 
     report = run_checks(_repo(repo_path), tools=not no_tools)
@@ -333,6 +346,17 @@ def check(no_tools, repo_path) -> None:
         click.echo(f"{len(report.problems)} problem(s)", err=True)
         sys.exit(1)
     click.echo("ok: the bundle is consistent", err=True)
+
+
+def _check_live(url: str, model: str | None, api_key: str | None, timeout: float) -> None:
+    from parley.live_check import CASES, run_live_check
+
+    click.echo(f"checking {url} against OpenAI's contract: {len(CASES)} cases", err=True)
+    results = run_live_check(url, model, api_key, timeout, on_result=lambda result: click.echo(result.line()))
+    failed = [result for result in results if not result.passed]
+    click.echo(f"{len(results) - len(failed)} passed, {len(failed)} failed", err=True)
+    if failed:
+        sys.exit(1)
 
 
 @click.command(name="up")

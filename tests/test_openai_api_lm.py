@@ -135,6 +135,14 @@ def test_dreams_openai_config_is_accepted_and_samples_at_its_temperature():
     }
 
 
+def test_a_response_format_in_the_config_is_sent_upstream_as_openai_takes_it():
+    response_format = {"type": "json_schema", "json_schema": {"name": "answer", "schema": {"type": "object"}}}
+    with recording_server(answering('{"a": 1}')) as upstream:
+        response = ask(make_client(upstream.url("/v1")), "Hi", config={"response_format": response_format})
+    assert response.status_code == 200, response.text
+    assert upstream.requests[0].json()["response_format"] == response_format
+
+
 def test_the_generative_config_file_is_the_default_and_a_request_config_overrides_it(tmp_path):
     config_file = tmp_path / "config.json"
     config_file.write_text('{"max_tokens": 50, "temperature": 0.7, "num_return_sequences": 2}')

@@ -80,6 +80,8 @@ class OpenAIGenerationConfig(GenerationConfig):
             parameters["frequency_penalty"] = self.frequency_penalty
         if self.presence_penalty:
             parameters["presence_penalty"] = self.presence_penalty
+        if self.response_format is not None:
+            parameters["response_format"] = self.response_format.to_openai()
         return parameters
 
 

@@ -31,6 +31,7 @@ from services.transformers_lm.protocol import (
     CompletionRequest,
     GenerateGoalsRequest,
     RespondRequest,
+    TokenizeRequest,
     openai_error,
 )
 from services.transformers_lm.service import GenerationFailedError, LMService
@@ -177,6 +178,13 @@ def create_app(
             }
         ), 200
 
+    @app.post("/tokenize")
+    def tokenize() -> Response:
+        """The ids a text becomes as a prompt (special tokens as the model adds them): what usage counts."""
+        tokenize_request = parse_body(TokenizeRequest)
+        token_ids = holder.get().model.encode(tokenize_request.text)
+        return jsonify({"tokens": token_ids, "count": len(token_ids)})
+
     @app.get("/v1/models")
     def v1_models() -> Response:
         return jsonify(openai_serving.list_models(holder.get(), started_at))
@@ -220,7 +228,9 @@ def _register_error_handler(app: Flask) -> None:
         message = "generation failed; the service log has the details"
         for error_class, error_status, error_type_name, error_code in _ERROR_STATUSES:
             if isinstance(error, error_class):
-                status, error_type, code = error_status, error_type_name, error_code
+                status, error_type = error_status, error_type_name
+                own_code = getattr(error, "code", None)  # e.g. context_length_exceeded (an HTTPException's is its status)
+                code = own_code if isinstance(own_code, str) else error_code
                 message = getattr(error, "message", None) or str(error)
                 field = getattr(error, "field", None)
                 break

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from common.lm_protocol import GenerationConfig
 from common.validation import RequestValidationError, request_error
-from services.transformers_lm.backends import ChatMessage
+from services.transformers_lm.engines.grammar import Grammar
 from services.transformers_lm.prompting import BuiltPrompt, conversation_from_messages
 from services.transformers_lm.protocol import (
     OPENAI_PARAM_FOR_KEY,
@@ -26,7 +26,14 @@ from services.transformers_lm.protocol import (
     CompletionRequest,
     openai_error,
 )
+from services.transformers_lm.engines import TokenStream
 from services.transformers_lm.service import LMService
+from services.transformers_lm.structured_output import (
+    CallDelta,
+    ToolCallReader,
+    ToolChoice,
+    iterate_calls,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -100,13 +107,50 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _chat_choice(index: int, text: str, finish_reason: str) -> dict:
-    return {
-        "index": index,
-        "message": {"role": "assistant", "content": text},
-        "logprobs": None,
-        "finish_reason": finish_reason,
-    }
+class _ChatAnswer:
+    """One choice of a chat completion, read from its token stream the same way whether it is streamed
+    or not: its content, or its tool calls (read by `ToolCallReader` when tools may be called)."""
+
+    def __init__(self, service: LMService, prompt: BuiltPrompt, stream: TokenStream, tool_choice: ToolChoice | None):
+        self.service, self.prompt, self.stream = service, prompt, stream
+        self.reader = ToolCallReader() if tool_choice is not None else None
+        self.content = ""
+        self.finish_reason: str | None = None
+        self.completion_tokens = 0
+
+    def deltas(self) -> Iterator[tuple[str, list[CallDelta], str | None]]:
+        """(content piece, call deltas, finish reason once it ended), as the stream produces text."""
+        at_start = True
+        for piece, finish_reason, tokens in self.service.stream_pieces(self.stream, self.prompt):
+            calls: list[CallDelta] = []
+            if self.reader is not None:
+                content, calls = self.reader.feed(piece, final=finish_reason is not None)
+                if self.reader.repeated and finish_reason is None:
+                    self.stream.cancel()  # the rest could only repeat a call: the answer is complete
+                    finish_reason = "stop"
+            else:
+                content = piece.lstrip() if at_start else piece
+                at_start = at_start and not content  # as the non-streamed answer: no space before the first word
+            self.content += content
+            if finish_reason is not None:
+                if self.reader is not None and self.reader.sent_calls and finish_reason == "stop":
+                    finish_reason = "tool_calls"
+                self.finish_reason, self.completion_tokens = finish_reason, tokens
+            yield content, calls, finish_reason
+            if finish_reason is not None:
+                return
+
+    def choice(self, index: int) -> dict:
+        """The whole choice, once `deltas()` was read to its end."""
+        message: dict = {"role": "assistant", "content": self.content}
+        if self.reader is not None and self.reader.sent_calls:
+            message = {"role": "assistant", "content": None, "tool_calls": list(iterate_calls(self.reader))}
+        return {"index": index, "message": message, "logprobs": None, "finish_reason": self.finish_reason}
+
+    def read(self) -> "_ChatAnswer":
+        for _ in self.deltas():
+            pass
+        return self
 
 
 def _text_choice(index: int, text: str, finish_reason: str | None) -> dict:
@@ -114,25 +158,34 @@ def _text_choice(index: int, text: str, finish_reason: str | None) -> dict:
 
 
 def _chat_prompt(service: LMService, request: ChatCompletionRequest, config: GenerationConfig) -> BuiltPrompt:
-    messages = [ChatMessage(m.role, m.text) for m in request.messages]
-    return service.build_prompt(conversation_from_messages(messages), config, "messages")
+    messages = [m.as_chat_message() for m in request.messages]
+    return service.build_prompt(conversation_from_messages(messages, request.tool_functions), config, "messages")
 
 
 def chat_completion(service: LMService, request: ChatCompletionRequest) -> dict | Iterator[str]:
     """A chat completion object, or (stream=true) an iterator of server-sent events."""
     check_model(service, request.model)
     config = generation_config(service, request)
+    tool_choice = request.tool_choice_spec()
+    grammar = service.grammar(config.response_format, tool_choice, "response_format")
     prompt = _chat_prompt(service, request, config)
     if request.stream:
-        return _stream_events(service, _CHAT, request.model, [prompt], config, request.include_usage_in_stream)
-    completions = service.complete_all([(prompt, config)])[0]
+        return _stream_events(
+            service, _CHAT, request.model, [prompt], config, request.include_usage_in_stream, grammar, tool_choice
+        )
+    streams = service.start(prompt, config, grammar)
+    try:
+        answers = [_ChatAnswer(service, prompt, stream, tool_choice).read() for stream in streams]
+    finally:
+        for stream in streams:
+            stream.cancel()  # a no-op for finished streams; frees the rest after a failure
     return {
         "id": _CHAT.id_prefix + uuid.uuid4().hex,
         "object": _CHAT.object_name,
         "created": int(time.time()),
         "model": request.model,
-        "choices": [_chat_choice(i, c.text.lstrip(), c.finish_reason) for i, c in enumerate(completions)],
-        "usage": _usage(len(prompt.token_ids), sum(c.completion_tokens for c in completions)),
+        "choices": [answer.choice(i) for i, answer in enumerate(answers)],
+        "usage": _usage(len(prompt.token_ids), sum(answer.completion_tokens for answer in answers)),
     }
 
 
@@ -140,10 +193,11 @@ def completion(service: LMService, request: CompletionRequest) -> dict | Iterato
     """A text completion object (`n` choices per prompt), or an iterator of server-sent events."""
     check_model(service, request.model)
     config = generation_config(service, request)
+    grammar = service.grammar(config.response_format, None, "response_format")
     prompts = [service.build_raw_prompt(text, config, "prompt") for text in request.prompts]
     if request.stream:
-        return _stream_events(service, _TEXT, request.model, prompts, config, request.include_usage_in_stream)
-    results = service.complete_all([(prompt, config) for prompt in prompts])
+        return _stream_events(service, _TEXT, request.model, prompts, config, request.include_usage_in_stream, grammar)
+    results = service.complete_all([(prompt, config) for prompt in prompts], [grammar] * len(prompts))
     choices = [c for completions in results for c in completions]
     return {
         "id": _TEXT.id_prefix + uuid.uuid4().hex,
@@ -155,6 +209,18 @@ def completion(service: LMService, request: CompletionRequest) -> dict | Iterato
     }
 
 
+def _call_delta(delta: CallDelta) -> dict:
+    """A tool call's piece of a chunk: the id, type and name in its first, argument text after."""
+    call: dict = {"index": delta.index}
+    if delta.id is not None:
+        call["id"] = delta.id
+        call["type"] = "function"
+        call["function"] = {"name": delta.name, "arguments": delta.arguments}
+    else:
+        call["function"] = {"arguments": delta.arguments}
+    return call
+
+
 def _stream_events(
     service: LMService,
     kind: _Kind,
@@ -162,9 +228,11 @@ def _stream_events(
     prompts: list[BuiltPrompt],
     config: GenerationConfig,
     include_usage: bool,
+    grammar: Grammar | None = None,
+    tool_choice: ToolChoice | None = None,
 ) -> Iterator[str]:
     """Start every sequence now (so queue-full is still an HTTP error), then stream them choice by choice."""
-    started = [(prompt, stream) for prompt in prompts for stream in service.start(prompt, config)]
+    started = [(prompt, stream) for prompt in prompts for stream in service.start(prompt, config, grammar)]
     completion_id = kind.id_prefix + uuid.uuid4().hex
     created = int(time.time())
 
@@ -175,33 +243,48 @@ def _stream_events(
             body["usage"] = usage
         return _sse(body)
 
+    def chat_delta(index: int, delta: dict, finish_reason: str | None = None) -> str:
+        return chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
+
+    def chat_events(index: int, prompt: BuiltPrompt, stream) -> Iterator[tuple[str, int]]:
+        """One choice's chunks, and its token count once it ended."""
+        yield chat_delta(index, {"role": "assistant", "content": ""}), 0
+        answer = _ChatAnswer(service, prompt, stream, tool_choice)
+        for content, calls, finish_reason in answer.deltas():
+            if content:
+                yield chat_delta(index, {"content": content}), 0
+            for call in calls:
+                yield chat_delta(index, {"tool_calls": [_call_delta(call)]}), 0
+            if finish_reason is not None:
+                yield chat_delta(index, {}, finish_reason), answer.completion_tokens
+
+    def text_events(index: int, prompt: BuiltPrompt, stream) -> Iterator[tuple[str, int]]:
+        for piece, finish_reason, tokens in service.stream_pieces(stream, prompt):
+            if piece or finish_reason is not None:
+                yield chunk([_text_choice(index, piece, finish_reason)]), tokens if finish_reason is not None else 0
+
     def events() -> Iterator[str]:
         completion_tokens = 0
         try:
             for index, (prompt, stream) in enumerate(started):
-                if kind is _CHAT:
-                    yield chunk([{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
-                at_start = True
-                for piece, finish_reason, tokens in service.stream_pieces(stream, prompt):
-                    if kind is _CHAT and at_start:
-                        piece = piece.lstrip()  # as the non-streamed answer: no space before the first word
-                        at_start = not piece
-                    if finish_reason is not None:
-                        completion_tokens += tokens
-                    if piece or finish_reason is not None:
-                        if kind is _CHAT:
-                            delta = {"content": piece} if piece else {}
-                            yield chunk([{"index": index, "delta": delta, "logprobs": None, "finish_reason": finish_reason}])
-                        else:
-                            yield chunk([_text_choice(index, piece, finish_reason)])
+                choice_events = chat_events if kind is _CHAT else text_events
+                for event, tokens in choice_events(index, prompt, stream):
+                    completion_tokens += tokens
+                    yield event
             if include_usage:
                 yield chunk([], _usage(sum(len(p.token_ids) for p in prompts), completion_tokens))
-        except Exception as error:  # noqa: BLE001 - the status line is sent: report it in the stream
+        except Exception as error:  # noqa: BLE001 - the status line is sent: report it in the stream, then end it
             logger.exception("streamed generation failed")
-            yield _sse(openai_error(str(error), "server_error"))
+            yield _sse_error(openai_error(f"generation failed: {error}", "server_error"))
+            return
         finally:
             for _, stream in started:
                 stream.cancel()
         yield _sse("[DONE]")
 
     return events()
+
+
+def _sse_error(body: dict) -> str:
+    """An `error` event: the last event of a stream that failed after it started."""
+    return f"event: error\ndata: {json.dumps(body, ensure_ascii=False)}\n\n"

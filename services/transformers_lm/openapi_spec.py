@@ -9,7 +9,13 @@ from pydantic import BaseModel
 
 from common.lm_protocol import GenerateGoalsResponse, RespondResponse
 from common.openapi import Api, Body, Operation, OpenAIError
-from services.transformers_lm.protocol import ChatCompletionRequest, CompletionRequest, GenerateGoalsRequest, RespondRequest
+from services.transformers_lm.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    GenerateGoalsRequest,
+    RespondRequest,
+    TokenizeRequest,
+)
 
 
 class ModelCard(BaseModel):
@@ -30,9 +36,26 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = None
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
 
 
 class ChatChoice(BaseModel):
@@ -79,7 +102,8 @@ class LMHealth(BaseModel):
     prompt_style: str | None = None
 
 
-STREAM = Body(str, "with `stream: true`: server-sent events, `data: {chunk}` lines ending with `data: [DONE]`",
+STREAM = Body(str, "with `stream: true`: server-sent events, `data: {chunk}` lines ending with `data: [DONE]` "
+              "(or, when generation fails after the stream began, an `event: error` with OpenAI's error body)",
               media_type="text/event-stream")
 DREAM_ERRORS = (400, 413, 429, 503)
 OPENAI_ERRORS = (400, 404, 413, 429, 503)
@@ -115,6 +139,11 @@ API = Api(
             request=CompletionRequest,
             responses={200: [Body(TextCompletion, "the completion"), STREAM]},
             errors=OPENAI_ERRORS, error_type=OpenAIError,
+        ),
+        Operation(
+            "POST", "/tokenize", "The token ids a text becomes as a prompt (what usage counts)", tags=("openai",),
+            request=TokenizeRequest, request_example={"content": "What is the capital of France?"},
+            responses={200: Body(TokenizeResponse)}, errors=(400, 413, 503),
         ),
         Operation("GET", "/health", "200 once the model is loaded and warmed up, 503 before",
                   responses={200: Body(LMHealth, "ready"), 503: Body(LMHealth, "loading or failed")}),

@@ -5,6 +5,11 @@ else the tokenizer's chat template, else Dream's plain format (`Human: ...` / `A
 ending with `AI:`). A dialog too long for the model's window loses its oldest turns first; the
 system prompt is always kept. Generated text is cut at stop sequences and where the model starts
 the next speaker's turn.
+
+Tools, the calls an assistant made and the tools' answers go to a chat template that lays tools
+out itself (it reads `tools`) as they are; every other prompt style gets them in the generic
+format of `structured_output.py`: the tools listed in the system prompt, an assistant's calls as
+`<tool_call>` blocks in its turn, and the tools' answers as a user turn of `<tool_response>` blocks.
 """
 
 from __future__ import annotations
@@ -16,6 +21,12 @@ from common.lm_protocol import dream_turns
 from common.validation import RequestValidationError
 from services.transformers_lm.backends import ChatMessage
 from services.transformers_lm.settings import PromptFormat
+from services.transformers_lm.structured_output import (
+    ToolFunction,
+    call_block,
+    tool_response_block,
+    tools_instructions,
+)
 
 # Dream's speaker names for its plain format: (bot, user) per LANGUAGE.
 PLAIN_SPEAKER_NAMES = {
@@ -26,10 +37,39 @@ PLAIN_SPEAKER_NAMES = {
 
 @dataclass(frozen=True)
 class Conversation:
-    """A system prompt (may be empty) and the turns after it, oldest first, ending with the user's."""
+    """A system prompt (may be empty) and the turns after it, oldest first, ending with the user's
+    (or with a tool's answer); `tools` are the functions the model is told it may call."""
 
     system: str
     turns: tuple[ChatMessage, ...]
+    tools: tuple[ToolFunction, ...] = ()
+
+
+class ContextLengthExceededError(RequestValidationError):
+    """The prompt and the tokens asked for do not fit the model's window (OpenAI's `context_length_exceeded`)."""
+
+    code = "context_length_exceeded"
+
+
+def with_generic_tools(conversation: Conversation) -> Conversation:
+    """The conversation with its tools, calls and tool answers written as text (the generic format)."""
+    system = conversation.system
+    if conversation.tools:
+        system = (system + "\n\n" if system else "") + tools_instructions(conversation.tools)
+    turns: list[ChatMessage] = []
+    for message in conversation.turns:
+        if message.role == "tool":
+            block = tool_response_block(message.content)
+            if turns and turns[-1].role == "user" and turns[-1].content.startswith("<tool_response>"):
+                turns[-1] = ChatMessage("user", turns[-1].content + "\n" + block)
+            else:
+                turns.append(ChatMessage("user", block))
+        elif message.tool_calls:
+            blocks = "\n".join(call_block(call.name, call.arguments) for call in message.tool_calls)
+            turns.append(ChatMessage(message.role, (message.content + "\n" if message.content else "") + blocks))
+        else:
+            turns.append(message)
+    return Conversation(system, tuple(turns))
 
 
 def conversation_from_dream(prompt: str, dialog_context: list[str]) -> Conversation:
@@ -37,17 +77,18 @@ def conversation_from_dream(prompt: str, dialog_context: list[str]) -> Conversat
     return Conversation(prompt, tuple(ChatMessage(role, text) for role, text in dream_turns(dialog_context)))
 
 
-def conversation_from_messages(messages: list[ChatMessage]) -> Conversation:
+def conversation_from_messages(messages: list[ChatMessage], tools: tuple[ToolFunction, ...] = ()) -> Conversation:
     """OpenAI's messages: system (and developer) messages form the system prompt, in order."""
     system = "\n".join(m.content for m in messages if m.role in ("system", "developer"))
     turns = tuple(m for m in messages if m.role not in ("system", "developer"))
-    return Conversation(system, turns)
+    return Conversation(system, turns, tools)
 
 
 class PromptRenderer(Protocol):
     """One prompt style: renders a conversation, and says where the model's answer should end."""
 
     name: str
+    takes_tools: bool  # lays tools and calls out itself; else they come in the generic format
 
     def render(self, conversation: Conversation) -> str: ...
 
@@ -60,6 +101,7 @@ class PlainRenderer:
 
     language: str = "EN"
     name: str = "plain"
+    takes_tools: bool = False
 
     @property
     def speakers(self) -> tuple[str, str]:
@@ -80,11 +122,14 @@ class PlainRenderer:
 class ChatTemplateRenderer:
     """The tokenizer's own chat template; the model's end-of-turn token ends the answer."""
 
-    render_chat: Callable[[list[ChatMessage]], str]
+    render_chat: Callable[..., str]
     name: str = "chat_template"
+    takes_tools: bool = False
 
     def render(self, conversation: Conversation) -> str:
         messages = [ChatMessage("system", conversation.system)] if conversation.system else []
+        if self.takes_tools and conversation.tools:
+            return self.render_chat(messages + list(conversation.turns), [tool.as_openai() for tool in conversation.tools])
         return self.render_chat(messages + list(conversation.turns))
 
     def turn_boundaries(self) -> tuple[str, ...]:
@@ -97,6 +142,7 @@ class PromptFormatRenderer:
 
     prompt_format: PromptFormat
     name: str = "prompt_format"
+    takes_tools: bool = False
 
     def _fill(self, template: str, instruction: str, system: str = "") -> str:
         # str.replace, not str.format: utterances may hold braces.
@@ -156,7 +202,7 @@ class PromptBuilder:
         """
         budget = self.context_length - max_new_tokens
         if budget <= 0:
-            raise RequestValidationError(
+            raise ContextLengthExceededError(
                 f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's window of "
                 f"{self.context_length} tokens",
                 field,
@@ -164,7 +210,9 @@ class PromptBuilder:
         stops = tuple(dict.fromkeys((*request_stops, *self.stop_sequences, *self.renderer.turn_boundaries())))
         turns = conversation.turns
         for dropped in range(len(turns)):
-            kept = Conversation(conversation.system, turns[dropped:])
+            kept = Conversation(conversation.system, turns[dropped:], conversation.tools)
+            if not self.renderer.takes_tools:
+                kept = with_generic_tools(kept)
             try:
                 text = self.renderer.render(kept)
             except Exception:  # noqa: BLE001 - e.g. a template that needs the user first: drop one more
@@ -172,7 +220,7 @@ class PromptBuilder:
             token_ids = self.encode(text)
             if len(token_ids) <= budget:
                 return BuiltPrompt(tuple(token_ids), text, stops, dropped)
-        raise RequestValidationError(
+        raise ContextLengthExceededError(
             f"the prompt and the last utterance take more than {budget} tokens: the model's window is "
             f"{self.context_length} tokens and {max_new_tokens} are kept for the answer; shorten them "
             "or ask for fewer new tokens",

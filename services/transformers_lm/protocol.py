@@ -6,12 +6,14 @@ generation config (`generation_override`), so the HTTP layer never maps paramete
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from common.lm_protocol import GenerateGoalsRequest, RespondRequest  # noqa: F401 - re-exported: the Dream wire models
+from common.lm_protocol import GenerateGoalsRequest, ResponseFormat, RespondRequest  # noqa: F401 - re-exported
 from common.validation import RequestValidationError
+from services.transformers_lm.backends import ChatMessage, ChatToolCall
+from services.transformers_lm.structured_output import ToolChoice, ToolFunction
 
 # OpenAI's parameter names for our generation keys, to name the right field in errors.
 OPENAI_PARAM_FOR_KEY = {
@@ -37,14 +39,44 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessageIn(BaseModel):
-    """One message of a chat completion request; text content only."""
+class FunctionCallIn(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1)
+    arguments: str
+
+
+class ToolCallIn(BaseModel):
+    """A call an assistant message of the history made."""
 
     model_config = ConfigDict(extra="ignore")
 
-    role: Literal["system", "developer", "user", "assistant"]
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCallIn
+
+
+class ChatMessageIn(BaseModel):
+    """One message of a chat completion request; text content only. An assistant message may carry
+    `tool_calls` (and no content), a `tool` message answers the call `tool_call_id` names."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _tool_fields_fit_the_role(self) -> "ChatMessageIn":
+        if self.role == "tool" and not self.tool_call_id:
+            raise RequestValidationError(
+                "a message with role tool needs tool_call_id, the id of the call it answers", "tool_call_id"
+            )
+        if self.tool_calls and self.role != "assistant":
+            raise RequestValidationError("only assistant messages carry tool_calls", "tool_calls")
+        return self
 
     @property
     def text(self) -> str:
@@ -53,6 +85,43 @@ class ChatMessageIn(BaseModel):
         if isinstance(self.content, str):
             return self.content
         return "".join(part.text for part in self.content)
+
+    def as_chat_message(self) -> ChatMessage:
+        calls = tuple(ChatToolCall(c.id, c.function.name, c.function.arguments) for c in self.tool_calls or ())
+        return ChatMessage(self.role, self.text, calls, self.tool_call_id)
+
+
+class FunctionDefinition(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(BaseModel):
+    """A tool the model may call: a function, as OpenAI's `tools[i]`."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1)
+
+
+class NamedToolChoice(BaseModel):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`: call exactly this tool."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class StreamOptions(BaseModel):
@@ -72,6 +141,7 @@ class _SamplingRequest(BaseModel):
     max_tokens: int | None = Field(None, ge=1)
     n: int = Field(1, ge=1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    response_format: ResponseFormat | None = None
     seed: int | None = Field(None, ge=0)
     stop: str | list[str] | None = None
     stream: bool = False
@@ -109,6 +179,8 @@ class _SamplingRequest(BaseModel):
             override["presence_penalty"] = float(self.presence_penalty)
         if self.stop is not None:
             override["stop"] = [self.stop] if isinstance(self.stop, str) else list(self.stop)
+        if self.response_format is not None:
+            override["response_format"] = self.response_format
         return override
 
 
@@ -117,16 +189,70 @@ class ChatCompletionRequest(_SamplingRequest):
 
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    parallel_tool_calls: bool = True
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    tools: list[Tool] | None = None
 
     @model_validator(mode="after")
     def _has_a_turn(self) -> "ChatCompletionRequest":
-        if not any(m.role in ("user", "assistant") for m in self.messages):
+        if not any(m.role in ("user", "assistant", "tool") for m in self.messages):
             raise RequestValidationError("messages need at least one user message", "messages")
         return self
+
+    @model_validator(mode="after")
+    def _tool_choice_names_a_tool(self) -> "ChatCompletionRequest":
+        names = [tool.function.name for tool in self.tools or ()]
+        if self.tool_choice is not None and not names:
+            raise RequestValidationError("tool_choice is only allowed when tools are given", "tool_choice")
+        if len(set(names)) != len(names):
+            raise RequestValidationError("tools must have different function names", "tools")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise RequestValidationError(
+                f"tool_choice names the function {self.tool_choice.function.name!r}, which is not among the tools "
+                f"({', '.join(names)})",
+                "tool_choice",
+            )
+        return self
+
+    @property
+    def tool_functions(self) -> tuple[ToolFunction, ...]:
+        """The tools the prompt tells the model of (none under `tool_choice: "none"`)."""
+        if not self.tools or self.tool_choice == "none":
+            return ()
+        return tuple(ToolFunction(t.function.name, t.function.description, t.function.parameters) for t in self.tools)
+
+    def tool_choice_spec(self) -> ToolChoice | None:
+        """What the answer may be, for the grammar; None when no tool may be called."""
+        tools = self.tool_functions
+        if not tools:
+            return None
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return ToolChoice(tools, "named", self.tool_choice.function.name, parallel=False)
+        mode = "required" if self.tool_choice == "required" else "auto"
+        return ToolChoice(tools, mode, parallel=self.parallel_tool_calls)
 
     @property
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    """`POST /tokenize` (llama-server's and vLLM's shape): the token ids a text becomes as a prompt."""
+
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+    content: str | None = None
+    prompt: str | None = None
+
+    @model_validator(mode="after")
+    def _has_text(self) -> "TokenizeRequest":
+        if self.content is None and self.prompt is None:
+            raise RequestValidationError("give the text to tokenize as content (or prompt)", "content")
+        return self
+
+    @property
+    def text(self) -> str:
+        return self.content if self.content is not None else self.prompt or ""
 
 
 class CompletionRequest(_SamplingRequest):

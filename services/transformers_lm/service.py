@@ -15,14 +15,17 @@ from common.lm_protocol import (
     GenerateGoalsItem,
     GenerationConfig,
     RequestValidationError,
+    ResponseFormat,
     RespondItem,
     goals_request,
 )
 from services.transformers_lm.backends import ChatMessage, LoadedModel
 from services.transformers_lm.engines import FinishReason, GenerationRequest, SamplingParams, TokenStream
+from services.transformers_lm.engines.grammar import Grammar, GrammarError
 from services.transformers_lm.prompting import (
     BuiltPrompt,
     ChatTemplateRenderer,
+    ContextLengthExceededError,
     Conversation,
     IncrementalDetokenizer,
     PlainRenderer,
@@ -32,6 +35,7 @@ from services.transformers_lm.prompting import (
     conversation_from_dream,
 )
 from services.transformers_lm.settings import Settings
+from services.transformers_lm.structured_output import ToolChoice, grammar_source
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +57,7 @@ def choose_renderer(model: LoadedModel, settings: Settings) -> PromptRenderer:
     if settings.prompt_format is not None:
         return PromptFormatRenderer(settings.prompt_format)
     if model.has_chat_template:
-        return ChatTemplateRenderer(model.render_chat)
+        return ChatTemplateRenderer(model.render_chat, takes_tools=model.chat_template_takes_tools)
     return PlainRenderer(settings.language)
 
 
@@ -111,7 +115,7 @@ class LMService:
         if not token_ids:
             raise RequestValidationError("the prompt is empty", field)
         if len(token_ids) + config.max_new_tokens > self.model.info.context_length:
-            raise RequestValidationError(
+            raise ContextLengthExceededError(
                 f"the prompt's {len(token_ids)} tokens plus {config.max_new_tokens} new tokens exceed the "
                 f"model's window of {self.model.info.context_length}",
                 field,
@@ -119,13 +123,40 @@ class LMService:
         stops = tuple(dict.fromkeys((*config.stop, *self.prompt_builder.stop_sequences)))
         return BuiltPrompt(tuple(token_ids), text, stops)
 
-    def start(self, prompt: BuiltPrompt, config: GenerationConfig) -> list[TokenStream]:
-        """Submit `num_return_sequences` sequences for the prompt to the engine."""
+    def grammar(
+        self, response_format: ResponseFormat | None, tool_choice: ToolChoice | None = None, field: str | None = None
+    ) -> Grammar | None:
+        """The compiled grammar an answer must follow, or None (unconstrained). A schema the grammar
+        library cannot compile is a RequestValidationError naming `field` and what it cannot do."""
+        source = grammar_source(response_format, tool_choice)
+        if source is None:
+            return None
+        try:
+            return self.model.grammar_tokenizer().compile(source)
+        except GrammarError as error:
+            raise self._grammar_problem(tool_choice, error, field) from None
+
+    def _grammar_problem(self, tool_choice: ToolChoice | None, error: GrammarError, field: str | None) -> RequestValidationError:
+        """Which schema the grammar library refused, and why (its message names the keyword)."""
+        if tool_choice is not None:
+            for index, tool in enumerate(tool_choice.tools):
+                single = ToolChoice((tool,), "required", parallel=False)
+                try:
+                    self.model.grammar_tokenizer().compile(grammar_source(None, single))
+                except GrammarError as tool_error:
+                    return RequestValidationError(
+                        f"the parameters schema of tool {tool.name!r} cannot be used for constrained decoding: {tool_error}",
+                        f"tools[{index}].function.parameters",
+                    )
+        return RequestValidationError(f"the response_format schema cannot be used for constrained decoding: {error}", field)
+
+    def start(self, prompt: BuiltPrompt, config: GenerationConfig, grammar: Grammar | None = None) -> list[TokenStream]:
+        """Submit `num_return_sequences` sequences for the prompt to the engine, each constrained by `grammar`."""
         streams: list[TokenStream] = []
         try:
             for index in range(config.num_return_sequences):
                 params = sampling_params(config, index, self.model.info.eos_token_ids)
-                streams.append(self.model.engine.submit(GenerationRequest(prompt.token_ids, params)))
+                streams.append(self.model.engine.submit(GenerationRequest(prompt.token_ids, params, grammar)))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -148,12 +179,15 @@ class LMService:
         pieces.finish()
         return Completion(pieces.text, _finish_reason(stream, pieces.stopped), count)
 
-    def complete_all(self, jobs: list[tuple[BuiltPrompt, GenerationConfig]]) -> list[list[Completion]]:
+    def complete_all(
+        self, jobs: list[tuple[BuiltPrompt, GenerationConfig]], grammars: list[Grammar | None] | None = None
+    ) -> list[list[Completion]]:
         """Submit every job's sequences first (so an engine can batch them), then collect them in order."""
         started: list[tuple[BuiltPrompt, list[TokenStream]]] = []
+        grammars = grammars if grammars is not None else [None] * len(jobs)
         try:
-            for prompt, config in jobs:
-                started.append((prompt, self.start(prompt, config)))
+            for (prompt, config), grammar in zip(jobs, grammars, strict=True):
+                started.append((prompt, self.start(prompt, config, grammar)))
             return [[self.collect_completion(s, prompt) for s in streams] for prompt, streams in started]
         finally:
             for _, streams in started:
@@ -182,12 +216,13 @@ class LMService:
     # --- Dream endpoints ----------------------------------------------------------------------
     def respond(self, items: list[RespondItem]) -> list[list[str]]:
         """Hypotheses for each dialog: every item is checked before any generation starts."""
-        jobs = []
+        jobs, grammars = [], []
         for index, item in enumerate(items):
             config = self.config_for(item.config, f"configs[{index}]")
             conversation = conversation_from_dream(item.prompt, item.dialog_context)
             jobs.append((self.build_prompt(conversation, config, f"dialog_contexts[{index}]"), config))
-        return [[c.text.strip() for c in completions] for completions in self.complete_all(jobs)]
+            grammars.append(self.grammar(config.response_format, None, f"configs[{index}].response_format"))
+        return [[c.text.strip() for c in completions] for completions in self.complete_all(jobs, grammars)]
 
     def generate_goals(self, items: list[GenerateGoalsItem]) -> list[str]:
         """For each prompt, a short description of what a bot with that prompt can do."""
@@ -201,8 +236,14 @@ class LMService:
         return [completions[0].text.strip() for completions in self.complete_all(jobs)]
 
     def warm_up(self) -> str:
-        """One short greedy generation, so the first real request pays no first-call costs."""
+        """One short greedy generation, so the first real request pays no first-call costs; then the
+        vocabulary for constrained decoding is built (about a second), so no request waits for it."""
         config = GenerationConfig(max_new_tokens=2, num_return_sequences=1)
         prompt = self.build_prompt(conversation_from_dream("", ["Hello!"]), config, None)
-        return self.complete_all([(prompt, config)])[0][0].text
+        text = self.complete_all([(prompt, config)])[0][0].text
+        try:
+            self.model.grammar_tokenizer()
+        except GrammarError as error:
+            logger.warning("constrained decoding is unavailable: %s", error)
+        return text
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ from typing import Callable, ClassVar
 from common.model_sources import ModelSource, SourceKind
 from common.validation import StartupError
 from services.transformers_lm.engines import Engine
+from services.transformers_lm.engines.grammar import GrammarError, GrammarTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -60,9 +62,39 @@ class LoadOptions:
 
 
 @dataclass(frozen=True)
+class ChatToolCall:
+    """A tool call an assistant message made (OpenAI's `tool_calls[i]`); `arguments` is JSON text."""
+
+    id: str
+    name: str
+    arguments: str
+
+
+@dataclass(frozen=True)
 class ChatMessage:
-    role: str  # system | user | assistant
+    role: str  # system | user | assistant | tool
     content: str
+    tool_calls: tuple[ChatToolCall, ...] = ()  # an assistant's calls
+    tool_call_id: str | None = None  # a tool message: the call it answers
+
+    def template_message(self) -> dict:
+        """The message as chat templates read it (transformers' convention: arguments as an object)."""
+        message: dict = {"role": self.role, "content": self.content}
+        if self.tool_calls:
+            message["tool_calls"] = [
+                {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": _arguments_object(call.arguments)}}
+                for call in self.tool_calls
+            ]
+        if self.tool_call_id is not None:
+            message["tool_call_id"] = self.tool_call_id
+        return message
+
+
+def _arguments_object(arguments: str):
+    try:
+        return json.loads(arguments)
+    except ValueError:
+        return arguments
 
 
 @dataclass
@@ -100,8 +132,25 @@ class LoadedModel(ABC):
         """Whether `render_chat` can build prompts; without one the service uses Dream's plain format."""
 
     @abstractmethod
-    def render_chat(self, messages: list[ChatMessage]) -> str:
-        """The prompt text for `messages`, ending where the assistant's answer begins."""
+    def render_chat(self, messages: list[ChatMessage], tools: list[dict] | None = None) -> str:
+        """The prompt text for `messages`, ending where the assistant's answer begins; `tools` (OpenAI's
+        tool objects) go to templates that take them (`chat_template_takes_tools`)."""
+
+    @property
+    def chat_template_takes_tools(self) -> bool:
+        """Whether the chat template lays tools out itself (it reads a `tools` variable)."""
+        return False
+
+    def grammar_tokenizer(self) -> GrammarTokenizer:
+        """The vocabulary for constrained decoding (about a second to build; built once, then kept)."""
+        cached = getattr(self, "_grammar_tokenizer", None)
+        if cached is None:
+            cached = self._grammar_tokenizer = self.make_grammar_tokenizer()
+        return cached
+
+    def make_grammar_tokenizer(self) -> GrammarTokenizer:
+        """Build `grammar_tokenizer()`; a backend whose tokenizer llguidance cannot read raises GrammarError."""
+        raise GrammarError(f"constrained decoding is not available on the {self.info.backend} backend")
 
     def close(self) -> None:
         self.engine.close()

@@ -11,11 +11,17 @@ very prompt transformers builds for the same model, without loading transformers
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from functools import lru_cache
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+
+def template_takes_tools(source: str | None) -> bool:
+    """Whether a chat template lays out tools itself: it reads the `tools` variable transformers passes."""
+    return bool(source) and re.search(r"\btools\b", source) is not None
 
 
 class ChatTemplateError(ValueError):
@@ -52,14 +58,18 @@ def render_chat_template(
     bos_token: str | None,
     eos_token: str | None,
     add_generation_prompt: bool = True,
+    tools: list[dict] | None = None,
 ) -> str:
-    """The prompt text for `messages`; ChatTemplateError when the template refuses them."""
+    """The prompt text for `messages` (and `tools`, for a template that lays them out);
+    ChatTemplateError when the template refuses them."""
+    extra = {"tools": tools} if tools else {}
     try:
         return compile_chat_template(source).render(
             messages=messages,
             add_generation_prompt=add_generation_prompt,
             bos_token=bos_token or "",
             eos_token=eos_token or "",
+            **extra,
         )
     except jinja2.exceptions.TemplateError as error:
         raise ChatTemplateError(f"the model's chat template refused these messages: {error}") from error

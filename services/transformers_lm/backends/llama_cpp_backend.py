@@ -23,7 +23,8 @@ from services.transformers_lm.backends import (
     ModelInfo,
     ModelLoadError,
 )
-from services.transformers_lm.backends.chat_template import ChatTemplateError, render_chat_template
+from services.transformers_lm.backends.chat_template import ChatTemplateError, render_chat_template, template_takes_tools
+from services.transformers_lm.engines.grammar import GrammarTokenizer
 from services.transformers_lm.engines.llama_cpp_engine import LlamaCppEngine, LlamaCppEngineConfig, default_threads
 from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel, LlamaCppUnavailableError, import_llama_cpp
 
@@ -65,16 +66,30 @@ class LlamaCppLoadedModel(LoadedModel):
     def has_chat_template(self) -> bool:
         return bool(self.model.metadata.chat_template)
 
-    def render_chat(self, messages: list[ChatMessage]) -> str:
+    @property
+    def chat_template_takes_tools(self) -> bool:
+        return template_takes_tools(self.model.metadata.chat_template)
+
+    def render_chat(self, messages: list[ChatMessage], tools: list[dict] | None = None) -> str:
         metadata = self.model.metadata
         if not metadata.chat_template:
             raise ChatTemplateError("this GGUF file has no chat template (tokenizer.chat_template)")
         return render_chat_template(
             metadata.chat_template,
-            [{"role": message.role, "content": message.content} for message in messages],
+            [message.template_message() for message in messages],
             bos_token=metadata.bos_token,
             eos_token=metadata.eos_token,
+            tools=tools,
         )
+
+    def make_grammar_tokenizer(self) -> GrammarTokenizer:
+        """llguidance reads the vocabulary from llama.cpp itself (the same tokens the engine samples)."""
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        tokenizer = lltokenizer_from_vocab(
+            self.model.vocab, n_vocab=self.model.n_vocab, eos_token=list(self.info.eos_token_ids)
+        )
+        return GrammarTokenizer(tokenizer, self.model.n_vocab)
 
     def close(self) -> None:
         self.engine.close()

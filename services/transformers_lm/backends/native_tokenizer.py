@@ -72,13 +72,17 @@ class NativeTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True).ids
 
+    def tokenizer_json(self) -> str:
+        """The `tokenizer.json` text, for llguidance."""
+        return self.tokenizer.to_str()
+
     def decode(self, token_ids: list[int]) -> str:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         return _clean_up_tokenization(text) if self.clean_up_spaces else text
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         return render_chat_template(
-            self.chat_template or "", messages, bos_token=self.bos_token, eos_token=self.eos_token
+            self.chat_template or "", messages, bos_token=self.bos_token, eos_token=self.eos_token, tools=tools
         )
 
 

@@ -30,9 +30,11 @@ from services.transformers_lm.backends import (
     ModelInfo,
     ModelLoadError,
 )
+from services.transformers_lm.backends.chat_template import template_takes_tools
 from services.transformers_lm.backends.native_tokenizer import NativeTokenizerUnsupported, read_native_tokenizer
 from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine, as_packed_model
 from services.transformers_lm.engines.native_llama import NativeLlama, UnsupportedModelError, read_config, read_weights
+from services.transformers_lm.engines.grammar import GrammarError, GrammarTokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -143,8 +145,15 @@ class TransformersTokenizer:
     def decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
 
-    def render_chat(self, messages: list[dict[str, str]]) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
+        return self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
+
+    def tokenizer_json(self) -> str:
+        """The fast tokenizer's `tokenizer.json` text (added tokens included), for llguidance."""
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:
+            raise GrammarError("constrained decoding needs a fast (tokenizers) tokenizer; this model has a slow one")
+        return backend.to_str()
 
 
 class TransformersModel(LoadedModel):
@@ -168,8 +177,17 @@ class TransformersModel(LoadedModel):
     def has_chat_template(self) -> bool:
         return bool(self.tokenizer.chat_template)
 
-    def render_chat(self, messages: list[ChatMessage]) -> str:
-        return self.tokenizer.render_chat([{"role": m.role, "content": m.content} for m in messages])
+    def render_chat(self, messages: list[ChatMessage], tools: list[dict] | None = None) -> str:
+        return self.tokenizer.render_chat([m.template_message() for m in messages], tools)
+
+    @property
+    def chat_template_takes_tools(self) -> bool:
+        return template_takes_tools(self.tokenizer.chat_template)
+
+    def make_grammar_tokenizer(self) -> GrammarTokenizer:
+        return GrammarTokenizer.from_tokenizer_json(
+            self.tokenizer.tokenizer_json(), self.engine.vocab_size, self.info.eos_token_ids
+        )
 
 
 def eos_token_ids_and_stop_sequences(tokenizer, generation_eos, additional_eos_tokens: tuple[str, ...]):

@@ -16,7 +16,10 @@ import enum
 import queue
 import threading
 from dataclasses import asdict, dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
+
+if TYPE_CHECKING:
+    from services.transformers_lm.engines.grammar import Grammar
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,15 @@ class SamplingParams:
 
 @dataclass(frozen=True)
 class GenerationRequest:
-    """One sequence to generate: the prompt's token ids and how to sample its continuation."""
+    """One sequence to generate: the prompt's token ids and how to sample its continuation.
+
+    With a `grammar`, every token is chosen among those the grammar allows, and the sequence ends
+    (STOP) when the grammar is complete (`engines/grammar.py`).
+    """
 
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
+    grammar: "Grammar | None" = None
 
 
 class FinishReason(str, enum.Enum):

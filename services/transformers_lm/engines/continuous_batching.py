@@ -7,7 +7,8 @@ plus the prompt of every joining row, less the beginning found in the prefix cac
 row's own sampling settings. A row leaves the batch as soon as it hits one of its stop tokens, its
 `max_new_tokens`, the context window or a cancel; the next waiting request takes its slot at the
 next step, without waiting for the longest row. See `slot_cache.py` for how rows at different
-positions share a pass without padding.
+positions share a pass without padding. A row with a grammar (`grammar.py`) has the tokens its grammar
+forbids set to -inf in its logits before its token is chosen, and ends when the grammar is complete.
 
 The engine runs a `PackedModel`: `native_llama.NativeLlama` for the Llama family, or any
 transformers causal LM through `slot_attention.TransformersPackedModel` (a plain `torch.nn.Module`
@@ -42,6 +43,7 @@ from typing import Protocol
 import torch
 
 from services.transformers_lm.engines import (
+    EngineError,
     EngineStats,
     FinishReason,
     GenerationRequest,
@@ -49,6 +51,7 @@ from services.transformers_lm.engines import (
     SamplingParams,
     TokenStream,
 )
+from services.transformers_lm.engines.grammar import StepMasks, advance, is_complete
 from services.transformers_lm.engines.row_sampling import RowSampler, choose_next_tokens
 from services.transformers_lm.engines.prefix_cache import DEFAULT_BUDGET_BYTES, PrefixCache
 from services.transformers_lm.engines.slot_cache import SlotBatch, SlotKVCache
@@ -97,6 +100,7 @@ class _Row:
     cached_prefix: int = 0  # prompt tokens copied from the prefix cache when the row joined
     next_input: int | None = None  # the last chosen token, fed at the next step
     new_token_ids: list[int] = field(default_factory=list)
+    matcher: object | None = None  # the row's grammar state (llguidance), None when unconstrained
 
     @property
     def prompt(self) -> tuple[int, ...]:
@@ -138,6 +142,7 @@ class ContinuousBatchingEngine:
         self.device = self.model.device
         self._cache = self.model.new_cache(max_batch_size, self.max_context_tokens)
         self._prefixes = PrefixCache(prefix_cache_bytes)
+        self._masks: StepMasks | None = None  # made when the first constrained row arrives
         self.stats = EngineStats()
         self._active: list[_Row] = []  # row i sits in slot i
         self._waiting: collections.deque[_Row] = collections.deque()
@@ -157,6 +162,9 @@ class ContinuousBatchingEngine:
         """
         self._validate(request)
         stream = TokenStream(request)
+        sampler = RowSampler(request.sampling, request.prompt_token_ids)
+        # The grammar's matcher is copied here, on the caller's thread: the scheduler only advances it.
+        matcher = request.grammar.matcher() if request.grammar is not None else None
         with self._wake:
             if self._closing:
                 raise RuntimeError("the engine is closed")
@@ -167,8 +175,7 @@ class ContinuousBatchingEngine:
                     f"{self.max_batch_size} batch slots); retry later",
                     retry_after_seconds=self._retry_after_seconds(),
                 )
-            sampler = RowSampler(request.sampling, request.prompt_token_ids)
-            self._waiting.append(_Row(stream, sampler, time.monotonic()))
+            self._waiting.append(_Row(stream, sampler, time.monotonic(), matcher=matcher))
             self._wake.notify()
         return stream
 
@@ -232,6 +239,7 @@ class ContinuousBatchingEngine:
             logits = self._forward(decoding, joining)
             sampled_at = time.perf_counter()
             rows = decoding + joining
+            self._apply_grammars(logits, rows)
             token_ids = choose_next_tokens(logits, [row.sampler for row in rows])
             self.stats.sampling_seconds += time.perf_counter() - sampled_at
         except Exception as error:  # noqa: BLE001 - a failed step fails its rows, never the engine
@@ -333,16 +341,33 @@ class ContinuousBatchingEngine:
         self.stats.model_seconds += time.perf_counter() - forward_started
         return logits
 
+    def _apply_grammars(self, logits: torch.Tensor, rows: list[_Row]) -> None:
+        """Forbid, in each constrained row's logits, every token its grammar does not allow now."""
+        constrained = [(index, row.matcher) for index, row in enumerate(rows) if row.matcher is not None]
+        if not constrained:
+            return
+        if self._masks is None:
+            self._masks = StepMasks(logits.shape[-1], self.max_batch_size)
+        self._masks.fill([matcher for _, matcher in constrained])
+        for mask_index, (row_index, _) in enumerate(constrained):
+            self._masks.apply_torch(mask_index, logits[row_index])
+
     def _advance(self, row: _Row, token_id: int) -> bool:
         """Give the row its new token; True when the row is finished."""
         sampling = row.sampling
         if token_id in sampling.stop_token_ids:
             row.stream.finish(FinishReason.STOP)
             return True
+        if row.matcher is not None and not advance(row.matcher, token_id):
+            row.stream.finish(FinishReason.ERROR, EngineError(f"the grammar refused token {token_id}"))
+            return True
         row.sampler.note_token(token_id)
         row.new_token_ids.append(token_id)
         row.stream.push(token_id)
         self.stats.tokens_generated += 1
+        if row.matcher is not None and is_complete(row.matcher):
+            row.stream.finish(FinishReason.STOP)  # the grammar is complete: nothing may follow
+            return True
         if len(row.new_token_ids) >= sampling.max_new_tokens or row.length + 1 >= self.max_context_tokens:
             row.stream.finish(FinishReason.LENGTH)
             return True

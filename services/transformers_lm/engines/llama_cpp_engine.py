@@ -23,6 +23,9 @@ Why this shape (measured on a 2-core CPU with SmolLM2-135M Q4_1, see bench/llama
   cells then lie in whatever order they were freed, attention sums them in that order, and
   greedy output drifts from the one-at-a-time output (tests/test_llama_cpp_engine.py shows it);
   it is kept as an option for measurements only.
+- A request with a grammar (`grammar.py`) gets llguidance's token mask applied in place on its
+  row of the logits buffer before the argmax or its sampler chain reads it; the masks of all
+  constrained rows of a step are computed together, rows without a grammar are not touched.
 - All llama.cpp calls happen on the scheduler thread; callers only queue requests and read
   `TokenStream`s, exactly as with the other engines.
 """
@@ -48,6 +51,7 @@ from services.transformers_lm.engines import (
     TokenStream,
     common_prefix_length,
 )
+from services.transformers_lm.engines.grammar import StepMasks, advance, is_complete
 from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel
 
 logger = logging.getLogger(__name__)
@@ -103,6 +107,7 @@ class _Slot:
         self.generated_counts: dict[int, int] | None = None  # token -> times generated, for OpenAI's penalties
         self.stop_ids: np.ndarray | None = None
         self.stop_set: frozenset[int] = frozenset()
+        self.matcher = None  # the request's grammar state (llguidance), None when unconstrained
 
     @property
     def busy(self) -> bool:
@@ -130,6 +135,7 @@ class LlamaCppEngine:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._closed = False
+        self._masks: StepMasks | None = None  # made when the first constrained request arrives
         self.stats = EngineStats()
         self._thread = threading.Thread(target=self._run, name="llama-cpp-engine", daemon=True)
         self._thread.start()
@@ -302,6 +308,7 @@ class LlamaCppEngine:
         slot.prefill_position = reused
         slot.next_token = None
         slot.generated = 0
+        slot.matcher = stream.request.grammar.matcher() if stream.request.grammar is not None else None
         self._prepare_sampling(slot, stream.request.sampling)
         self.stats.requests_admitted += 1
         self.stats.prompt_tokens += len(prompt)
@@ -340,6 +347,7 @@ class LlamaCppEngine:
             self._llama.llama_sampler_free(slot.sampler)
         slot.stream = None
         slot.sampler = None
+        slot.matcher = None
         slot.next_token = None
         slot.prompt = ()
 
@@ -413,6 +421,7 @@ class LlamaCppEngine:
             slot.copy_pending = False
         if outputs:  # rows of logits in batch order, one per row that asked for them
             logits = np.ctypeslib.as_array(llama.llama_get_logits(self._context), shape=(outputs, self.model.n_vocab))
+        masks = self._grammar_masks(rows)
         output = 0
         for slot, tokens, logits_index in rows:
             slot.cached.extend(tokens)
@@ -423,15 +432,27 @@ class LlamaCppEngine:
                     continue
             else:
                 self.stats.tokens_generated += 1
-            self._sample(slot, logits[output], logits_index)
+            self._sample(slot, logits[output], logits_index, masks.get(slot.seq_id))
             output += 1
         finished = time.perf_counter()
         self.stats.sampling_seconds += finished - sample_started
         self.stats.step_seconds += finished - started
 
-    def _sample(self, slot: _Slot, logits: np.ndarray, batch_index: int) -> None:
+    def _grammar_masks(self, rows: list[tuple[_Slot, list[int], int]]) -> dict[int, int]:
+        """Compute the masks of the constrained rows that sample this step: {seq_id: mask index}."""
+        constrained = [slot for slot, _, logits_index in rows if logits_index >= 0 and slot.matcher is not None]
+        if not constrained:
+            return {}
+        if self._masks is None:
+            self._masks = StepMasks(self.model.n_vocab, self.config.slots)
+        self._masks.fill([slot.matcher for slot in constrained])
+        return {slot.seq_id: index for index, slot in enumerate(constrained)}
+
+    def _sample(self, slot: _Slot, logits: np.ndarray, batch_index: int, mask_index: int | None = None) -> None:
         """Pick the row's next token from its logits (a view into llama.cpp's buffer) and hand it on."""
         sampling = slot.stream.request.sampling
+        if mask_index is not None:  # first, so penalties and the sampler chain see only allowed tokens
+            self._masks.apply_numpy(mask_index, logits)
         if slot.penalized_ids is not None:  # as transformers: once per distinct token seen
             seen = logits[slot.penalized_ids]
             penalty = sampling.repetition_penalty
@@ -450,8 +471,14 @@ class LlamaCppEngine:
         if token in slot.stop_set:
             self._release(slot, FinishReason.STOP)
             return
+        if slot.matcher is not None and not advance(slot.matcher, token):
+            self._release(slot, FinishReason.ERROR, EngineError(f"the grammar refused token {token}"))
+            return
         slot.stream.push(token)
         slot.generated += 1
+        if slot.matcher is not None and is_complete(slot.matcher):
+            self._release(slot, FinishReason.STOP)  # the grammar is complete: nothing may follow
+            return
         if slot.penalized_ids is not None and token not in slot.penalized_set:
             slot.penalized_set.add(token)
             slot.penalized_ids = np.append(slot.penalized_ids, token)
