@@ -42,7 +42,7 @@ def test_without_service_port_a_service_binds_the_default_its_settings_document(
     config = read_config(service, monkeypatch)
 
     assert config["bind"] == f"0.0.0.0:{SETTINGS[service].model_fields['service_port'].default}"
-    assert (config["workers"], config["worker_class"], config["threads"]) == (1, "gthread", 32)
+    assert (config["workers"], config["worker_class"], config["threads"]) == (1, "common.gunicorn_worker.DrainingThreadWorker", 32)
 
 
 def test_service_port_and_gunicorn_threads_come_from_the_services_settings(monkeypatch):
