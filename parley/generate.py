@@ -21,6 +21,7 @@ from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScala
 from common.model_sources import EMBEDDED_MODELS
 from parley.cards import LLM_SERVICE_FOLDERS, Card
 from parley.repo import OVERLAYS, OVERRIDE, Repo
+from parley.autoscaler_overlay import AUTOSCALER_OVERLAY, update_autoscaler_overlay
 from parley.state_overlay import STATE_OVERLAY, update_state_overlay
 from parley.yamlio import dump_yaml, load_yaml_text
 
@@ -413,6 +414,8 @@ def _edit_dist(
                 _set_service(services, name, makers[overlay](llm_cards[name]))
         if overlay == STATE_OVERLAY:
             update_state_overlay(document, cards, services)
+        if overlay == AUTOSCALER_OVERLAY:
+            update_autoscaler_overlay(document, cards, services)
         files[overlay_path] = _with_header(dump_yaml(document))
     return files, members
 

@@ -16,6 +16,7 @@ import requests
 from support.recording_server import Reply, recording_server
 from support.servers import GUNICORN, SERVICE_FOLDERS, service_server
 from services.agent.settings import Settings as AgentSettings
+from services.autoscaler.settings import Settings as AutoscalerSettings
 from services.openai_api_lm.settings import Settings as OpenAIApiSettings
 from services.transformers_lm.settings import Settings as TransformersSettings
 from skills.prompted_skill.settings import Settings as SkillSettings
@@ -25,6 +26,7 @@ SETTINGS = {
     "openai_api_lm": OpenAIApiSettings,
     "transformers_lm": TransformersSettings,
     "prompted_skill": SkillSettings,
+    "autoscaler": AutoscalerSettings,
 }
 REQUIRED = {"openai_api_lm": {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "PRETRAINED_MODEL_NAME_OR_PATH": "m"}}
 
