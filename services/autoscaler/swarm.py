@@ -153,7 +153,18 @@ class Swarm:
         return self._node_names[node_id]
 
     def scale(self, service: ScaledService, replicas: int) -> None:
+        """Set the service's replicas, as `docker service scale` does: its spec as stored, with only
+        the replicas changed. (docker-py's own `scale` sends the spec with the engine's defaults
+        filled in, which differs from the stored one, so Swarm replaces every replica as in a
+        rolling update.)"""
         try:
-            self.client.services.get(service.id).scale(replicas)
+            current = self.client.api.inspect_service(service.id)
+            spec = current["Spec"]
+            self.client.api.update_service(
+                service.id, current["Version"]["Index"],
+                task_template=spec.get("TaskTemplate"), name=spec.get("Name"), labels=spec.get("Labels"),
+                mode={"Replicated": {"Replicas": replicas}}, update_config=spec.get("UpdateConfig"),
+                rollback_config=spec.get("RollbackConfig"), endpoint_spec=spec.get("EndpointSpec"),
+            )
         except DockerException as error:
             raise SwarmError(f"scaling {service.name} to {replicas} failed: {error}") from None
