@@ -28,10 +28,14 @@ class LLMCallError(RuntimeError):
 
 
 class LLMClient:
-    """Posts one dialog to an LLM `/respond` and returns its hypotheses."""
+    """Posts one dialog to an LLM `/respond` and returns its hypotheses.
 
-    def __init__(self, session: requests.Session | None = None):
-        self.session = session or requests.Session()
+    Every call opens a connection of its own, with its own DNS lookup, and none is kept alive. A
+    service name may stand for several replicas (Swarm's DNS round robin): pooled connections would
+    pin the calls to the replicas they were opened to, so a replica the autoscaler adds would get
+    nothing while the load lasts, and one being scaled away would keep getting calls. A connection
+    costs a millisecond; a generation, seconds.
+    """
 
     def respond(
         self,
@@ -72,8 +76,7 @@ class LLMClient:
         (not when the answer times out).
 
         A service name may stand for several replicas (Swarm's DNS round robin). When the replica
-        that held a connection is killed or replaced mid-request, the pooled connections to it are
-        dead too, so a retry on the same pool can fail the same way: each retry opens a new
+        that held the connection is killed or replaced mid-request, the retry opens a new
         connection, after a short pause, with a fresh DNS lookup that reaches a live replica. A
         replica that is stopping (scaled down, updated) answers 503 to what it will not finish, as
         one still loading its model does: that request too goes to another replica. The connect
@@ -84,25 +87,19 @@ class LLMClient:
         deadline = time.monotonic() + timeout_seconds
         timeout = (min(CONNECT_TIMEOUT_SECONDS, timeout_seconds), timeout_seconds)
         failure: requests.Response | requests.ConnectionError
-        try:
-            response = self.session.post(url, json=body, timeout=timeout)
-            if response.status_code != REPLICA_UNAVAILABLE:
-                return response
-            failure = response
-        except requests.ConnectionError as error:  # includes ConnectTimeout: the request never left
-            failure = error
-        for pause in RETRY_PAUSES_SECONDS:
-            if time.monotonic() + pause >= deadline:
-                break
-            time.sleep(pause)
-            logger.warning("the LLM at %s %s; retrying on a new connection", url, _failure_text(failure))
+        for pause in (0.0, *RETRY_PAUSES_SECONDS):
+            if pause:
+                if time.monotonic() + pause >= deadline:
+                    break
+                time.sleep(pause)
+                logger.warning("the LLM at %s %s; retrying on a new connection", url, _failure_text(failure))
             try:
-                with requests.Session() as fresh:
-                    response = fresh.post(url, json=body, timeout=timeout)
+                with requests.Session() as connection:  # a connection of its own, closed after
+                    response = connection.post(url, json=body, timeout=timeout)
                 if response.status_code != REPLICA_UNAVAILABLE:
                     return response
                 failure = response
-            except requests.ConnectionError as error:
+            except requests.ConnectionError as error:  # includes ConnectTimeout: the request never left
                 failure = error
         if isinstance(failure, requests.Response):
             return failure

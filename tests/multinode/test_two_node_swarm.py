@@ -18,9 +18,11 @@ README's "Beyond one machine: more machines":
 5. every turn a user was answered is in the agent's state exactly once, in order: the summary line
    counts them (`2 nodes ... lost: 0`).
 
-The stack, the swarm, the worker's engine and data root, the namespace and veth, the registry, its
-certificate and the pushed tags are removed at the end, also on failure, and the test checks that
-nothing is left. Run by `make test-multinode` as root, on the engine of `make test-docker` (its
+The stack, the swarm, the worker's engine (its containers, networks, volumes and swarm state), the
+namespace and veth, the registry, its certificate and the pushed tags are removed at the end, also
+on failure, and the test checks that nothing is left but two caches, as the first engine keeps its
+data root: the worker's images and the registry's storage, so a second run pushes and pulls only
+what changed. Run by `make test-multinode` as root, on the engine of `make test-docker` (its
 `engine` fixture: started by `parley engine start` when none runs, stopped after).
 """
 
@@ -69,7 +71,7 @@ STACK_FILE = OUTPUT_DIR / "multinode-stack.yml"
 QUESTIONS = ["What is the capital of France?", "What is the capital of Italy?", "Name a colour.", "Say hello."]
 USERS = 4
 NETWORK = NodeNetwork()
-WORKER = SecondEngine(NETWORK)
+WORKER = SecondEngine(NETWORK, log_path=OUTPUT_DIR / "multinode-worker-dockerd.log")
 REGISTRY = TlsRegistry(NETWORK.host_address)
 
 
@@ -180,14 +182,20 @@ def two_nodes(engine: dict[str, str]) -> Iterator[dict[str, str]]:
                         docker("volume", "rm", volume, check=False)
                     for image in docker("image", "ls", "--format", "{{.Repository}}:{{.Tag}}", f"{REGISTRY.name}/*", check=False).split():
                         docker("image", "rm", image, check=False)
-                    print(f"    service logs: {OUTPUT_DIR / 'multinode-services.log'}")
+                    print(f"    service logs: {OUTPUT_DIR / 'multinode-services.log'}; the worker's: {WORKER.log_file}")
+                with step("empty the worker's engine (its images stay, a cache for the next run), stop it"):
+                    try:
+                        WORKER.empty()
+                    except Exception as error:  # noqa: BLE001 - then its whole data root goes, in second_node's cleanup
+                        print(f"    could not: {error}; its data root goes too")
     finally:
         with step("what is left"):
             left = stack_leftovers()
             swarm_state = docker("info", "--format", "{{.Swarm.LocalNodeState}}", check=False)
             left += [f"netns {NETWORK.namespace}"] if NETWORK.exists() else []
-            left += [str(path) for path in (WORKER.root, WORKER.exec_root, REGISTRY.root, REGISTRY.trust_dir) if path.exists()]
-            print(f"    left: {left or 'nothing'}; swarm: {swarm_state}")
+            left += WORKER.leftovers() + REGISTRY.leftovers()
+            caches = [str(path) for path in (WORKER.data_root, REGISTRY.storage) if path.exists()]
+            print(f"    left: {left or 'nothing'}; swarm: {swarm_state}; caches for the next run: {caches or 'none'}")
     assert left == [] and swarm_state == "inactive", "the stack, the swarm, the second node or the registry was left behind"
 
 

@@ -10,9 +10,14 @@ host's end of the veth, with a certificate made for that address and trusted by 
 engine needs `--insecure-registry` or a restart.
 
 Everything made here is removed by the `remove`/`stop` methods, also after a failure half-way:
-the engine's processes and those of its containers (found by its cgroup parent), the namespace
-(and with it the veth pair), the registry, its certificate and storage, the engine's data root.
-Needs root, iproute2, util-linux (nsenter, unshare), openssl and docker-registry.
+the engine's processes and those of its containers (found by its cgroup parent), its containers,
+networks, volumes and swarm state, the namespace (and with it the veth pair), the registry, its
+certificate and configuration. Two caches stay, as the first engine's data root does, so a second
+run pulls and pushes only what changed: the second engine's images (`<root>/data`, once the engine
+has been emptied and stopped cleanly; after a failure half-way the whole data root goes) and the
+registry's storage (garbage-collected). Deleting them costs minutes on a disk that discards on
+unlink, and keeping them saves as much at the next run. Needs root, iproute2, util-linux (nsenter,
+unshare), openssl and docker-registry.
 """
 
 from __future__ import annotations
@@ -92,7 +97,13 @@ class SecondEngine:
     exec_root: Path = Path("/run/parley-node2")
     hostname: str = "parley-node2"
     bridge_subnet: str = "172.31.231.1/24"
+    log_path: Path | None = None  # default: dockerd.log in root
     process: subprocess.Popen | None = None
+    emptied: bool = False  # stopped with no container, network, volume or swarm state: its images may stay
+
+    @property
+    def data_root(self) -> Path:
+        return self.root / "data"
 
     @property
     def socket(self) -> Path:
@@ -100,7 +111,7 @@ class SecondEngine:
 
     @property
     def log_file(self) -> Path:
-        return self.root / "dockerd.log"
+        return self.log_path or self.root / "dockerd.log"
 
     @property
     def cgroup_parent(self) -> str:
@@ -118,11 +129,14 @@ class SecondEngine:
         return subprocess.run(["docker", "-H", f"unix://{self.socket}", "info"], capture_output=True, timeout=10).returncode == 0
 
     def start(self, timeout_seconds: float = 120) -> None:
-        for folder in (self.root / "data", self.exec_root):
+        """Start the engine, outside any swarm (a swarm it belonged to in an earlier run is forgotten)."""
+        for folder in (self.data_root, self.exec_root, self.log_file.parent):
             folder.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(self.data_root / "swarm", ignore_errors=True)
+        self.emptied = False
         dockerd = [
             "dockerd",
-            "--data-root", str(self.root / "data"),
+            "--data-root", str(self.data_root),
             "--exec-root", str(self.exec_root),
             "--pidfile", str(self.exec_root / "dockerd.pid"),
             "--host", f"unix://{self.socket}",
@@ -164,6 +178,19 @@ class SecondEngine:
             return False
         return True
 
+    def empty(self) -> None:
+        """Leave the engine with nothing but its images, and stopped: started afresh (without its
+        swarm state), its containers, networks, volumes and dangling images removed, then stopped."""
+        self.stop()
+        self.start()
+        for kind in ("container", "network", "volume"):
+            self.docker(kind, "prune", "--force", timeout=300)
+        self.docker("image", "prune", "--force", timeout=300)
+        if not self.stop() or self.namespace_pids() or self.container_pids():
+            raise NodeError(f"the second engine did not stop cleanly; {self.log_file}:\n{self.log_tail()}")
+        shutil.rmtree(self.data_root / "swarm", ignore_errors=True)
+        self.emptied = True
+
     def container_pids(self) -> list[int]:
         """Every process in the engine's cgroup parent: its containers' processes."""
         pids: set[int] = set()
@@ -178,7 +205,8 @@ class SecondEngine:
         return [int(pid) for pid in listing.stdout.split() if pid.isdigit()]
 
     def remove(self) -> list[str]:
-        """Kill whatever of the engine still runs, drop its cgroups, mounts and roots; what was removed."""
+        """Kill whatever of the engine still runs, drop its cgroups, mounts and exec root, and its data
+        root too unless `empty()` left only images in it; what was removed."""
         removed = []
         if not self.stop(timeout_seconds=30):
             removed.append("dockerd (killed)")
@@ -202,12 +230,27 @@ class SecondEngine:
                 cgroup.rmdir()
                 removed.append(f"cgroup {cgroup}")
         for root in (self.exec_root, self.root):
-            if root.exists():
-                for mount_point in reversed(mounts_under(root)):
-                    sh("umount", "-l", mount_point, check=False)
-                shutil.rmtree(root, ignore_errors=True)
-                removed.append(str(root))
+            for mount_point in reversed(mounts_under(root)):
+                sh("umount", "-l", mount_point, check=False)
+        kept = [self.data_root] if self.emptied else []
+        for path in [self.exec_root, *(child for child in sorted(self.root.glob("*")) if child not in kept)]:
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+            removed.append(str(path))
+        if not kept and self.root.exists():
+            with contextlib.suppress(OSError):
+                self.root.rmdir()
         return removed
+
+    def leftovers(self) -> list[str]:
+        """What of the engine is still here, but for its image cache."""
+        found = [f"pid {pid}" for pid in self.namespace_pids() + self.container_pids()]
+        found += [str(path) for path in (self.exec_root, *self.root.glob("*")) if path.exists() and path != self.data_root]
+        if self.data_root.exists() and not self.emptied:
+            found.append(str(self.data_root))
+        return found
 
 
 def mounts_under(root: Path) -> list[str]:
@@ -267,7 +310,13 @@ class TlsRegistry:
                 raise NodeError(f"the registry on {self.name} did not answer; its log:\n{log_text}")
             time.sleep(0.3)
 
+    @property
+    def storage(self) -> Path:
+        return self.root / "storage"
+
     def stop(self) -> list[str]:
+        """Stop the registry and remove its certificate, its trust and its configuration; its storage
+        stays, garbage-collected (the blobs no tag needs are deleted)."""
         removed = []
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
@@ -277,16 +326,28 @@ class TlsRegistry:
                 self.process.kill()
                 self.process.wait(timeout=10)
             removed.append("registry")
-        for folder in (self.trust_dir, self.root):
-            if folder.exists():
-                shutil.rmtree(folder, ignore_errors=True)
-                removed.append(str(folder))
+        config = self.root / "config.yml"
+        if config.is_file() and self.storage.is_dir():
+            sh("docker-registry", "garbage-collect", "--delete-untagged", str(config), check=False, timeout=300)
+        if self.trust_dir.exists():
+            shutil.rmtree(self.trust_dir, ignore_errors=True)
+            removed.append(str(self.trust_dir))
+        for path in self.root.glob("*"):
+            if path != self.storage:
+                path.unlink(missing_ok=True) if path.is_file() else shutil.rmtree(path, ignore_errors=True)
+                removed.append(str(path))
         return removed
+
+    def leftovers(self) -> list[str]:
+        found = ["registry process"] if self.process is not None and self.process.poll() is None else []
+        found += [str(path) for path in (self.trust_dir, *self.root.glob("*")) if path.exists() and path != self.storage]
+        return found
 
 
 @contextlib.contextmanager
 def second_node(network: NodeNetwork, engine: SecondEngine, registry: TlsRegistry) -> Iterator[None]:
-    """The namespace, the registry and the second engine, for the block; all removed after, also on failure."""
+    """The namespace, the registry and the second engine, for the block; all removed after, also on
+    failure (but for the caches: see the module's docstring)."""
     if network.exists():
         raise NodeError(f"{network.namespace} or {network.host_link} exists already: an earlier run left it; "
                         f"remove it (ip netns delete {network.namespace}; ip link delete {network.host_link})")
