@@ -26,7 +26,7 @@ LLAMA_CPP_PROGRESS := awk '/^ *\[[0-9]+\/[0-9]+\] / { split(substr($$1, 2, lengt
 	if (step[1] - shown >= 20 || step[1] == step[2]) { printf "    compiling llama.cpp: step %d of %d\n", step[1], step[2]; shown = step[1]; fflush() }; next } \
 	/^ *(Successfully installed .*llama|Requirement already satisfied: llama|Using cached llama|Building wheel for llama|Created wheel for llama)/ { sub(/^ +/, ""); print "    " $$0; fflush() }'
 
-.PHONY: install run test test-docker test-swarm bench check system-packages
+.PHONY: install run test test-docker test-swarm test-multinode bench check system-packages
 
 install: $(STAMP) $(LLAMA_CPP_STAMP)
 
@@ -83,9 +83,19 @@ test-docker: install
 
 # The distribution as a Docker Swarm stack on a real single-node swarm (as root, after test-docker,
 # on its engine and images): `parley stack`, 2 LLM replicas, a replica killed while dialogs run, a
-# rolling update; `docker stack rm` and `docker swarm leave --force` at the end, also on failure.
+# rolling update, the autoscaler taking the LLM from 1 replica to 2 under load and back; `docker
+# stack rm` and `docker swarm leave --force` at the end, also on failure.
 test-swarm: install
 	PARLEY_SWARM_TESTS=1 $(BIN)/python -m pytest -s -p no:cacheprovider tests/swarm/test_stack_in_swarm.py
+
+# The distribution on a two-node swarm (as root, after test-docker, on its engine and images): a
+# second engine in a network namespace joins as a worker, the images reach it through a registry
+# (`parley stack --push`), the LLM's replicas spread over both nodes, and the worker's engine is
+# stopped mid-dialog with no answered turn lost. Installs docker-registry (and iproute2, openssl,
+# util-linux) when missing; removes the namespace, engine, registry and swarm at the end.
+test-multinode: install
+	@scripts/install-system-packages --multinode
+	PARLEY_MULTINODE_TESTS=1 $(BIN)/python -m pytest -s -p no:cacheprovider tests/multinode/test_two_node_swarm.py
 
 # Throughput and latency of the LLM service against raw `model.generate` and the peer
 # (`transformers serve --continuous-batching`, from the bench extra), all in one run: a progress line

@@ -4,8 +4,10 @@ Each service folder holds a `gunicorn.conf.py` that calls `gunicorn_settings(Set
 reads that file from its working directory, so Dream's habit, a plain `gunicorn server:app` run
 from the service's folder, gets the right port and threaded worker. The values come from the
 settings every service has (`common/settings_support.ServiceSettings`): SERVICE_PORT (bound on
-0.0.0.0), GUNICORN_THREADS, GUNICORN_TIMEOUT and LOG_LEVEL. One worker, so a model is loaded once
-per service; threads serve concurrent requests (an LLM service's engine schedules their generation).
+0.0.0.0), GUNICORN_THREADS, GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT and LOG_LEVEL. One worker, so
+a model is loaded once per service; threads serve concurrent requests (an LLM service's engine
+schedules their generation). The worker drains on SIGTERM (common/gunicorn_worker.py): it answers
+new requests 503 and stops once those it has are answered, within GUNICORN_GRACEFUL_TIMEOUT.
 """
 
 from __future__ import annotations
@@ -29,11 +31,12 @@ def gunicorn_settings(settings_class: type[ServiceSettings]) -> dict[str, Any]:
     return {
         "bind": f"0.0.0.0:{settings.service_port}",
         "workers": 1,
-        "worker_class": "gthread",
+        "worker_class": "common.gunicorn_worker.DrainingThreadWorker",
         "threads": settings.gunicorn_threads,
         # Generation can take minutes on a CPU; a worker that is busy generating must not be killed.
         "timeout": settings.gunicorn_timeout,
-        "graceful_timeout": 10,
+        # How long a stopping worker may finish its requests before the master kills it.
+        "graceful_timeout": settings.gunicorn_graceful_timeout,
         "keepalive": 5,
         "accesslog": "-",
         "errorlog": "-",

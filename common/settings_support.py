@@ -13,7 +13,8 @@ A relative path in a setting (`RepoPath`) means the same in a checkout and in an
 repository's folders are copied under /app): it is relative to the repository root.
 
 Every service also has the fields gunicorn runs with (`common/gunicorn_conf.py` reads them):
-SERVICE_PORT, GUNICORN_THREADS, GUNICORN_TIMEOUT and LOG_LEVEL; and its name, SERVICE_NAME.
+SERVICE_PORT, GUNICORN_THREADS, GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT and LOG_LEVEL; and its
+name, SERVICE_NAME.
 """
 
 from __future__ import annotations
@@ -105,6 +106,9 @@ class ServiceSettings(BaseModel):
     gunicorn_threads: int = Field(32, ge=1, le=1024, description="requests gunicorn serves at once (threads of its one worker)")
     gunicorn_timeout: int = Field(
         600, ge=1, description="seconds a silent worker may take before gunicorn restarts it (generation can be slow on a CPU)"
+    )
+    gunicorn_graceful_timeout: int = Field(
+        10, ge=1, description="seconds a stopping service (SIGTERM) may take to finish the requests it has; new ones get 503 meanwhile"
     )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="gunicorn's log level")
 

@@ -170,12 +170,56 @@ class SkillSection(_Strict):
         return names
 
 
+class AutoscalingSection(_Strict):
+    """RayLLM's `autoscaling_config` (Ray Serve's meanings): the replicas follow the requests in progress.
+
+    The autoscaler service of the stack (services/autoscaler) reads each replica's running and
+    waiting requests and asks for ceil(total / target_ongoing_requests) replicas, within
+    [min_replicas, max_replicas], once that wish has held for upscale_delay_s (more) or
+    downscale_delay_s (fewer). The stack starts initial_replicas (default: min_replicas).
+    """
+
+    min_replicas: int = Field(1, ge=1, description="the fewest replicas (at least 1: a service with none cannot answer)")
+    initial_replicas: int | None = Field(None, ge=1, description="replicas at deploy; default: min_replicas")
+    max_replicas: int = Field(1, ge=1, description="the most replicas")
+    target_ongoing_requests: float = Field(2.0, gt=0, description="requests in progress (running + waiting) per replica to aim for")
+    upscale_delay_s: float = Field(30.0, ge=0, description="seconds more replicas must be wanted before they are added")
+    downscale_delay_s: float = Field(600.0, ge=0, description="seconds fewer replicas must be wanted before some are removed")
+
+    @model_validator(mode="after")
+    def _bounds_in_order(self) -> "AutoscalingSection":
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) must be at most max_replicas ({self.max_replicas})")
+        initial = self.initial_replicas
+        if initial is not None and not self.min_replicas <= initial <= self.max_replicas:
+            raise ValueError(
+                f"initial_replicas ({initial}) must be within min_replicas ({self.min_replicas}) and max_replicas ({self.max_replicas})"
+            )
+        return self
+
+    @property
+    def starting_replicas(self) -> int:
+        return self.initial_replicas or self.min_replicas
+
+
 class DeploySection(_Strict):
     """How a swarm runs the component (`parley stack`): how many replicas and on which nodes."""
 
     replicas: int = Field(1, ge=1, description="replicas in a swarm; the agent runs them only with shared state (postgres.yml), else one")
     placement: list[str] = Field([], description="Swarm placement constraints, e.g. 'node.labels.zone == eu'")
+    max_replicas_per_node: int | None = Field(None, ge=1, description="the most replicas Swarm places on one node")
     cpus: float | None = Field(None, gt=0, description="CPU cores per replica: its limit, and an LLM's model threads")
+    autoscaling: AutoscalingSection | None = Field(None, description="replicas that follow the load (RayLLM's autoscaling_config)")
+
+    @model_validator(mode="after")
+    def _replicas_or_autoscaling(self) -> "DeploySection":
+        if self.autoscaling is not None and "replicas" in self.model_fields_set:
+            raise ValueError("give either replicas or autoscaling (whose replicas start at initial_replicas), not both")
+        return self
+
+    @property
+    def starting_replicas(self) -> int:
+        return self.autoscaling.starting_replicas if self.autoscaling else self.replicas
 
 
 class Card(_Strict):
@@ -241,6 +285,14 @@ class Card(_Strict):
 
         return kind_of(self)
 
+    def _autoscaling_only_for_llms(self) -> "Card":
+        if self.deploy is not None and self.deploy.autoscaling is not None and self.model is None:
+            raise ValueError(
+                "deploy.autoscaling: only an LLM service (a card with a model section) reports the requests it has in progress; "
+                "give this component fixed deploy.replicas"
+            )
+        return self
+
     @property
     def port(self) -> int:
         return urlsplit(self.connector.url).port  # type: ignore[return-value]
@@ -266,6 +318,11 @@ class Card(_Strict):
     def calls_llms(self) -> bool:
         """A prompted skill: it may call any LLM of its distribution (LLM_ENDPOINTS)."""
         return self.kind.calls_llms
+
+    @property
+    def is_autoscaler(self) -> bool:
+        """The stack's autoscaler (the autoscaler.yml overlay runs it)."""
+        return self.kind.scales_services
 
     @property
     def database(self) -> str:
@@ -319,9 +376,13 @@ def load_card(path: Path, display_path: str | None = None) -> Card:
 def card_to_data(card: Card) -> dict[str, Any]:
     """The card as plain data in the schema's field order, without unset model defaults noise."""
     data = card.model_dump(mode="json")
-    for section in ("model", "skill", "deploy"):
+    for section in ("model", "skill"):
         if getattr(card, section) is None:
             data.pop(section)
+    if card.deploy is None:
+        data.pop("deploy")
+    else:  # as written: `replicas` beside `autoscaling` would be a conflict the card does not have
+        data["deploy"] = card.deploy.model_dump(mode="json", exclude_unset=True)
     if card.model is not None:
         for name in card.kind.unused_model_fields:
             data["model"].pop(name)

@@ -20,6 +20,7 @@ from parley.cards import CardError
 from parley.kinds import llm_apis
 from parley.progress import Progress
 from parley.repo import Repo, RepoError
+from parley.autoscaler_overlay import AUTOSCALER_OVERLAY
 from parley.stack import DEFAULT_PROJECT, StackError, StackOptions, make_stack, push_images, stack_header
 from parley.tools import ToolError
 from parley.up import RunningDistribution, SupervisorOutput, UpError, plan_distribution, run_services
@@ -516,7 +517,9 @@ def stack(dist, output, overlays, endpoint_mode, project, registry, repo_path) -
     (start-first, except for a service that keeps state in a volume: it runs once on the node
     labelled parley-state=true). The agent keeps SQLite state there and runs once, unless the
     postgres.yml overlay gives it a shared database: then it runs its card's replicas anywhere.
-    Build the images first; see the README's "Beyond one machine".
+    An LLM whose card has deploy.autoscaling starts its initial_replicas, and the stack gets the
+    autoscaler (the distribution's autoscaler.yml, applied without being asked for), which scales
+    it by load. Build the images first; see the README's "Beyond one machine".
 
     \b
     Example:
@@ -543,6 +546,8 @@ def stack(dist, output, overlays, endpoint_mode, project, registry, repo_path) -
     services = built.document["services"]
     replicas = ", ".join(f"{name} x{spec['deploy']['replicas']}" for name, spec in services.items())
     click.echo(f"wrote {output}: {len(services)} services ({replicas})", err=True)
+    if built.autoscaled:
+        click.echo(f"the autoscaler scales {', '.join(built.autoscaled)} by load ({AUTOSCALER_OVERLAY} applied)", err=True)
     if not registry:
         click.echo(f"it runs the local images {', '.join(built.images)}: build them with docker compose -p {project} {' '.join('-f ' + f for f in built.compose_files)} build", err=True)
 

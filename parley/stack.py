@@ -12,6 +12,14 @@ labelled `parley-state=true`; with the postgres.yml overlay (STATE_URL=postgresq
 database is that pinned, stateful service instead, and the agent runs its card's
 `deploy.replicas`, start-first, anywhere. The agent is the only service with a published port.
 
+An LLM stops without dropping a request: its `stop_grace_period` is its card's `connector.timeout`
+(what its callers wait) plus a margin, and its GUNICORN_GRACEFUL_TIMEOUT the same timeout, so a
+replica that is scaled away or updated finishes what it has (common/gunicorn_worker.py). An LLM
+whose card has `deploy.autoscaling` starts `initial_replicas` and carries its bounds as service
+labels (`parley.autoscaling.*`); the stack then gets the autoscaler (the distribution's
+autoscaler.yml overlay, applied without being asked for), on a manager node with the engine's
+socket, the one bind mount that travels to a swarm.
+
 A kernel without IPVS (as on some CI machines) has no Swarm virtual IPs or ingress routing mesh:
 `--endpoint-mode dnsrr` then resolves a service name to every replica's address (DNS round robin)
 and publishes the agent's port on the node itself (`mode: host`), so one agent replica per node.
@@ -19,13 +27,16 @@ and publishes the agent's port on the node itself (`mode: host`), so one agent r
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal
 
 from parley import tools
+from parley.autoscaler_overlay import AUTOSCALER_OVERLAY, ENGINE_SOCKET, autoscales
 from parley.cards import Card
 from parley.repo import Repo
+from services.autoscaler.policy import Bounds
 
 STACK_COMPOSE_VERSION = "3.8"
 DEFAULT_PROJECT = "parley"
@@ -39,6 +50,9 @@ KEPT_SERVICE_KEYS = (
     "stop_grace_period", "stop_signal", "labels", "extra_hosts", "cap_add", "cap_drop", "ulimits", "tmpfs",
 )
 HEALTHCHECK_KEYS = ("test", "interval", "timeout", "retries", "start_period", "disable")
+# Seconds Swarm waits beyond an LLM's graceful timeout before it kills the container: gunicorn's
+# master needs them to stop its worker and exit after the drain.
+STOP_MARGIN_SECONDS = 5
 EndpointMode = Literal["vip", "dnsrr"]
 
 
@@ -64,6 +78,7 @@ class Stack:
     document: dict[str, Any]
     images: dict[str, str] = field(default_factory=dict)
     compose_files: list[str] = field(default_factory=list)
+    autoscaled: list[str] = field(default_factory=list)  # services the autoscaler scales
 
 
 def compose_files(repo: Repo, dist: str, overlays: tuple[str, ...]) -> list[str]:
@@ -121,13 +136,20 @@ def _stack_service(name: str, service: dict[str, Any], card: Card, options: Stac
         threads = str(max(1, int(card.deploy.cpus)))
         for variable in ("OMP_NUM_THREADS", "THREADS"):
             result.setdefault("environment", {}).setdefault(variable, threads)
+    if card.is_llm:
+        # A replica that is stopped (scaled away, updated) finishes what its callers still wait for.
+        graceful = math.ceil(card.connector.timeout)
+        result.setdefault("environment", {})["GUNICORN_GRACEFUL_TIMEOUT"] = str(graceful)
+        result["stop_grace_period"] = f"{graceful + STOP_MARGIN_SECONDS}s"
     if "healthcheck" in result:
         result["healthcheck"] = {key: value for key, value in result["healthcheck"].items() if key in HEALTHCHECK_KEYS}
     shared_state = card.is_agent and state_is_shared(service)
     # An agent on a shared database keeps nothing in its (SQLite) volume: it goes, and so does the pin.
-    volumes = [] if shared_state else [_volume_mount(name, mount) for mount in service.get("volumes") or []]
-    if volumes:
-        result["volumes"] = volumes
+    mounts = [] if shared_state else [_volume_mount(name, mount) for mount in service.get("volumes") or []]
+    if mounts:
+        result["volumes"] = mounts
+    # State lives in named volumes; the engine's socket (the autoscaler's) is the same on every manager.
+    volumes = [mount for mount in mounts if not mount.startswith(f"{ENGINE_SOCKET}:")]
     if card.is_agent:
         # The one way in: the agent's port, on every node (ingress) or on the agent's node (host).
         mode = "host" if options.endpoint_mode == "dnsrr" else "ingress"
@@ -161,9 +183,11 @@ def _image(name: str, service: dict[str, Any], options: StackOptions, images: di
 def _volume_mount(service_name: str, mount: Any) -> str:
     if isinstance(mount, str):
         return mount
-    if mount.get("type") != "volume":
+    engine_socket = mount.get("type") == "bind" and mount.get("source") == ENGINE_SOCKET
+    if mount.get("type") != "volume" and not engine_socket:
         raise StackError(
-            f"service {service_name!r} mounts {mount.get('source')} ({mount.get('type')}): only named volumes travel to a swarm"
+            f"service {service_name!r} mounts {mount.get('source')} ({mount.get('type')}): only named volumes "
+            f"(and the engine's socket {ENGINE_SOCKET}) travel to a swarm"
         )
     return f"{mount['source']}:{mount['target']}" + (":ro" if mount.get("read_only") else "")
 
@@ -175,14 +199,15 @@ def _stack_volume(volume: dict[str, Any]) -> dict[str, Any]:
 
 def _deploy(service: dict[str, Any], card: Card, options: StackOptions, keeps_state: bool) -> dict[str, Any]:
     compose_deploy = service.get("deploy") or {}
-    replicas = card.deploy.replicas if card.deploy else 1
+    replicas = card.deploy.starting_replicas if card.deploy else 1
     if card.is_agent and keeps_state:
         replicas = 1  # its card's replicas are for shared state (postgres.yml)
     if keeps_state and replicas != 1:
         raise StackError(f"components/{card.name}.yml: deploy.replicas: {card.name} keeps state in a volume, so it runs 1 replica")
-    # Two copies of a stateful service must never write its volume at once, and a host-mode port
-    # cannot be bound twice on one node: those stop the old task first; the rest start the new one first.
-    order = "stop-first" if keeps_state else "start-first"
+    # Two copies of a stateful service must never write its volume at once, a host-mode port cannot
+    # be bound twice on one node, and two autoscalers would scale at once: those stop the old task
+    # first; the rest start the new one first.
+    order = "stop-first" if keeps_state or card.is_autoscaler else "start-first"
     deploy: dict[str, Any] = {
         "mode": "replicated",
         "replicas": replicas,
@@ -201,10 +226,22 @@ def _deploy(service: dict[str, Any], card: Card, options: StackOptions, keeps_st
     placement: dict[str, Any] = {}
     if constraints:
         placement["constraints"] = list(dict.fromkeys(constraints))
+    if card.deploy and card.deploy.max_replicas_per_node:
+        placement["max_replicas_per_node"] = card.deploy.max_replicas_per_node
     if card.is_agent and options.endpoint_mode == "dnsrr" and replicas > 1:
         placement["max_replicas_per_node"] = 1  # its port is bound on the node itself (mode: host)
     if placement:
         deploy["placement"] = placement
+    autoscaling = card.deploy.autoscaling if card.deploy else None
+    if autoscaling is not None:
+        # The bounds travel as service labels: the autoscaler reads them at every look, and
+        # `docker service update --label-add parley.autoscaling.max_replicas=4 ...` changes them.
+        bounds = Bounds(
+            min_replicas=autoscaling.min_replicas, max_replicas=autoscaling.max_replicas,
+            target_ongoing_requests=autoscaling.target_ongoing_requests, upscale_delay_s=autoscaling.upscale_delay_s,
+            downscale_delay_s=autoscaling.downscale_delay_s, port=card.port,
+        )
+        deploy["labels"] = bounds.labels()
     return deploy
 
 
@@ -253,11 +290,21 @@ def stack_header(options: StackOptions) -> str:
 
 
 def make_stack(repo: Repo, options: StackOptions) -> Stack:
-    """Load the cards, merge the compose files and build the stack."""
+    """Load the cards, merge the compose files and build the stack (with the autoscaler overlay
+    when a service of the distribution autoscales)."""
     cards = repo.load_valid_cards()
     files = compose_files(repo, options.dist, options.overlays)
-    stack = build_stack(merged_compose(repo, files, options.project), cards, options)
+    merged = merged_compose(repo, files, options.project)
+    scaled = autoscales(cards, merged.get("services") or {})
+    if scaled and not any(Path(file).name == AUTOSCALER_OVERLAY for file in files):
+        overlay = repo.dist_file(options.dist, AUTOSCALER_OVERLAY)
+        if not repo.path(overlay).is_file():
+            raise StackError(f"{', '.join(scaled)} autoscale(s) but {overlay} is missing: run `parley generate`")
+        files.append(overlay)
+        merged = merged_compose(repo, files, options.project)
+    stack = build_stack(merged, cards, options)
     stack.compose_files = files
+    stack.autoscaled = scaled
     return stack
 
 

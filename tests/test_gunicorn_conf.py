@@ -16,6 +16,7 @@ import requests
 from support.recording_server import Reply, recording_server
 from support.servers import GUNICORN, SERVICE_FOLDERS, service_server
 from services.agent.settings import Settings as AgentSettings
+from services.autoscaler.settings import Settings as AutoscalerSettings
 from services.openai_api_lm.settings import Settings as OpenAIApiSettings
 from services.transformers_lm.settings import Settings as TransformersSettings
 from skills.prompted_skill.settings import Settings as SkillSettings
@@ -25,6 +26,7 @@ SETTINGS = {
     "openai_api_lm": OpenAIApiSettings,
     "transformers_lm": TransformersSettings,
     "prompted_skill": SkillSettings,
+    "autoscaler": AutoscalerSettings,
 }
 REQUIRED = {"openai_api_lm": {"OPENAI_BASE_URL": "http://127.0.0.1:9/v1", "PRETRAINED_MODEL_NAME_OR_PATH": "m"}}
 
@@ -42,7 +44,7 @@ def test_without_service_port_a_service_binds_the_default_its_settings_document(
     config = read_config(service, monkeypatch)
 
     assert config["bind"] == f"0.0.0.0:{SETTINGS[service].model_fields['service_port'].default}"
-    assert (config["workers"], config["worker_class"], config["threads"]) == (1, "gthread", 32)
+    assert (config["workers"], config["worker_class"], config["threads"]) == (1, "common.gunicorn_worker.DrainingThreadWorker", 32)
 
 
 def test_service_port_and_gunicorn_threads_come_from_the_services_settings(monkeypatch):

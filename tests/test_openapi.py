@@ -12,6 +12,8 @@ from common.openapi import DreamError, OpenAIError, build_openapi
 from services.agent.app import create_app as create_agent
 from services.agent.protocol import TurnRequest
 from services.agent.settings import Settings as AgentSettings
+from services.autoscaler.app import create_app as create_autoscaler
+from services.autoscaler.settings import Settings as AutoscalerSettings
 from services.openai_api_lm.app import create_app as create_openai_api_lm
 from services.openai_api_lm.settings import Settings as OpenAIApiSettings
 from skills.prompted_skill.app import create_app as create_skill
@@ -22,13 +24,16 @@ SPECS = [
     "skills.prompted_skill.openapi_spec",
     "services.transformers_lm.openapi_spec",
     "services.openai_api_lm.openapi_spec",
+    "services.autoscaler.openapi_spec",
 ]
 # Routes that are not part of the JSON API: the document itself, static files, the chat page.
 UNDOCUMENTED = {"/openapi.json", "/static/<path:filename>", "/chat"}
 
 
-@pytest.fixture(params=["agent", "prompted_skill", "openai_api_lm"])
+@pytest.fixture(params=["agent", "prompted_skill", "openai_api_lm", "autoscaler"])
 def app(request, tmp_path):
+    if request.param == "autoscaler":
+        return create_autoscaler(AutoscalerSettings(), start=False)
     if request.param == "agent":
         return create_agent(AgentSettings(state_db_path=tmp_path / "state.sqlite3"))
     if request.param == "prompted_skill":

@@ -276,6 +276,41 @@ def test_a_card_whose_key_env_var_the_agent_would_store_is_refused(checkout: Pat
     assert "components/transformers-lm-smollm2.yml: model.key_env_vars: 'YANDEX_FOLDER_ID' must end in _API_KEY" in output
 
 
+@pytest.mark.parametrize("autoscaling, message", [
+    ("min_replicas: 3\n    max_replicas: 2", "deploy.autoscaling: min_replicas (3) must be at most max_replicas (2)"),
+    ("min_replicas: 1\n    initial_replicas: 5\n    max_replicas: 2",
+     "deploy.autoscaling: initial_replicas (5) must be within min_replicas (1) and max_replicas (2)"),
+    ("min_replicas: 0\n    max_replicas: 2", "deploy.autoscaling.min_replicas: Input should be greater than or equal to 1"),
+    ("max_replicas: 2\n    target_ongoing_requests: 0", "deploy.autoscaling.target_ongoing_requests: Input should be greater than 0"),
+    ("max_replicas: 2\n    downscale_delay: 60", "deploy.autoscaling.downscale_delay: unknown key; allowed keys: downscale_delay_s,"),
+], ids=["min over max", "initial outside the bounds", "no replica", "no target", "a misspelt field"])
+def test_check_refuses_autoscaling_bounds_out_of_order_naming_the_field(checkout: Path, autoscaling: str, message: str):
+    card = checkout / "components/transformers-lm-smollm2.yml"
+    text = card.read_text()
+    card.write_text(text.split("\n  autoscaling:\n", 1)[0] + "\n  autoscaling:\n    " + autoscaling + "\n")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert f"components/transformers-lm-smollm2.yml: {message}" in output
+
+
+def test_check_refuses_fixed_replicas_beside_autoscaling(checkout: Path):
+    edit(checkout, "components/transformers-lm-smollm2.yml", "deploy:\n  cpus: 1\n", "deploy:\n  replicas: 2\n  cpus: 1\n")
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "components/transformers-lm-smollm2.yml: deploy: give either replicas or autoscaling" in output
+
+
+def test_check_refuses_autoscaling_on_a_component_that_does_not_report_its_load(checkout: Path):
+    (checkout / "components/agent.yml").write_text(
+        read(checkout, "components/agent.yml").replace("  replicas: 2\n", "  autoscaling:\n    max_replicas: 3\n"))
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "components/agent.yml: (card): deploy.autoscaling: only an LLM service" in output
+
+
 # --- one test per drift `parley check` catches -------------------------------------------------
 
 

@@ -237,6 +237,33 @@ def test_an_llm_that_keeps_dropping_the_connection_gives_no_hypothesis_after_thr
     assert len(dropping.requests) == 3
 
 
+def test_an_llm_replica_that_answers_503_while_it_stops_is_retried_on_a_new_connection_and_the_turn_answered():
+    # A replica being scaled down refuses new work with 503; the retry, on a connection of its own
+    # (in a swarm: a fresh DNS lookup, another replica), is answered.
+    draining = {"error": {"message": "this replica is stopping and takes no new requests", "field": None}}
+
+    def refuse_once(request):
+        return Reply(503, draining) if len(llm.requests) == 1 else Reply(200, [["Paris."]])
+
+    with recording_server(refuse_once) as llm:
+        client = make_client(GENERATIVE_SERVICE_URL=llm.url("/respond"))
+        response = client.post("/respond", json=turn())
+    [[texts, _, _, _, _]] = response.get_json()
+    assert texts == ["Paris."]
+    assert len(llm.requests) == 2 and llm.connections == 2
+
+
+def test_an_llm_that_keeps_answering_503_gives_no_hypothesis_naming_its_message_after_three_tries():
+    refusing = lambda request: Reply(503, {"error": {"message": "the model is still loading", "field": None}})  # noqa: E731
+    with recording_server(refusing) as loading:
+        client = make_client(GENERATIVE_SERVICE_URL=loading.url("/respond"))
+        response = client.post("/respond", json=turn())
+    attributes = response.get_json()[0][4]
+    assert attributes["no_hypothesis_reason"] == "lm_error"
+    assert "answered 503: the model is still loading" in attributes["no_hypothesis_message"]
+    assert len(loading.requests) == 3
+
+
 def test_a_bad_lm_service_config_in_a_turn_gives_no_hypothesis_with_the_field_named():
     with recording_server(answering("x.")) as llm:
         client = make_client(GENERATIVE_SERVICE_URL=llm.url("/respond"))

@@ -1,6 +1,6 @@
 """Each service's README tells the truth about it (tier: in-process, no server): every setting its
 Settings read is a row of the README's settings table, every row is a setting it reads, and the
-endpoints include `/openapi.json`. One test for the four services, so they are checked alike."""
+endpoints include `/openapi.json`. One test for the five services, so they are checked alike."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 
 from common.settings_support import ServiceSettings
 from services.agent.settings import Settings as AgentSettings
+from services.autoscaler.settings import Settings as AutoscalerSettings
 from services.openai_api_lm.settings import Settings as OpenAIApiSettings
 from services.transformers_lm.settings import Settings as TransformersSettings
 from skills.prompted_skill.settings import Settings as SkillSettings
@@ -20,6 +21,7 @@ SERVICES = {
     "services/openai_api_lm": OpenAIApiSettings,
     "services/transformers_lm": TransformersSettings,
     "skills/prompted_skill": SkillSettings,
+    "services/autoscaler": AutoscalerSettings,
 }
 # A table row that documents a variable: its first cell is the name in backticks, e.g. | `PROMPT` | ...
 SETTING_ROW = re.compile(r"^\| `([A-Z][A-Z0-9_]*)` \|", re.MULTILINE)

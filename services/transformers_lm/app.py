@@ -2,8 +2,10 @@
 
 Nothing happens at import. `create_app` reads the settings and the default generative config, then
 loads the model in a background thread (or takes a model handed in, as tests do): `/health` is
-503 until the model is loaded and a warm-up generation ran. Dream endpoints answer errors as
-`{"error": {"message", "field"}}`, `/v1/*` endpoints in OpenAI's shape.
+503 until the model is loaded and a warm-up generation ran. `/health` also reports the requests in
+progress (`ongoing_requests`, what the autoscaler reads); once the service drains (SIGTERM,
+common/draining.py) it is 503 `draining` and new requests get 503 while those in progress finish.
+Dream endpoints answer errors as `{"error": {"message", "field"}}`, `/v1/*` endpoints in OpenAI's shape.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from common.lm_protocol import GenerationConfig, load_default_config
 from common.model_sources import ModelSourceError, resolve_model_source
 from common.validation import RequestValidationError, parse_body
 from common.dream_errors import NotReadyError
+from common.draining import DrainingError, install_drain
 from common.openapi import register_openapi
 from common.service_main import stop_worker
 from services.transformers_lm import openai_serving
@@ -137,6 +140,7 @@ def create_app(
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     holder = ServiceHolder(settings, default_config)
     app.extensions["lm_service"] = holder
+    drain = install_drain(app)
     started_at = int(time.time())
     if model is not None:
         holder.install(model)
@@ -155,15 +159,21 @@ def create_app(
 
     @app.route("/ping", methods=["GET", "POST"])
     def ping() -> Response:
-        """Dream's liveness check, honest: "pong" once the model serves, 503 while it loads or after it failed."""
+        """Dream's liveness check, honest: "pong" once the model serves, 503 while it loads, after it
+        failed, or while it drains."""
         holder.get()
+        if drain.draining:
+            raise DrainingError()
         return jsonify("pong")
 
     @app.get("/health")
     def health() -> tuple[Response, int]:
-        body = {"status": holder.state, "service": settings.service_name, "model": settings.pretrained_model_name_or_path}
+        body = {"status": holder.state, "service": settings.service_name, "model": settings.pretrained_model_name_or_path,
+                "ongoing_requests": drain.ongoing}
         if holder.service is None:
             return jsonify({**body, "error": holder.error}), 503
+        if drain.draining:
+            return jsonify({**body, "status": "draining"}), 503
         info = holder.service.model.info
         return jsonify(
             {
@@ -218,6 +228,7 @@ _ERROR_STATUSES: list[tuple[type[BaseException], int, str, str | None]] = [
     (RequestEntityTooLarge, 413, "invalid_request_error", "request_too_large"),
     (QueueFullError, 429, "rate_limit_error", "queue_full"),
     (ModelNotReadyError, 503, "service_unavailable", "model_not_ready"),
+    (DrainingError, 503, "service_unavailable", "draining"),
 ]
 
 
@@ -244,7 +255,7 @@ def _register_error_handler(app: Flask) -> None:
                 "(MAX_REQUEST_BYTES)"
             )
             field = None
-        if status >= 500 and not isinstance(error, ModelNotReadyError):
+        if status >= 500 and not isinstance(error, NotReadyError):
             logger.error("%s %s failed: %r", request.method, request.path, error, exc_info=error)
             if not isinstance(error, (GenerationFailedError, HTTPException)):
                 message = f"internal error ({type(error).__name__}); the service log has the details"

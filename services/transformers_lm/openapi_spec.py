@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from common.lm_protocol import GenerateGoalsResponse, RespondResponse
 from common.openapi import Api, Body, Operation, OpenAIError
@@ -91,9 +91,10 @@ class TextCompletion(BaseModel):
 
 
 class LMHealth(BaseModel):
-    status: str
+    status: str = Field(description="ok; loading, failed or draining (503)")
     service: str
     model: str
+    ongoing_requests: int = Field(description="requests received and not yet answered (what the autoscaler reads)")
     error: str | None = None
     backend: str | None = None
     device: str | None = None
@@ -145,8 +146,8 @@ API = Api(
             request=TokenizeRequest, request_example={"content": "What is the capital of France?"},
             responses={200: Body(TokenizeResponse)}, errors=(400, 413, 503),
         ),
-        Operation("GET", "/health", "200 once the model is loaded and warmed up, 503 before",
-                  responses={200: Body(LMHealth, "ready"), 503: Body(LMHealth, "loading or failed")}),
+        Operation("GET", "/health", "200 once the model is loaded and warmed up, 503 before and while the service drains",
+                  responses={200: Body(LMHealth, "ready"), 503: Body(LMHealth, "loading, failed, or draining (stopping)")}),
         Operation("GET", "/ping", "Dream's liveness check: \"pong\" once ready, 503 before", responses={200: Body(str)},
                   errors=(503,)),
         Operation("POST", "/ping", "Dream's liveness check: \"pong\" once ready, 503 before", responses={200: Body(str)},

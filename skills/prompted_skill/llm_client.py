@@ -19,6 +19,8 @@ CONNECT_TIMEOUT_SECONDS = 3.0
 # Pauses before the retries after a dropped connection: long enough for a dead replica's address to
 # leave the service's DNS answer, short against a generation's timeout.
 RETRY_PAUSES_SECONDS = (0.2, 1.0)
+# What a replica answers when it cannot take a request now (stopping, or loading its model).
+REPLICA_UNAVAILABLE = 503
 
 
 class LLMCallError(RuntimeError):
@@ -26,10 +28,14 @@ class LLMCallError(RuntimeError):
 
 
 class LLMClient:
-    """Posts one dialog to an LLM `/respond` and returns its hypotheses."""
+    """Posts one dialog to an LLM `/respond` and returns its hypotheses.
 
-    def __init__(self, session: requests.Session | None = None):
-        self.session = session or requests.Session()
+    Every call opens a connection of its own, with its own DNS lookup, and none is kept alive. A
+    service name may stand for several replicas (Swarm's DNS round robin): pooled connections would
+    pin the calls to the replicas they were opened to, so a replica the autoscaler adds would get
+    nothing while the load lasts, and one being scaled away would keep getting calls. A connection
+    costs a millisecond; a generation, seconds.
+    """
 
     def respond(
         self,
@@ -66,32 +72,44 @@ class LLMClient:
         return hypotheses[0]
 
     def _post(self, url: str, body: dict[str, Any], timeout_seconds: float) -> requests.Response:
-        """POST, and again on a fresh connection when the connection fails (not when the answer times out).
+        """POST, and again on a fresh connection when the connection fails or the replica answers 503
+        (not when the answer times out).
 
         A service name may stand for several replicas (Swarm's DNS round robin). When the replica
-        that held a connection is killed or replaced mid-request, the pooled connections to it are
-        dead too, so a retry on the same pool can fail the same way: each retry opens a new
-        connection, after a short pause, with a fresh DNS lookup that reaches a live replica. The
-        connect timeout is short, so an address that no longer answers costs seconds, not the
-        whole budget, before the next address of the name is tried.
+        that held the connection is killed or replaced mid-request, the retry opens a new
+        connection, after a short pause, with a fresh DNS lookup that reaches a live replica. A
+        replica that is stopping (scaled down, updated) answers 503 to what it will not finish, as
+        one still loading its model does: that request too goes to another replica. The connect
+        timeout is short, so an address that no longer answers costs seconds, not the whole
+        budget, before the next address of the name is tried. After the last retry a 503 is
+        returned as it is, a connection failure raised.
         """
         deadline = time.monotonic() + timeout_seconds
         timeout = (min(CONNECT_TIMEOUT_SECONDS, timeout_seconds), timeout_seconds)
-        try:
-            return self.session.post(url, json=body, timeout=timeout)
-        except requests.ConnectionError as error:  # includes ConnectTimeout: the request never left
-            failure = error
-        for pause in RETRY_PAUSES_SECONDS:
-            if time.monotonic() + pause >= deadline:
-                break
-            time.sleep(pause)
-            logger.warning("the LLM at %s dropped the connection (%s); retrying on a new one", url, type(failure).__name__)
+        failure: requests.Response | requests.ConnectionError
+        for pause in (0.0, *RETRY_PAUSES_SECONDS):
+            if pause:
+                if time.monotonic() + pause >= deadline:
+                    break
+                time.sleep(pause)
+                logger.warning("the LLM at %s %s; retrying on a new connection", url, _failure_text(failure))
             try:
-                with requests.Session() as fresh:
-                    return fresh.post(url, json=body, timeout=timeout)
-            except requests.ConnectionError as error:
+                with requests.Session() as connection:  # a connection of its own, closed after
+                    response = connection.post(url, json=body, timeout=timeout)
+                if response.status_code != REPLICA_UNAVAILABLE:
+                    return response
+                failure = response
+            except requests.ConnectionError as error:  # includes ConnectTimeout: the request never left
                 failure = error
+        if isinstance(failure, requests.Response):
+            return failure
         raise failure
+
+
+def _failure_text(failure: requests.Response | requests.ConnectionError) -> str:
+    if isinstance(failure, requests.Response):
+        return f"answered 503 ({_error_message(failure)})"
+    return f"dropped the connection ({type(failure).__name__})"
 
 
 def _error_message(response: requests.Response) -> str:

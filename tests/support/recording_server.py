@@ -34,6 +34,8 @@ class Reply:
     delay_seconds: float = 0.0
     # Close the connection without answering, as a server process that is killed mid-request does.
     drop_connection: bool = False
+    # A plain-text body instead of `body` as JSON (e.g. Prometheus' text format).
+    text: str | None = None
 
 
 @dataclass
@@ -70,10 +72,10 @@ def recording_server(answer: Callable[[RecordedRequest], Reply] | None = None) -
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)
                 return
-            payload = json.dumps(reply.body).encode()
+            payload = json.dumps(reply.body).encode() if reply.text is None else reply.text.encode()
             try:
                 self.send_response(reply.status)
-                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Type", "application/json" if reply.text is None else "text/plain")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
                 self.wfile.write(payload)

@@ -27,6 +27,7 @@ SERVICE_FOLDERS = {
     "openai_api_lm": REPO_ROOT / "services" / "openai_api_lm",
     "transformers_lm": REPO_ROOT / "services" / "transformers_lm",
     "prompted_skill": REPO_ROOT / "skills" / "prompted_skill",
+    "autoscaler": REPO_ROOT / "services" / "autoscaler",
 }
 
 

@@ -1,21 +1,25 @@
 """The universal_prompted_assistant distribution as a Docker Swarm stack, on a real single-node swarm.
 
 The steps are the README's "Beyond one machine": build the images (make test-docker's, reused from
-its build cache), `parley stack --endpoint-mode dnsrr` (this kernel has no IPVS), `docker swarm
-init`, label the node that keeps the agent's state, `docker stack deploy`, `docker service scale`
-the LLM to 2 replicas. Then: a dialog through the agent answers Paris; turns reach both LLM
-replicas; killing one replica's container while 4 dialogs run loses no turn and the replica is
-replaced; `docker service update --env-add` rolls the LLM over, start-first, while dialogs go on.
-`docker stack rm` and `docker swarm leave --force` always run at the end, also on failure, and the
-test checks that nothing of the stack is left. Run by `make test-swarm` as root, on the engine of
-`make test-docker` (its `engine` fixture: started by `parley engine start` when none runs, stopped
-after). Every step prints its duration.
+its build cache, and the autoscaler's), `parley stack --endpoint-mode dnsrr` (this kernel has no
+IPVS; the LLM's card autoscales, so the stack has the autoscaler), `docker swarm init`, label the
+node that keeps the agent's state, `docker stack deploy`, and at least 2 LLM replicas through the
+autoscaler's `min_replicas` label. Then: a dialog through the agent answers Paris; turns reach both
+LLM replicas; killing one replica's container while 4 dialogs run loses no turn and the replica is
+replaced; `docker service update --env-add` rolls the LLM over, start-first, while dialogs go on;
+and the autoscaler, given short delays, takes the LLM from 1 replica to 2 under 4 users' load and
+back to 1 when 3 of them stop, every decision logged with its reason, no turn failing throughout (a
+replica scaled away drains). `docker stack rm` and `docker swarm leave --force` always run at the
+end, also on failure, and the test checks that nothing of the stack is left. Run by `make
+test-swarm` as root, on the engine of `make test-docker` (its `engine` fixture: started by `parley
+engine start` when none runs, stopped after). Every step prints its duration.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import json
 import importlib.util
 import subprocess
 import sys
@@ -50,11 +54,15 @@ IMAGES_PROJECT = docker_tests.PROJECT
 STACK = "parley-test-swarm"
 LLM_SERVICE = "transformers-lm-smollm2"
 LLM = f"{STACK}_{LLM_SERVICE}"
+AUTOSCALER = f"{STACK}_autoscaler"
 AGENT_URL = "http://127.0.0.1:4242"
 SKILL = "prompted_skill"
 OUTPUT_DIR = REPO_ROOT / "tests" / "output"
 STACK_FILE = OUTPUT_DIR / "swarm-stack.yml"
 QUESTIONS = ["What is the capital of France?", "What is the capital of Italy?", "Name a colour.", "Say hello."]
+# Users who talk at once to grow the LLM: with the one who goes on throughout, 4 turns in progress,
+# twice the card's target_ongoing_requests (2) for one replica.
+BURST_USERS = 3
 
 
 def docker(*args: str, check: bool = True, timeout: float = 120) -> str:
@@ -137,9 +145,24 @@ def skill_log_lines(containing: str) -> list[str]:
     return [line for line in (logs.stdout + logs.stderr).splitlines() if containing in line]
 
 
-def running_llm_tasks() -> int:
-    states = docker("service", "ps", LLM, "--filter", "desired-state=running", "--format", "{{.CurrentState}}", check=False)
+def running_tasks(service: str) -> int:
+    states = docker("service", "ps", service, "--filter", "desired-state=running", "--format", "{{.CurrentState}}", check=False)
     return sum(1 for state in states.splitlines() if state.startswith("Running"))
+
+
+def running_llm_tasks() -> int:
+    return running_tasks(LLM)
+
+
+def llm_replicas_asked() -> int:
+    """The replicas the LLM service asks for (what the autoscaler sets)."""
+    return int(docker("service", "inspect", "--format", "{{.Spec.Mode.Replicated.Replicas}}", LLM))
+
+
+def autoscaler_log_lines() -> list[str]:
+    """The autoscaler's decisions, as it logged them (its logger is named `autoscaler`)."""
+    logs = subprocess.run(["docker", "service", "logs", "--raw", AUTOSCALER], capture_output=True, text=True, timeout=60)
+    return [line for line in (logs.stdout + logs.stderr).splitlines() if " autoscaler: " in line]
 
 
 @pytest.fixture(scope="module")
@@ -150,8 +173,8 @@ def swarm_stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
     if docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "inactive":
         pytest.fail("this engine is already part of a swarm: the test makes and leaves its own", pytrace=False)
     had_gateway_bridge = bool(docker("network", "ls", "-q", "--filter", "name=^docker_gwbridge$"))
-    with step("build the images (make test-docker's, from its build cache)"):
-        run([*compose("cpu.yml"), "--progress", "plain", "build"], environment, "swarm-build.log")
+    with step("build the images (make test-docker's, from its build cache, and the autoscaler's)"):
+        run([*compose("cpu.yml", "autoscaler.yml"), "--progress", "plain", "build"], environment, "swarm-build.log")
     with step(f"parley stack {DIST} --overlay cpu.yml --endpoint-mode dnsrr"):
         run([parley, "stack", DIST, "--overlay", "cpu.yml", "--endpoint-mode", "dnsrr",
              "--project", IMAGES_PROJECT, "-o", str(STACK_FILE)], environment)
@@ -160,11 +183,14 @@ def swarm_stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
         with step("docker swarm init --advertise-addr 127.0.0.1"):
             docker("swarm", "init", "--advertise-addr", "127.0.0.1")
             docker("node", "update", "--label-add", "parley-state=true", docker("info", "--format", "{{.Swarm.NodeID}}"))
-        with step(f"docker stack deploy {STACK}, then docker service scale {LLM}=2"):
+        with step(f"docker stack deploy {STACK}, then at least 2 LLM replicas (the autoscaler's min_replicas label)"):
             docker("stack", "deploy", "--resolve-image", "never", "-c", str(STACK_FILE), STACK, timeout=300)
-            docker("service", "scale", "--detach", f"{LLM}=2")
+            wait_for("the autoscaler running", lambda: running_tasks(AUTOSCALER) == 1, 300)
+            docker("service", "update", "--detach", "--label-add", "parley.autoscaling.min_replicas=2", LLM)
             waited = wait_for("2 LLM replicas running", lambda: running_llm_tasks() == 2, 600)
             print(f"    2 LLM replicas running after {waited:.1f}s")
+            for line in autoscaler_log_lines():
+                print(f"    {line}")
             wait_for("the agent's /health on 127.0.0.1:4242", agent_healthy, 300)
             print(docker("service", "ls", "--format", "    {{.Name}} {{.Replicas}} {{.Image}}"))
         yield environment
@@ -280,4 +306,70 @@ def test_a_rolling_update_with_a_changed_env_keeps_answering(swarm_stack):
         assert "PARLEY_ROLLOUT=2" in docker("inspect", "--format", "{{json .Config.Env}}", container)
     assert failures == []
     assert answers
+    assert [answer for answer in answers if answer["active_skill"] != SKILL or not answer["response"]] == []
+
+
+def test_the_autoscaler_grows_the_llm_under_load_and_shrinks_it_after_with_no_failed_turn(swarm_stack):
+    # The stack carries the card's bounds; the test shortens the delays (labels are read at every look).
+    deployed = json.loads(docker("service", "inspect", "--format", "{{json .Spec.Labels}}", LLM))
+    card = {f"parley.autoscaling.{key}": value for key, value in (("max_replicas", "2"), ("target_ongoing_requests", "2"),
+                                                                  ("upscale_delay_s", "15"), ("downscale_delay_s", "120"))}
+    for key, value in {"min_replicas": "1", "upscale_delay_s": "5", "downscale_delay_s": "20"}.items():
+        docker("service", "update", "--detach", "--label-add", f"parley.autoscaling.{key}={value}", LLM)
+    answers: list[dict] = []
+    failures: list[str] = []
+    replicas_seen: list[int] = []
+    trickling, bursting = threading.Event(), threading.Event()
+
+    def talk(user_id: str, going: threading.Event) -> None:
+        number = 0
+        while going.is_set():
+            number += 1
+            try:
+                answers.append(turn(user_id, QUESTIONS[number % len(QUESTIONS)]))
+            except (requests.RequestException, ValueError) as error:
+                failures.append(f"{user_id} turn {number}: {error}")
+
+    def replicas(count: int) -> bool:
+        asked = llm_replicas_asked()
+        if not replicas_seen or replicas_seen[-1] != asked:
+            replicas_seen.append(asked)
+        return asked == count and running_llm_tasks() == count
+
+    with step("quiet: the autoscaler takes the LLM down to min_replicas (1) after downscale_delay_s (20)"):
+        wait_for("1 LLM replica", lambda: replicas(1), 300)
+    trickle = threading.Thread(target=talk, args=("swarm-autoscale-trickle", trickling))
+    burst = [threading.Thread(target=talk, args=(f"swarm-autoscale-{index}", bursting)) for index in range(BURST_USERS)]
+    trickling.set()
+    bursting.set()
+    trickle.start()
+    try:
+        with step(f"{BURST_USERS} more users talk at once: the autoscaler adds a replica (target 2 requests per replica)"):
+            for thread in burst:
+                thread.start()
+            waited = wait_for("2 LLM replicas running", lambda: replicas(2), 600)
+            print(f"    2 replicas {waited:.1f}s after the load began; {len(answers)} turns so far")
+        bursting.clear()
+        for thread in burst:
+            thread.join()
+        with step(f"the {BURST_USERS} stop (one user goes on, so a turn may be on the replica that goes): back to 1"):
+            waited = wait_for("1 LLM replica", lambda: replicas(1), 300)
+            print(f"    1 replica {waited:.1f}s after the load stopped")
+    finally:
+        bursting.clear()
+        trickling.clear()
+        trickle.join()
+        for thread in burst:
+            if thread.is_alive():
+                thread.join()
+    decisions = [line for line in autoscaler_log_lines() if ": scale " in line]
+    for line in autoscaler_log_lines()[-12:]:
+        print(f"    {line}")
+    print(f"    autoscaler: {LLM_SERVICE} replicas {' -> '.join(map(str, replicas_seen))} under load; "
+          f"{len(answers)} turns answered, failed: {len(failures)}")
+
+    assert {key: deployed.get(key) for key in card} == card  # the card's bounds, as parley stack wrote them
+    assert replicas_seen[-3:] == [1, 2, 1]
+    assert any("scale 1 -> 2" in line for line in decisions) and any("scale 2 -> 1" in line for line in decisions)
+    assert failures == []
     assert [answer for answer in answers if answer["active_skill"] != SKILL or not answer["response"]] == []
