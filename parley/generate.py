@@ -136,10 +136,21 @@ def llm_environment(card: Card) -> dict[str, Any]:
     else:
         environment["PRETRAINED_MODEL_NAME_OR_PATH"] = container_model_path(card) or model.source
         environment["HALF_PRECISION"] = "true" if model.half_precision else "false"
+        if model.backend != "auto":
+            environment["BACKEND"] = model.backend
+        if model.gguf_weights != "auto":
+            environment["GGUF_WEIGHTS"] = model.gguf_weights
         if model.sha256:
             environment["MODEL_SHA256"] = model.sha256
+        # The service answers to the card's name (never a container path), its names and aliases.
+        environment["SERVED_MODEL_NAME"] = card.name
         if model.aliases:
             environment["MODEL_ALIASES"] = ",".join(model.aliases)
+        if model.names:
+            environment["MODEL_NAMES"] = json.dumps(model.names)
+        if model.context_length is not None:
+            environment["CONTEXT_LENGTH"] = model.context_length
+        environment["MAX_BATCH_SIZE"] = model.batch_slots
         if model.stop:
             environment["STOP_SEQUENCES"] = json.dumps(model.stop)
         if model.prompt_format:
@@ -160,8 +171,10 @@ def llm_compose_service(card: Card) -> CommentedMap:
     environment = llm_environment(card)
     args: dict[str, Any] = {"BASE_IMAGE": DEFAULT_BASE_IMAGE, "SERVICE_PORT": card.port, "SERVICE_NAME": card.name}
     if model.api == "transformers":
-        args["PRETRAINED_MODEL_NAME_OR_PATH"] = environment["PRETRAINED_MODEL_NAME_OR_PATH"]
-        args["HALF_PRECISION"] = environment["HALF_PRECISION"]
+        # What the image's build step converts the model for (it loads it once, as the service will).
+        for key in ("PRETRAINED_MODEL_NAME_OR_PATH", "HALF_PRECISION", "BACKEND", "GGUF_WEIGHTS"):
+            if key in environment:
+                args[key] = environment[key]
     service = block(
         {
             "build": {"context": ".", "dockerfile": f"{service_folder(card)}/Dockerfile", "args": args},
