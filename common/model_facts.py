@@ -224,7 +224,8 @@ def read_gguf_facts(path: Path) -> ModelFacts:
     kv_heads = _first(metadata.get(f"{prefix}attention.head_count_kv")) or head_count
     hidden = metadata.get(f"{prefix}embedding_length")
     head_dim = metadata.get(f"{prefix}attention.key_length") or (hidden // head_count if hidden and head_count else None)
-    eos_ids = sorted({int(metadata[key]) for key in _GGUF_EOS_KEYS if isinstance(metadata.get(key), int)})
+    # The EOS first (a template's `eos_token`), then the end-of-turn and end-of-message tokens.
+    eos_ids = list(dict.fromkeys(int(metadata[key]) for key in _GGUF_EOS_KEYS if isinstance(metadata.get(key), int)))
     parameters = 0
     for _, shape, _ in tensors:
         count = 1
@@ -243,7 +244,7 @@ def read_gguf_facts(path: Path) -> ModelFacts:
         context_window=metadata.get(f"{prefix}context_length"),
         chat_template=metadata.get("tokenizer.chat_template"),
         bos_token=tokens.get(int(bos_id)) if isinstance(bos_id, int) else None,
-        eos_token_ids=tuple(eos_ids),
+        eos_token_ids=tuple(sorted(eos_ids)),
         eos_tokens=tuple(dict.fromkeys(tokens[i] for i in eos_ids if i in tokens)),
         layers=metadata.get(f"{prefix}block_count"),
         kv_heads=kv_heads,
@@ -348,10 +349,9 @@ def read_folder_facts(folder: Path) -> ModelFacts:
     if eos_text is not None and eos_text in by_text:
         eos_ids.append(by_text[eos_text])
     eos_ids += _ids(generation_config.get("eos_token_id")) + _ids(config.get("eos_token_id"))
-    eos_ids = sorted(set(eos_ids))
-    eos_tokens = [by_id[i] for i in eos_ids if i in by_id]
-    if eos_text is not None and eos_text not in eos_tokens:
-        eos_tokens.insert(0, eos_text)
+    eos_ids = list(dict.fromkeys(eos_ids))
+    # The tokenizer's EOS first (a template's `eos_token`), then the others.
+    eos_tokens = ([eos_text] if eos_text is not None else []) + [by_id[i] for i in eos_ids if i in by_id]
 
     weights = sorted(item for item in folder.iterdir() if item.is_file() and item.suffix in WEIGHT_SUFFIXES)
     parameters, stored_bytes, dtypes = 0, 0, set()
@@ -395,7 +395,7 @@ def read_folder_facts(folder: Path) -> ModelFacts:
         context_window=window,
         chat_template=_chat_template(folder, tokenizer_config),
         bos_token=bos_text,
-        eos_token_ids=tuple(eos_ids),
+        eos_token_ids=tuple(sorted(eos_ids)),
         eos_tokens=tuple(dict.fromkeys(eos_tokens)),
         layers=text_config.get("num_hidden_layers") or text_config.get("n_layer"),
         kv_heads=kv_heads,

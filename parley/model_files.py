@@ -22,7 +22,7 @@ from common.model_facts import WEIGHT_SUFFIXES, ModelFacts, read_model_facts
 from common.model_sources import file_sha256
 
 CACHE_FILE_NAME = "model-files.json"
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 
 
 def default_cache_dir() -> Path:

@@ -11,53 +11,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from support.servers import REPO_ROOT
-
-from parley.cli import cli
+from support.checkout import copy_bundle, run_parley, write_tiny_gguf
 
 DIST = "universal_prompted_assistant"
 OVERRIDE = f"assistant_dists/{DIST}/docker-compose.override.yml"
-BUNDLE = [".env", "docker-compose.yml", "components.tsv", "MODELS.md", "components", "assistant_dists", "common", "services", "skills"]
 
 
 @pytest.fixture
 def checkout(tmp_path: Path) -> Path:
     """A copy of the repository's bundle, as `parley` sees it."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".cache")
-    for name in BUNDLE:
-        source = REPO_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=ignore)
-        else:
-            shutil.copy2(source, root / name)
-    return root
+    return copy_bundle(tmp_path / "repo")
 
 
 @pytest.fixture
 def gguf_model(tmp_path: Path) -> Path:
     """A small GGUF file that declares a 2048-token context, an EOS token and its dimensions (no chat template)."""
-    import gguf
-
-    path = tmp_path / "models" / "tiny-chat.gguf"
-    path.parent.mkdir(parents=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(2048)
-    writer.add_block_count(2)
-    writer.add_embedding_length(8)
-    writer.add_head_count(2)
-    writer.add_head_count_kv(1)
-    writer.add_token_list(["<unk>", "<s>", "</s>", "a", "b"])
-    writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    return write_tiny_gguf(tmp_path / "models" / "tiny-chat.gguf")
 
 
 @pytest.fixture
@@ -75,10 +44,7 @@ def model_dir(tmp_path: Path) -> Path:
     return path
 
 
-def parley(root: Path, *args: str, code: int = 0) -> str:
-    result = CliRunner().invoke(cli, [*args, "--repo", str(root)], catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result.output
+parley = run_parley
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -174,7 +140,7 @@ def test_changing_an_option_edits_the_card_in_place_and_keeps_its_comments(check
 
 
 def test_a_model_inside_the_repository_is_named_relative_to_it_so_the_files_work_on_any_machine(checkout: Path, gguf_model: Path):
-    (checkout / "models").mkdir()
+    (checkout / "models").mkdir(exist_ok=True)
     shutil.copy(gguf_model, checkout / "models" / "tiny.gguf")
 
     parley(checkout, "add-llm", "transformers-lm-tiny", "--model", str(checkout / "models" / "tiny.gguf"))

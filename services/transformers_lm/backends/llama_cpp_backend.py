@@ -22,6 +22,7 @@ from services.transformers_lm.backends import (
     LoadOptions,
     ModelInfo,
     ModelLoadError,
+    check_sha256_pin,
 )
 from services.transformers_lm.backends.chat_template import ChatTemplateError, render_chat_template
 from services.transformers_lm.engines.llama_cpp_engine import LlamaCppEngine, LlamaCppEngineConfig, default_threads
@@ -137,8 +138,6 @@ class LlamaCppBackend(Backend):
             raise ModelLoadError("BACKEND=llama_cpp runs on the CPU here: set DEVICE=cpu or auto, or BACKEND=transformers")
         sha256 = None
         if options.sha256:
-            from services.transformers_lm.backends.transformers_backend import check_sha256_pin
-
             sha256 = check_sha256_pin(source.path, options.sha256)
         weights_path = source.path
         if weights_to_run(source.requested, options.gguf_weights) == "f16":
