@@ -18,10 +18,10 @@ from common.model_facts import ModelFactsError
 from common.model_sources import EMBEDDED_MODELS, ModelSourceError
 from parley.cards import DNS_LABEL, LLM_GROUP, LLM_SERVICE_FOLDERS, Card, CardError, card_to_data, key_env_var_problem, parse_card
 from parley.generate import Plan, plan_generation
-from parley.known_models import KNOWN_MODELS_FILE, KnownModels, KnownModelsError, load_known_models
+from parley.known_models import KNOWN_MODELS_FILE, KnownModel, KnownModels, KnownModelsError, load_known_models
 from parley.memory import parse_size, ram_usage_text
 from parley.model_files import ModelFile, ModelFileCache, hub_cache_folder
-from parley.model_fit import card_model_problems, derived_from, locate_model, memory_estimate
+from parley.model_fit import Located, card_model_problems, derived_from, locate_model, memory_estimate
 from parley.repo import OVERRIDE, Repo
 from parley.yamlio import YamlSyntaxError, dump_yaml, load_yaml_text
 
@@ -102,10 +102,10 @@ class _ModelReading:
     """What add-llm learnt of a local model: its file's sha256 and facts, and the registry's entry."""
 
     model_file: ModelFile | None
-    known: Any = None  # parley.known_models.KnownModel
+    known: KnownModel | None = None
 
 
-def _read_model(repo: Repo, source: str, cache: ModelFileCache, known: KnownModels) -> tuple[Any, _ModelReading]:
+def _read_model(repo: Repo, source: str, cache: ModelFileCache, known: KnownModels) -> tuple[Located, _ModelReading]:
     try:
         located = locate_model(repo.root, source)
     except ModelSourceError as error:
@@ -118,10 +118,6 @@ def _read_model(repo: Repo, source: str, cache: ModelFileCache, known: KnownMode
     except ModelFactsError as error:
         raise LlmError(f"--model: {error}") from None
     return located, _ModelReading(model_file, known.get(model_file.sha256))
-
-
-def _first(*values: Any) -> Any:
-    return next((value for value in values if value not in (None, [], {})), None)
 
 
 def build_card(
@@ -192,7 +188,7 @@ def build_card(
             location = located.location.resolve()
             inside = location.is_relative_to(repo.root.resolve())
             model["source"] = f"./{location.relative_to(repo.root.resolve()).as_posix()}" if inside else str(location)
-        notes += _apply_model_reading(repo, options, model, data, reading, located)
+        notes += _apply_model_reading(options, model, reading, located)
     else:
         if not model.get("base_url"):
             raise LlmError("--api openai needs --base-url, the upstream's OpenAI API root (e.g. https://api.openai.com/v1)")
@@ -262,7 +258,7 @@ def build_card(
     return BuiltCard(card, notes)
 
 
-def _apply_model_reading(repo: Repo, options: LlmOptions, model: dict[str, Any], data: dict[str, Any], reading: _ModelReading, located) -> list[str]:
+def _apply_model_reading(options: LlmOptions, model: dict[str, Any], reading: _ModelReading, located: Located) -> list[str]:
     """Fill the model section from the file (derived values) and the registry; the notes to print."""
     model_file, known = reading.model_file, reading.known
     if model_file is None:

@@ -27,7 +27,7 @@ from common.model_facts import ModelFacts
 
 KIB, MIB, GIB = 2**10, 2**20, 2**30
 # The service's resident memory beyond weights and KV cache, per backend (see the docstring).
-RUNTIME_OVERHEAD = {"llama_cpp": 384 * MIB, "transformers": 768 * MIB}
+RUNTIME_OVERHEAD = {"llama_cpp": 512 * MIB, "transformers": 768 * MIB}
 PREFIX_CACHE_BYTES = 64 * MIB  # the transformers engine's prefix cache (engines/prefix_cache.py)
 # What llama_cpp serves per sequence when a card sets no context_length (its LlamaCppEngineConfig default).
 LLAMA_CPP_DEFAULT_CONTEXT = 2048
@@ -60,11 +60,11 @@ def format_size(size: int) -> str:
 
 
 def ram_usage_text(size: int) -> str:
-    """A card's `ram_usage` that holds `size`: up to the next 0.1 GiB (under 1 GiB: the next 64 MiB)."""
-    if size < GIB:
-        return f"{math.ceil(size / (64 * MIB)) * 64}M"
-    tenths = math.ceil(size / GIB * 10 - 1e-9)
-    return f"{tenths // 10}G" if tenths % 10 == 0 else f"{tenths / 10:.1f}G"
+    """A card's `ram_usage` that holds `size`: the next multiple of 64 MiB, in M (a whole number of
+    MiB, so Compose's byte count and a stack file's size stay exact); from 16 GiB, the next whole G."""
+    if size >= 16 * GIB:
+        return f"{math.ceil(size / GIB)}G"
+    return f"{math.ceil(size / (64 * MIB)) * 64}M"
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,7 @@ def test_the_estimate_is_weights_plus_the_kv_cache_of_every_slot_plus_runtime():
     assert longer.context_length == 8192  # never above the window
 
 
-@pytest.mark.parametrize("size, text", [(400 * 2**20, "448M"), (2**30, "1G"), (int(1.33 * 2**30), "1.4G"), (int(2.03 * 2**30), "2.1G")])
+@pytest.mark.parametrize("size, text", [(400 * 2**20, "448M"), (2**30, "1024M"), (int(1.33 * 2**30), "1408M"), (20 * 2**30 + 1, "21G")])
 def test_a_ram_usage_is_rounded_up_so_it_holds_the_estimate(size: int, text: str):
     assert ram_usage_text(size) == text
     assert parse_size(text) >= size

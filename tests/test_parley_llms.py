@@ -80,7 +80,7 @@ def test_adding_a_gguf_and_a_directory_model_wires_every_file_and_check_passes(c
     assert '"http://transformers-lm-tiny-dir:8190/respond": {"key_env_vars": []' in override
     assert "transformers-lm-tiny-gguf:\n        condition: service_healthy" in override
     # each memory limit is its model's estimate: weights + KV cache + the backend's runtime
-    assert "memory: 448M" in override  # the GGUF, on llama_cpp
+    assert "memory: 576M" in override  # the GGUF, on llama_cpp
     assert "memory: 896M" in override  # the folder, on transformers (float32, its prefix cache)
     assert '"127.0.0.1:8181:8181"' in read(checkout, f"assistant_dists/{DIST}/dev.yml")
     assert "transformers-lm-tiny-dir:\n    environment:\n      DEVICE: cpu" in read(checkout, f"assistant_dists/{DIST}/cpu.yml")
@@ -90,7 +90,7 @@ def test_adding_a_gguf_and_a_directory_model_wires_every_file_and_check_passes(c
         assert f"SERVICE_NAME: {name}" in read(checkout, f"services/transformers_lm/service_configs/{name}/environment.yml")
         assert json.loads(read(checkout, f"common/generative_configs/{name}.json"))["max_new_tokens"] > 0
     assert "| `transformers-lm-tiny-gguf` | " in read(checkout, "MODELS.md")
-    assert "| 8181 | 2048 | 448M / — | MIT |" in read(checkout, "MODELS.md")
+    assert "| 8181 | 2048 | 576M / — | MIT |" in read(checkout, "MODELS.md")
 
 
 def test_removing_the_added_models_restores_the_tree_byte_for_byte(checkout: Path, gguf_model: Path, model_dir: Path):
@@ -134,8 +134,8 @@ def test_changing_an_option_edits_the_card_in_place_and_keeps_its_comments(check
     changed = [(old, new) for old, new in zip(before, after) if old != new]
     assert len(after) == len(before)
     # Twice the context is twice the KV cache of 16 slots: the memory limit grows with it.
-    assert changed == [("ram_usage: 1.4G", "ram_usage: 2.1G"), ("  context_length: 2048", "  context_length: 4096")]
-    assert "| 8180 | 4096 | 2.1G / — |" in read(checkout, "MODELS.md")
+    assert changed == [("ram_usage: 1536M", "ram_usage: 2240M"), ("  context_length: 2048", "  context_length: 4096")]
+    assert "| 8180 | 4096 | 2240M / — |" in read(checkout, "MODELS.md")
     assert parley(checkout, "check").strip().endswith("ok: the bundle is consistent")
 
 

@@ -141,7 +141,7 @@ def test_add_llm_refuses_a_context_above_the_window_and_a_ram_usage_below_the_es
     too_small = parley(checkout, "add-llm", "transformers-lm-smollm2", "--ram-usage", "512M", code=1)
 
     assert "--context-length 9000 is above the model's window of 8192 tokens" in too_long
-    assert "--ram-usage 512M is below the model's estimated need, 1.3 GiB on llama_cpp" in too_small
+    assert "--ram-usage 512M is below the model's estimated need, 1.5 GiB on llama_cpp" in too_small
 
 
 # --- parley check against the model -------------------------------------------------------------
@@ -206,26 +206,26 @@ def test_check_catches_a_model_without_any_eos_source(checkout: Path, tmp_path: 
 
 
 def test_check_catches_a_ram_usage_below_the_models_estimated_need(checkout: Path):
-    edit(checkout, SHIPPED, "ram_usage: 1.4G", "ram_usage: 512M")
+    edit(checkout, SHIPPED, "ram_usage: 1536M", "ram_usage: 512M")
     parley(checkout, "generate")
 
     output = parley(checkout, "check", "--no-tools", code=1)
 
     assert (
-        "components/transformers-lm-smollm2.yml: ram_usage: 512M is below the model's estimated need, 1.3 GiB on "
-        "llama_cpp: weights 257 MiB + KV cache 720 MiB (16 slots × 2048 tokens × 22 KiB) + runtime 384 MiB"
+        "components/transformers-lm-smollm2.yml: ram_usage: 512M is below the model's estimated need, 1.5 GiB on "
+        "llama_cpp: weights 257 MiB + KV cache 720 MiB (16 slots × 2048 tokens × 22 KiB) + runtime 512 MiB"
     ) in output
     assert f"{OVERRIDE}: services.transformers-lm-smollm2.deploy.resources.limits.memory: 512M is below" in output
 
 
 def test_check_catches_a_compose_memory_limit_below_the_estimate(checkout: Path):
-    edit(checkout, OVERRIDE, "          memory: 1.4G", "          memory: 1G")
+    edit(checkout, OVERRIDE, "          memory: 1536M", "          memory: 1G")
 
     output = parley(checkout, "check", "--no-tools", code=1)
 
     assert (
         f"{OVERRIDE}: services.transformers-lm-smollm2.deploy.resources.limits.memory: 1G is below the model's "
-        "estimated need, 1.3 GiB on llama_cpp"
+        "estimated need, 1.5 GiB on llama_cpp"
     ) in output
 
 
@@ -260,8 +260,8 @@ def test_list_json_gives_every_field_of_every_llm(checkout: Path, models_folder:
     assert shipped["kind"] == "transformers" and shipped["source"] == DEFAULT_MODEL_NAME
     assert shipped["sha256"] == EMBEDDED_SHA256 and shipped["backend"] == "llama_cpp"
     assert (shipped["quantization"], shipped["runs_as"], shipped["context_length"]) == ("Q4_1", "F16", 2048)
-    assert shipped["ram_estimate"] == 269030016 + 2 * 30 * 3 * 64 * 2 * 2048 * 16 + 384 * 2**20
-    assert (shipped["ram_usage"], shipped["port"], shipped["distributions"]) == ("1.4G", 8180, [DIST])
+    assert shipped["ram_estimate"] == 269030016 + 2 * 30 * 3 * 64 * 2 * 2048 * 16 + 512 * 2**20
+    assert (shipped["ram_usage"], shipped["port"], shipped["distributions"]) == ("1536M", 8180, [DIST])
     assert shipped["names"] == ["transformers-lm-smollm2", "SmolLM2-135M-Instruct"]
     assert rows["transformers-lm-copy"]["sha256"] == EMBEDDED_SHA256
     assert (rows["openai-api-mini"]["kind"], rows["openai-api-mini"]["backend"]) == ("openai", "openai upstream")
@@ -273,7 +273,7 @@ def test_list_prints_a_table_with_a_short_sha256_and_the_memory(checkout: Path):
     assert header.split() == ["name", "kind", "source", "sha256", "backend", "quant", "context", "RAM", "est", "/", "limit",
                               "port", "distributions", "names"]
     assert row.split() == ["transformers-lm-smollm2", "transformers", DEFAULT_MODEL_NAME, EMBEDDED_SHA256[:12], "llama_cpp",
-                           "Q4_1→F16", "2048", "1.3GiB", "/", "1.4GiB", "8180", DIST, "transformers-lm-smollm2,SmolLM2-135M-Instruct"]
+                           "Q4_1→F16", "2048", "1.5GiB", "/", "1.5GiB", "8180", DIST, "transformers-lm-smollm2,SmolLM2-135M-Instruct"]
 
 
 def test_list_dist_shows_only_that_distributions_llms(checkout: Path, tmp_path: Path):
@@ -294,7 +294,7 @@ def test_list_dist_shows_only_that_distributions_llms(checkout: Path, tmp_path: 
 
 
 def test_up_refuses_before_starting_anything_a_distribution_larger_than_the_machine(checkout: Path):
-    edit(checkout, SHIPPED, "ram_usage: 1.4G", "ram_usage: 65536G")
+    edit(checkout, SHIPPED, "ram_usage: 1536M", "ram_usage: 65536G")
     parley(checkout, "generate")
 
     output = parley(checkout, "up", "--free-ports", code=1)
