@@ -102,11 +102,11 @@ def memory_estimate(card: Card, facts: ModelFacts) -> MemoryEstimate | None:
     )
 
 
-def assistant_turn_end(model: ModelSection, facts: ModelFacts) -> str | None:
-    """What the card's template writes after an assistant's answer (e.g. `<|im_end|>\\n`); None when
-    the template cannot be probed."""
-    if model.prompt_format:
-        template = str(model.prompt_format.get("assistant", "{instruction}\n"))
+def assistant_turn_end(prompt_format: dict | None, facts: ModelFacts) -> str | None:
+    """What a prompt format (None: the model's chat template) writes after an assistant's answer
+    (e.g. `<|im_end|>\\n`); None when the template cannot be probed."""
+    if prompt_format:
+        template = str(prompt_format.get("assistant", "{instruction}\n"))
         return template.split("{instruction}", 1)[1] if "{instruction}" in template else None
     if not facts.chat_template:
         return None
@@ -149,14 +149,18 @@ def card_model_problems(card: Card, facts: ModelFacts) -> list[str]:
             "model.stop: the model declares no end-of-generation token and the card has no stop strings, so "
             "every answer runs to max_new_tokens; add the token its turns end with"
         )
-    ending = assistant_turn_end(model, facts)
-    if ending is not None and ending.strip():
-        stops = [*model.stop, *facts.eos_tokens]
-        if not any(stop in ending for stop in stops):
-            where = "model.prompt_format.assistant" if model.prompt_format else "the model's chat template"
+    layouts = [("model.stop", "model.prompt_format.assistant" if model.prompt_format else "the model's chat template",
+                model.prompt_format, [])]
+    for name, variant in model.names.items():
+        if variant.get("prompt_format"):
+            layouts.append((f"model.names.{name}.stop", f"model.names.{name}.prompt_format.assistant",
+                            variant["prompt_format"], list(variant.get("stop") or [])))
+    for field, where, prompt_format, extra_stops in layouts:
+        ending = assistant_turn_end(prompt_format, facts)
+        if ending is not None and ending.strip() and not any(stop in ending for stop in [*model.stop, *extra_stops, *facts.eos_tokens]):
             found.append(
-                f"model.stop: {where} ends an answer with {ending.strip()!r}, which is no EOS token of the "
-                f"model and not in model.stop: nothing would end an answer there; add it to model.stop"
+                f"{field}: {where} ends an answer with {ending.strip()!r}, which is no EOS token of the "
+                f"model and not in {field}: nothing would end an answer there; add it to {field}"
             )
     return found
 

@@ -191,6 +191,15 @@ def test_check_catches_a_template_whose_end_of_an_answer_nothing_stops_at(checko
     ) in output
 
 
+def test_check_catches_a_named_variants_template_that_nothing_stops(checkout: Path):
+    names = '  names:\n    chatty:\n      prompt_format:\n        assistant: "{instruction}[END]\\n"\n'
+    edit(checkout, SHIPPED, "  names: {}\n", names)
+
+    output = parley(checkout, "check", "--no-tools", code=1)
+
+    assert "components/transformers-lm-smollm2.yml: model.names.chatty.stop: model.names.chatty.prompt_format.assistant ends an answer with '[END]'" in output
+
+
 def test_check_catches_a_model_without_any_eos_source(checkout: Path, tmp_path: Path):
     from parley.cards import parse_card
     from parley.model_fit import card_model_problems
