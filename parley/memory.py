@@ -11,9 +11,13 @@ and a runtime (Python, gunicorn, the engine's buffers). Per backend:
   context_length` positions, plus the 64 MiB prefix cache.
 
 The runtime overheads are measured, not guessed: the embedded SmolLM2 served by
-services/transformers_lm with 16 slots × 2048 tokens had a resident set of 1.26 GB on llama_cpp once
-ready (weights 257 MiB + KV 720 MiB + 224 MiB) and ... on transformers; the figures below leave room
-above those for a request's compute buffers.
+services/transformers_lm on llama_cpp with 16 slots × 2048 tokens had a resident set (gunicorn's
+master and worker) of 1304 MiB once ready and 1339 MiB after 16 concurrent requests: 977 MiB of
+weights and KV cache, so 362 MiB of runtime; 512 MiB leaves room for a batch's buffers. The
+transformers runtime (768 MiB: torch, the tokenizer, the engine's step buffers) is an allowance,
+not measured under full load (a 16-request batch did not finish in 15 minutes on the shared 2-core
+machine); its KV cache grows as sequences do, so the estimate, which counts it full, bounds it from
+above. tests/test_model_names_and_render.py checks that both services stay within their estimate.
 """
 
 from __future__ import annotations
