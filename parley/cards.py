@@ -27,6 +27,8 @@ if TYPE_CHECKING:
 DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 ENV_VAR_NAME = re.compile(r"^[A-Z_][A-Z0-9_]*$")
 RAM_USAGE = re.compile(r"^\d+(\.\d+)?[KMGT]$")
+# An OpenAI model name a card may give its weights (`model.names`): no spaces, no quotes.
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 LLM_GROUP = "services"
 
 
@@ -59,6 +61,26 @@ class Connector(_Strict):
         return self
 
 
+class DerivedSection(_Strict):
+    """What `parley add-llm` read from the model's own files (common.model_facts), kept so that
+    `parley list`, MODELS.md and the memory estimate need not open the model. Not typed by hand:
+    `parley check` compares it with the files, and `parley add-llm NAME` refreshes it."""
+
+    format: Literal["gguf", "transformers"]
+    architecture: str | None = None
+    parameter_count: int | None = None
+    quantization: str | None = None
+    file_size: int = Field(0, ge=0, description="bytes of the weights file(s)")
+    context_window: int | None = Field(None, description="the longest sequence the model was trained for")
+    chat_template: bool = False
+    eos: list[str] = Field([], description="the model's end-of-generation tokens (tokenizer EOS, generation_config EOS, GGUF EOT/EOM)")
+    layers: int | None = None
+    kv_heads: int | None = None
+    head_dim: int | None = None
+    # Settings neither the registry (models/known.yml) nor the model's files gave: defaults to review.
+    guessed: list[str] = []
+
+
 class ModelSection(_Strict):
     """What a model registry keeps per model."""
 
@@ -66,19 +88,33 @@ class ModelSection(_Strict):
     api: str = "transformers"
     source: str = Field(description="embedded name, local directory, .gguf file or Hugging Face id; for api=openai the upstream model name")
     sha256: str | None = None
+    # The model's family in the registry (models/known.yml) when its file is known there.
+    family: str | None = None
+    # The LLM service's BACKEND (auto: llama_cpp for a .gguf, else transformers) and, on llama_cpp,
+    # its GGUF_WEIGHTS (file: the GGUF's quantisation; f16: a dequantised copy; auto: the service decides).
+    backend: Literal["auto", "transformers", "llama_cpp"] = "auto"
+    gguf_weights: Literal["auto", "file", "f16"] = "auto"
     aliases: list[str] = []
-    context_length: int | None = Field(None, ge=1)
+    # More model names for the same weights, each with its own system prompt, prompt format,
+    # generation defaults and stops (the service's MODEL_NAMES; services.transformers_lm.settings.ModelVariant).
+    names: dict[str, dict[str, Any]] = {}
+    # Tokens per sequence the service serves (CONTEXT_LENGTH), at most the model's window; with
+    # batch_slots (MAX_BATCH_SIZE) it sizes the KV cache, and so the memory the service needs.
+    context_length: int | None = Field(None, ge=64)
+    batch_slots: int = Field(16, ge=1)
     half_precision: bool = False
     license: str | None = None
     # RayLLM's prompt_format fields (system, user, assistant, trailing_assistant, ...), as the LLM
     # service takes them in PROMPT_FORMAT; none: the tokenizer's chat template.
     prompt_format: dict[str, Any] | None = None
+    # The stop set (STOP_SEQUENCES): the model's end-of-turn tokens and any text that ends an answer.
     stop: list[str] = []
     # The model's default generative config (common/generative_configs/<name>.json): only the keys an
     # LLM service accepts (common.lm_protocol.GenerationConfig), kept as written.
     generation_config: dict[str, Any] = {}
     key_env_vars: list[str] = []
     base_url: str | None = None
+    derived: DerivedSection | None = None
 
     @field_validator("sha256")
     @classmethod
@@ -98,6 +134,20 @@ class ModelSection(_Strict):
             except ValidationError as error:
                 raise ValueError("; ".join(error_lines(error, root="(prompt_format)", model=PromptFormat))) from None
         return value
+
+    @field_validator("names")
+    @classmethod
+    def _valid_names(cls, names: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        from services.transformers_lm.settings import ModelVariant
+
+        for name, variant in names.items():
+            if not MODEL_NAME.match(name):
+                raise ValueError(f"{name!r} is not a model name: use letters, digits and . _ - : / (at most 128)")
+            try:
+                ModelVariant.model_validate(variant or {})
+            except ValidationError as error:
+                raise ValueError("; ".join(error_lines(error, root=f"({name})", prefix=name, model=ModelVariant))) from None
+        return names
 
     @field_validator("key_env_vars")
     @classmethod
@@ -267,6 +317,8 @@ class Card(_Strict):
     def _url_names_the_service(self) -> "Card":
         if urlsplit(self.connector.url).hostname != self.name:
             raise ValueError(f"connector.url must name the service {self.name!r} as its host")
+        if self.model is not None and self.name in (*self.model.names, *self.model.aliases):
+            raise ValueError(f"model: the card's name {self.name!r} is already the model's name; drop it from names and aliases")
         return self
 
     @model_validator(mode="after")
@@ -285,6 +337,7 @@ class Card(_Strict):
 
         return kind_of(self)
 
+    @model_validator(mode="after")
     def _autoscaling_only_for_llms(self) -> "Card":
         if self.deploy is not None and self.deploy.autoscaling is not None and self.model is None:
             raise ValueError(

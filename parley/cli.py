@@ -23,7 +23,8 @@ from parley.repo import Repo, RepoError
 from parley.autoscaler_overlay import AUTOSCALER_OVERLAY
 from parley.stack import DEFAULT_PROJECT, StackError, StackOptions, make_stack, push_images, stack_header
 from parley.tools import ToolError
-from parley.up import RunningDistribution, SupervisorOutput, UpError, plan_distribution, run_services
+from parley.memory import available_memory
+from parley.up import RunningDistribution, SupervisorOutput, UpError, check_memory, plan_distribution, run_services
 from parley.yamlio import YamlSyntaxError
 
 DEFAULT_DIST = "universal_prompted_assistant"
@@ -56,11 +57,13 @@ repo_option = click.option(
     epilog="""\b
 Examples:
   parley add-llm transformers-lm-qwen --model Qwen/Qwen2.5-0.5B-Instruct
+  parley add-llm --scan ./models
   parley remove-llm transformers-lm-qwen
   parley add-skill travel-prompted-skill --prompt-file travel.json --llm transformers-lm-smollm2
   parley remove-skill travel-prompted-skill
   parley new-dist travel_assistant --skills travel-prompted-skill
   parley add-component travel-prompted-skill --dist universal_prompted_assistant
+  parley list
   parley generate --dry-run
   parley check
   parley up universal_prompted_assistant
@@ -96,7 +99,8 @@ def _report_plan(plan, dry_run: bool, what: str) -> list[str]:
 
 
 @click.command(name="add-llm")
-@click.argument("name")
+@click.argument("name", required=False)
+@click.option("--scan", "scan", type=click.Path(file_okay=False, path_type=Path), help="Add every .gguf file and model folder under this folder that no card serves yet, each as transformers-lm-<its name> (instead of NAME and --model).")
 @click.option("--model", "model", metavar="SOURCE", help="Embedded name (smollm2-135m-instruct), local directory, .gguf file or Hugging Face id; with --api openai, the upstream's model name.")
 @click.option("--api", type=click.Choice(LLM_APIS), default=None, help="Serve the model here (transformers) or forward to an OpenAI-compatible upstream (openai); default: the card's, else transformers.")
 @click.option("--base-url", metavar="URL", help="With --api openai: the upstream's OpenAI API root, e.g. https://api.openai.com/v1.")
@@ -104,9 +108,9 @@ def _report_plan(plan, dry_run: bool, what: str) -> list[str]:
 @click.option("--port", type=int, help="The service's port (1024-65535, unique); default: the first free one from 8180.")
 @click.option("--dist", "dists", metavar="DIST", multiple=True, help="Distribution to add it to (repeatable); default: those that have it already, else all.")
 @click.option("--half-precision/--full-precision", default=None, help="Load the weights in half precision (GPU).")
-@click.option("--context-length", type=int, help="The model's context length in tokens; default: read from the model's files.")
-@click.option("--sha256", metavar="HEX", help="Expected sha256 of the model file; refused if it does not match.")
-@click.option("--ram-usage", metavar="SIZE", help="Memory limit of the container, e.g. 2G; default: estimated from the weights.")
+@click.option("--context-length", type=int, help="Tokens per sequence to serve (CONTEXT_LENGTH), at most the model's window; default: the registry's, else the window up to 4096.")
+@click.option("--sha256", metavar="HEX", help="Expected sha256 of the model file; refused if it does not match (the card pins the file's sha256 either way).")
+@click.option("--ram-usage", metavar="SIZE", help="Memory limit of the container, e.g. 2G; default: the estimate (weights + KV cache + runtime); refused below it.")
 @click.option("--gpu-usage", metavar="SIZE", help="GPU memory the model needs, e.g. 4G (for MODELS.md and the card).")
 @click.option("--license", "license_", metavar="SPDX", help="The model's license, e.g. Apache-2.0.")
 @click.option("--description", metavar="TEXT", help="One line for MODELS.md and the card.")
@@ -115,33 +119,53 @@ def _report_plan(plan, dry_run: bool, what: str) -> list[str]:
 @click.option("--from", "from_card", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Start from this card file (options given here override it).")
 @click.option("--dry-run", is_flag=True, help="Print the diff of every file it would change; write nothing.")
 @repo_option
-def add_llm(name, model, api, base_url, key_env, port, dists, half_precision, context_length, sha256, ram_usage, gpu_usage, license_, description, aliases, stop, from_card, dry_run, repo_path) -> None:
+def add_llm(name, scan, model, api, base_url, key_env, port, dists, half_precision, context_length, sha256, ram_usage, gpu_usage, license_, description, aliases, stop, from_card, dry_run, repo_path) -> None:
     """Add an LLM (or update it): write its card and regenerate every file that mentions it.
+
+    A model served here is read from its own files (chat template, end-of-generation tokens, window,
+    size, dimensions) and recognised by its file's sha256 in models/known.yml, whose settings it then
+    gets; it prints which values it had to guess. The card pins the file's sha256 and gets a
+    ram_usage that holds the model's estimated memory need.
 
     \b
     Examples:
       parley add-llm transformers-lm-smollm2 --model smollm2-135m-instruct --port 8180
       parley add-llm transformers-lm-tiny --model ./models/tiny.gguf --dist universal_prompted_assistant
+      parley add-llm --scan ./models
       parley add-llm openai-api-gpt4o-mini --api openai --base-url https://api.openai.com/v1 \\
           --model gpt-4o-mini --key-env OPENAI_API_KEY
 
     Running it twice changes nothing the second time.
     """
-    from parley.llms import LlmError, LlmOptions, plan_add_llm
+    from parley.llms import LlmError, LlmOptions, plan_add_llms, scan_options
 
     options = LlmOptions(
-        name=name, model=model, api=api, base_url=base_url, key_env=list(key_env), port=port, dists=list(dists),
+        name=name or "", model=model, api=api, base_url=base_url, key_env=list(key_env), port=port, dists=list(dists),
         half_precision=half_precision, context_length=context_length, sha256=sha256, ram_usage=ram_usage,
         gpu_usage=gpu_usage, license=license_, description=description, aliases=list(aliases), stop=list(stop),
         from_card=from_card,
     )
     repo = _repo(repo_path)
     try:
-        card, plan = plan_add_llm(repo, options)
+        if scan is not None:
+            if name or model or from_card:
+                raise LlmError("--scan names each card after its file: drop NAME, --model and --from")
+            options_list, skipped = scan_options(repo, scan, options)
+        elif not name:
+            raise LlmError("give the LLM's NAME (a card name such as transformers-lm-qwen), or --scan DIR")
+        else:
+            options_list, skipped = [options], []
+        added = plan_add_llms(repo, options_list, skipped)
     except (LlmError, CardError, YamlSyntaxError) as error:
         raise _fail(error) from None
-    if _report_plan(plan, dry_run, name):
-        click.echo(f"next: `parley check`, then `parley up` to try {name} (its URL: http://127.0.0.1:{card.port})", err=True)
+    for line in added.skipped:
+        click.echo(f"skipped {line}", err=True)
+    for built in added.built:
+        for note in built.notes:
+            click.echo(f"{built.card.name}: {note}", err=True)
+    if _report_plan(added.plan, dry_run, ", ".join(b.card.name for b in added.built) or "nothing"):
+        for built in added.built:
+            click.echo(f"next: `parley check`, then `parley up` to try {built.card.name} (its URL: http://127.0.0.1:{built.card.port})", err=True)
 
 
 @click.command(name="remove-llm")
@@ -360,14 +384,43 @@ def _check_live(url: str, model: str | None, api_key: str | None, timeout: float
         sys.exit(1)
 
 
+@click.command(name="list")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list with every field of every LLM (full sha256, sizes in bytes, the estimate's parts).")
+@click.option("--dist", "dist", metavar="DIST", help="Only the LLMs of this distribution.")
+@repo_option
+def list_(as_json, dist, repo_path) -> None:
+    """List the bundle's LLMs: name, kind, source, sha256, backend, quantisation, context, memory, port, distributions, names.
+
+    Read from the cards alone (the memory estimate from what `add-llm` read from each model).
+
+    \b
+    Examples:
+      parley list
+      parley list --dist universal_prompted_assistant --json
+    """
+    import json
+
+    from parley.listing import ListError, format_table, list_llms
+
+    try:
+        rows = list_llms(_repo(repo_path), dist)
+    except (ListError, CardError, YamlSyntaxError) as error:
+        raise _fail(error) from None
+    if as_json:
+        click.echo(json.dumps([row.to_json() for row in rows], indent=2))
+    else:
+        click.echo(format_table(rows), nl=False)
+
+
 @click.command(name="up")
 @click.argument("dist", default=DEFAULT_DIST)
 @click.option("--free-ports", is_flag=True, help="Give every service a free port instead of its own (for tests and side-by-side runs).")
 @click.option("--overlay", "overlays", metavar="FILE", multiple=True, help="Overlay of the distribution to apply over its override (repeatable); default: cpu.yml where the distribution has one.")
 @click.option("--timeout", "startup_timeout", type=float, default=600.0, show_default=True, help="Seconds each service may take to become healthy.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="Where volumes and rewritten files live (default: .cache/parley-up/DIST).")
+@click.option("--skip-memory-check", is_flag=True, help="Start even when the services' memory limits add up to more than this machine has available.")
 @repo_option
-def up(dist, free_ports, overlays, startup_timeout, state_dir, repo_path) -> None:
+def up(dist, free_ports, overlays, startup_timeout, state_dir, skip_memory_check, repo_path) -> None:
     """Run a distribution on this machine without Docker, from its compose files.
 
     Each service runs its Dockerfile's CMD (or its compose `command`) from its folder of the
@@ -388,6 +441,8 @@ def up(dist, free_ports, overlays, startup_timeout, state_dir, repo_path) -> Non
     repo = _repo(repo_path)
     try:
         plans = plan_distribution(repo, dist, overlays=list(overlays) or None, free_ports=free_ports, state_dir=state_dir)
+        if not skip_memory_check:
+            check_memory(dist, plans, available_memory())
         output = _UpOutput([plan.name for plan in plans])
         with run_services(dist, plans, startup_timeout=startup_timeout, output=output) as running:
             _show_how_to_talk_to_the_agent(running, output)
@@ -717,6 +772,7 @@ cli.add_command(remove_skill)
 cli.add_command(new_dist)
 cli.add_command(add_component)
 cli.add_command(generate)
+cli.add_command(list_)
 cli.add_command(check)
 cli.add_command(up)
 cli.add_command(chat)

@@ -2,24 +2,35 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import datetime as dt
 import json
-import math
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
 from common.lm_protocol import DEFAULT_GENERATIVE_CONFIG
-from common.model_sources import SourceKind
+from common.model_facts import ModelFactsError
+from common.model_sources import EMBEDDED_MODELS, ModelSourceError
 from parley.cards import DNS_LABEL, LLM_GROUP, Card, CardError, card_to_data, key_env_var_problem, parse_card
 from parley.generate import Plan, plan_generation
 from parley.kinds import UnknownKindError, llm_kind
+from parley.known_models import KNOWN_MODELS_FILE, KnownModel, KnownModels, KnownModelsError, load_known_models
+from parley.memory import parse_size, ram_usage_text
+from parley.model_files import ModelFile, ModelFileCache, hub_cache_folder
+from parley.model_fit import Located, card_model_problems, derived_from, locate_model, memory_estimate
 from parley.repo import OVERRIDE, Repo
 from parley.yamlio import YamlSyntaxError, dump_yaml, load_yaml_text
 
 FIRST_LLM_PORT = 8180
 DEFAULT_API = "transformers"
+# What a card serves per sequence when neither the registry nor the command says: the model's window,
+# at most this (a long window times the batch slots would be a KV cache of many GiB).
+DEFAULT_CONTEXT_CAP = 4096
 CARD_HEADER = "# The card of an LLM: the single source of its wiring. After editing it, run `parley generate`.\n"
 
 
@@ -76,51 +87,52 @@ def check_port(port: int, cards: dict[str, Card], name: str, error: type[Excepti
             raise error(f"--port {port} is taken by {card.name} (components/{card.name}.yml): pick another, or leave --port out")
 
 
-def _weights_bytes(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
-    return sum(item.stat().st_size for item in path.rglob("*") if item.suffix in {".safetensors", ".bin", ".gguf", ".pt"})
-
-
-def estimate_ram(source_kind: SourceKind | None, location: Path | None, half_precision: bool) -> str:
-    """A memory limit for the container: weights as the service holds them plus 1 GiB of runtime."""
-    if location is None:
-        return "8G"  # a hub id: unknown until downloaded; the maintainer sets --ram-usage
-    weights = _weights_bytes(location)
-    # GGUF weights are dequantized to float32 (about 7x a 4-bit file); checkpoints load as stored.
-    factor = 7 if source_kind is SourceKind.GGUF_FILE else 1
-    if half_precision and source_kind is SourceKind.GGUF_FILE:
-        factor = 3.5
-    gib = round((weights * factor) / 2**30 + 1, 1)
-    return f"{math.ceil(gib)}G"
-
-
-def read_context_length(kind: SourceKind, location: Path) -> int | None:
-    """The context length the model's own files declare, if any."""
-    try:
-        if kind is SourceKind.GGUF_FILE:
-            import gguf
-
-            reader = gguf.GGUFReader(str(location))
-            architecture = reader.fields["general.architecture"].contents()
-            field_ = reader.fields.get(f"{architecture}.context_length")
-            return int(field_.contents()) if field_ is not None else None
-        config = json.loads((location / "config.json").read_text())
-        for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-            if isinstance(config.get(key), int):
-                return config[key]
-    except Exception:  # a best-effort default; the maintainer can pass --context-length
-        return None
-    return None
-
-
 def _default_generation_config(repo: Repo) -> dict[str, Any]:
     path = repo.path(DEFAULT_GENERATIVE_CONFIG)
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
-    """The card `parley add-llm` writes: the existing card (or --from) updated with the given options."""
+@dataclass
+class BuiltCard:
+    """A card `add-llm` would write, and what it says about how the card came about."""
+
+    card: Card
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _ModelReading:
+    """What add-llm learnt of a local model: its file's sha256 and facts, and the registry's entry."""
+
+    model_file: ModelFile | None
+    known: KnownModel | None = None
+
+
+def _read_model(repo: Repo, source: str, cache: ModelFileCache, known: KnownModels) -> tuple[Located, _ModelReading]:
+    try:
+        located = locate_model(repo.root, source)
+    except ModelSourceError as error:
+        raise LlmError(f"--model: {error}") from None
+    folder = located.location if located.location is not None else hub_cache_folder(located.requested)
+    if folder is None:
+        return located, _ModelReading(None)
+    try:
+        model_file = cache.inspect(folder)
+    except ModelFactsError as error:
+        raise LlmError(f"--model: {error}") from None
+    return located, _ModelReading(model_file, known.get(model_file.sha256))
+
+
+def build_card(
+    repo: Repo,
+    options: LlmOptions,
+    cards: dict[str, Card],
+    *,
+    known: KnownModels | None = None,
+    cache: ModelFileCache | None = None,
+) -> BuiltCard:
+    """The card `parley add-llm` writes: the existing card (or --from) updated with the given options,
+    and for a model served here what its file says and what the registry knows of its sha256."""
     check_name(options.name)
     existing = cards.get(options.name)
     if existing is not None and not existing.kind.serves_llm:
@@ -145,6 +157,8 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
     except UnknownKindError as error:
         raise LlmError(f"--api: {error}") from None
     if options.model is not None:
+        if model.get("source") not in (None, options.model):
+            model.pop("derived", None)  # another model: nothing read from the old one holds
         model["source"] = options.model
     if "source" not in model:
         raise LlmError("no model given: pass --model (an embedded name, a directory, a .gguf file or a Hugging Face id)")
@@ -161,8 +175,6 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
         model["half_precision"] = options.half_precision
     if options.context_length is not None:
         model["context_length"] = options.context_length
-    if options.sha256 is not None:
-        model["sha256"] = options.sha256.lower()
     if options.license is not None:
         model["license"] = options.license
     if options.aliases:
@@ -170,6 +182,17 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
     if options.stop:
         model["stop"] = list(options.stop)
 
+    notes: list[str] = []
+    reading = _ModelReading(None)
+    if kind.reads_model_files:
+        located, reading = _read_model(repo, str(model["source"]), cache or ModelFileCache(), known or KnownModels({}))
+        if located.location is not None and located.requested not in EMBEDDED_MODELS:
+            # compose mounts it, so it must not depend on the cwd: relative to the repository
+            # root (compose's project directory) when inside it, else absolute
+            location = located.location.resolve()
+            inside = location.is_relative_to(repo.root.resolve())
+            model["source"] = f"./{location.relative_to(repo.root.resolve()).as_posix()}" if inside else str(location)
+        notes += _apply_model_reading(options, model, reading, located)
     try:
         facts = kind.prepare_model(repo, model)
     except ValueError as error:
@@ -184,16 +207,21 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
         port = free_port(cards, options.name)
     check_port(port, cards, options.name)
 
+    default_description = facts.description
+    if reading.known is not None and reading.known.description:
+        default_description = reading.known.description
+    ram_given = options.ram_usage or data.get("ram_usage")
+    display_name = data.get("display_name") or (reading.known.display_name if reading.known is not None else None) or options.name
     data.update(
         {
             "name": options.name,
-            "display_name": data.get("display_name") or options.name,
+            "display_name": display_name,
             "component_type": data.get("component_type", "Generative"),
             "model_type": data.get("model_type", kind.model_type),
             "is_customizable": data.get("is_customizable", False),
             "author": data.get("author") or "Parley maintainers",
-            "description": options.description or data.get("description") or facts.description,
-            "ram_usage": options.ram_usage or data.get("ram_usage") or facts.ram_usage,
+            "description": options.description or data.get("description") or default_description,
+            "ram_usage": ram_given or facts.ram_usage,
             "gpu_usage": options.gpu_usage if options.gpu_usage is not None else data.get("gpu_usage"),
             "group": LLM_GROUP,
             "connector": {
@@ -214,9 +242,103 @@ def build_card(repo: Repo, options: LlmOptions, cards: dict[str, Card]) -> Card:
         }
     )
     try:
-        return parse_card(data, f"components/{options.name}.yml")
+        card = parse_card(data, f"components/{options.name}.yml")
     except CardError as error:
         raise LlmError("the card would be invalid:\n" + "\n".join(error.problems)) from None
+    if reading.model_file is not None:
+        card, memory_notes = _fit_memory(card, reading.model_file, options.ram_usage, kept=bool(ram_given))
+        notes += memory_notes
+        problems = card_model_problems(card, reading.model_file.facts)
+        if problems:
+            raise LlmError("the card would not fit its model:\n" + "\n".join(f"components/{card.name}.yml: {p}" for p in problems))
+    return BuiltCard(card, notes)
+
+
+def _apply_model_reading(options: LlmOptions, model: dict[str, Any], reading: _ModelReading, located: Located) -> list[str]:
+    """Fill the model section from the file (derived values) and the registry; the notes to print."""
+    model_file, known = reading.model_file, reading.known
+    if model_file is None:
+        if model.get("sha256") or options.sha256:
+            raise LlmError("--sha256 checks a model file here (a .gguf, or a folder with one .safetensors); this hub id is not in the local cache")
+        return [f"{located.requested} is not on this machine (nor in the Hugging Face cache): nothing could be read from it; "
+                "set --context-length, --stop and --ram-usage yourself"]
+    facts = model_file.facts
+    where = model_file.path.name if located.requested not in EMBEDDED_MODELS else located.requested
+    if options.sha256 is not None and options.sha256.lower() != model_file.sha256:
+        raise LlmError(f"--sha256 does not match {model_file.path}: the file's sha256 is {model_file.sha256}")
+    if model_file.sha256 is not None:
+        model["sha256"] = model_file.sha256
+    elif model.get("sha256"):
+        raise LlmError(f"--sha256 pins one model file, but {model_file.path} holds several weights files; drop it")
+
+    guessed: list[tuple[str, str]] = []  # (setting, what was assumed)
+    notes: list[str] = []
+    window = facts.context_window
+    if options.context_length is not None and window and options.context_length > window:
+        raise LlmError(f"--context-length {options.context_length} is above the model's window of {window} tokens")
+    if known is not None:
+        notes.append(f"{where}: recognised by its sha256 ({model_file.sha256[:12]}…) as {known.display_name} ({KNOWN_MODELS_FILE})")
+        if model.get("family") is None:
+            model["family"] = known.family
+        if model.get("context_length") is None and known.context_length is not None:
+            model["context_length"] = min(known.context_length, window or known.context_length)
+        if not model.get("stop"):
+            model["stop"] = list(known.stop)
+        if model.get("prompt_format") is None and known.prompt_format is not None:
+            model["prompt_format"] = known.prompt_format
+        if "generation_config" not in model and known.generation_config:
+            model["generation_config"] = dict(known.generation_config)
+        if not model.get("aliases") and known.aliases:
+            model["aliases"] = list(known.aliases)
+        if model.get("gguf_weights", "auto") == "auto" and known.gguf_weights is not None and facts.format == "gguf":
+            model["gguf_weights"] = known.gguf_weights
+        if model.get("license") is None:
+            model["license"] = known.license
+    else:
+        sha = f"sha256 {model_file.sha256[:12]}…" if model_file.sha256 else "no single weights file to hash"
+        notes.append(f"{where}: not in {KNOWN_MODELS_FILE} ({sha}): settings read from its own files")
+        if model.get("context_length") is None:
+            if window:
+                model["context_length"] = min(window, DEFAULT_CONTEXT_CAP)
+                guessed.append(("context_length", f"{model['context_length']} (the model's window is {window}; --context-length sets it)"))
+            else:
+                guessed.append(("context_length", "the service's default (the files name no window; --context-length sets it)"))
+        if "generation_config" not in model:
+            guessed.append(("generation_config", DEFAULT_GENERATIVE_CONFIG))
+        if not facts.chat_template and not model.get("prompt_format"):
+            guessed.append(("prompt_format", "Dream's plain Human:/AI: lines (no chat template in the files)"))
+        if not facts.eos_tokens and not model.get("stop"):
+            guessed.append(("stop", "none (the files name no end-of-generation token; --stop TEXT sets it)"))
+    # The stop set always holds the model's own end-of-generation tokens.
+    model["stop"] = list(dict.fromkeys([*model.get("stop", []), *facts.eos_tokens]))
+    if model.get("license") is None:
+        embedded = EMBEDDED_MODELS.get(located.requested)
+        model["license"] = embedded.license if embedded is not None else facts.license
+    # What an earlier run guessed stays guessed until this run's options set it.
+    given = {name for name, value in (("context_length", options.context_length), ("stop", options.stop)) if value}
+    earlier = [name for name in (model.get("derived") or {}).get("guessed", []) if name not in given]
+    all_guessed = list(dict.fromkeys([*earlier, *(setting for setting, _ in guessed)]))
+    model["derived"] = derived_from(facts, all_guessed).model_dump()
+    if guessed:
+        notes.append("guessed (check them in the card): " + "; ".join(f"{setting} {what}" for setting, what in guessed))
+    return notes
+
+
+def _fit_memory(card: Card, model_file: ModelFile, ram_option: str | None, *, kept: bool) -> tuple[Card, list[str]]:
+    """The card with a ram_usage that holds the model's estimated need: the estimate, or a larger
+    value the card already had; an explicit --ram-usage below the estimate is refused."""
+    estimate = memory_estimate(card, model_file.facts)
+    if estimate is None:
+        return card, ["memory: the model's files do not give its dimensions; set --ram-usage"]
+    needed = ram_usage_text(estimate.total)
+    if ram_option is not None:
+        if parse_size(ram_option) < estimate.total:
+            raise LlmError(f"--ram-usage {ram_option} is below the model's estimated need, {estimate.explain()}")
+        return card, [f"memory: {estimate.explain()}; ram_usage {card.ram_usage} (--ram-usage)"]
+    if kept and parse_size(card.ram_usage) >= estimate.total:
+        return card, [f"memory: {estimate.explain()}; ram_usage {card.ram_usage} holds it"]
+    card = card.model_copy(update={"ram_usage": needed})
+    return card, [f"memory: {estimate.explain()} → ram_usage {needed}"]
 
 
 def card_text(card: Card, existing_text: str | None = None, display_path: str = "card", header: str = CARD_HEADER) -> str:
@@ -257,20 +379,103 @@ def distribution_members(repo: Repo, dist: str) -> set[str]:
     return set((document.get("services") or {}))
 
 
-def plan_add_llm(repo: Repo, options: LlmOptions) -> tuple[Card, Plan]:
+@dataclass
+class AddedLlms:
+    """What `add-llm` would do: each card with its notes, every file it changes, and what it skipped."""
+
+    built: list[BuiltCard]
+    plan: Plan
+    skipped: list[str] = field(default_factory=list)
+
+
+def plan_add_llm(repo: Repo, options: LlmOptions) -> AddedLlms:
     """The card and every file it changes; raises LlmError/CardError/YamlSyntaxError before writing."""
+    return plan_add_llms(repo, [options])
+
+
+def plan_add_llms(repo: Repo, options_list: list[LlmOptions], skipped: list[str] | None = None) -> AddedLlms:
+    """Several cards at once (`--scan`): each gets the next free port, all in one plan."""
     cards = repo.load_valid_cards()
-    card = build_card(repo, options, cards)
-    known = repo.distributions()
-    dists = options.dists or [dist for dist in known if options.name in distribution_members(repo, dist)] or known
-    for dist in dists:
-        if dist not in known:
-            raise LlmError(f"--dist {dist!r}: no assistant_dists/{dist}/{OVERRIDE}; known: {', '.join(known) or 'none'}")
-    plan = plan_generation(repo, {**cards, card.name: card}, add_to={dist: [card.name] for dist in dists})
-    card_path = f"components/{card.name}.yml"
-    existing = repo.path(card_path)
-    plan.files[card_path] = card_text(card, existing.read_text() if existing.is_file() else None, card_path)
-    return card, plan
+    try:
+        known = load_known_models(repo.root)
+    except KnownModelsError as error:
+        raise LlmError("the model registry cannot be used:\n" + "\n".join(error.problems)) from None
+    cache = ModelFileCache()
+    known_dists = repo.distributions()
+    add_to: dict[str, list[str]] = {}
+    built: list[BuiltCard] = []
+    for options in options_list:
+        one = build_card(repo, options, cards, known=known, cache=cache)
+        cards = {**cards, one.card.name: one.card}
+        dists = options.dists or [dist for dist in known_dists if options.name in distribution_members(repo, dist)] or known_dists
+        for dist in dists:
+            if dist not in known_dists:
+                raise LlmError(f"--dist {dist!r}: no assistant_dists/{dist}/{OVERRIDE}; known: {', '.join(known_dists) or 'none'}")
+            add_to.setdefault(dist, []).append(one.card.name)
+        built.append(one)
+    plan = plan_generation(repo, cards, add_to=add_to)
+    for one in built:
+        card_path = f"components/{one.card.name}.yml"
+        existing = repo.path(card_path)
+        plan.files[card_path] = card_text(one.card, existing.read_text() if existing.is_file() else None, card_path)
+    return AddedLlms(built, plan, list(skipped or []))
+
+
+# --- a models folder ----------------------------------------------------------------------------
+
+SCAN_PREFIX = "transformers-lm-"
+
+
+def find_models(folder: Path) -> list[Path]:
+    """Every .gguf file and transformers model folder (config.json) under `folder`, in name order."""
+    found: list[Path] = []
+    for current, subfolders, files in os.walk(folder):
+        here = Path(current)
+        if "config.json" in files:
+            found.append(here)
+            subfolders.clear()  # a model folder's own files are not models of their own
+            continue
+        subfolders.sort()
+        found.extend(here / name for name in sorted(files) if name.lower().endswith(".gguf"))
+    return found
+
+
+def card_name_for(path: Path, taken: set[str]) -> str:
+    """transformers-lm-<the file or folder name as a DNS label>, made unique among `taken`."""
+    stem = path.stem if path.suffix.lower() == ".gguf" else path.name
+    slug = re.sub(r"[^a-z0-9]+", "-", stem.lower()).strip("-") or "model"
+    base = (SCAN_PREFIX + slug)[:60].rstrip("-")
+    name, number = base, 2
+    while name in taken:
+        name, number = f"{base}-{number}", number + 1
+    return name
+
+
+def scan_options(repo: Repo, folder: Path, template: LlmOptions) -> tuple[list[LlmOptions], list[str]]:
+    """One LlmOptions per model found under `folder` that no card serves from that path yet, and a
+    line for each one skipped."""
+    if not folder.is_dir():
+        raise LlmError(f"--scan {folder}: not a folder")
+    cards = repo.load_valid_cards()
+    served: dict[Path, str] = {}
+    for card in cards.values():
+        if card.kind.reads_model_files:
+            with contextlib.suppress(ModelSourceError):
+                location = locate_model(repo.root, card.model.source).location
+                if location is not None:
+                    served[location.resolve()] = card.name
+    taken = set(cards)
+    found, skipped = [], []
+    for path in find_models(folder.resolve()):
+        if path.resolve() in served:
+            skipped.append(f"{path}: already served by components/{served[path.resolve()]}.yml")
+            continue
+        name = card_name_for(path, taken)
+        taken.add(name)
+        found.append(dataclasses.replace(template, name=name, model=str(path)))
+    if not found and not skipped:
+        raise LlmError(f"--scan {folder}: no .gguf file and no model folder (config.json) in it")
+    return found, skipped
 
 
 def default_llm_users(name: str, cards: dict[str, Card]) -> list[str]:
@@ -300,4 +505,4 @@ def plan_remove_llm(repo: Repo, name: str) -> Plan:
     return plan
 
 
-__all__ = ["LlmError", "LlmOptions", "plan_add_llm", "plan_remove_llm", "YamlSyntaxError"]
+__all__ = ["AddedLlms", "LlmError", "LlmOptions", "plan_add_llm", "plan_add_llms", "plan_remove_llm", "scan_options", "YamlSyntaxError"]

@@ -433,3 +433,44 @@ def test_health_names_the_model_and_upstream_and_says_only_whether_a_key_is_set(
         "upstream": "http://upstream:8000/v1", "api_key": "set",
     }
     assert client.get("/ping").get_json() == "pong" and client.post("/ping").get_json() == "pong"
+
+
+# --- /render: what would go upstream, sent nowhere ------------------------------------------------------
+
+
+def test_render_shows_the_request_respond_would_send_and_sends_nothing():
+    with recording_server(answering("Paris.")) as upstream:
+        client = make_client(upstream.url("/v1"), OPENAI_API_KEY=SECRET)
+        body = {"dialog_contexts": [["Hi!", "Hello!", "What is the capital of France?"]], "prompts": ["Be brief."],
+                "configs": [{"max_tokens": 7}]}
+        rendered = client.post("/render", json=body)
+        sent = ask(client, "Hi!", "Hello!", "What is the capital of France?", prompt="Be brief.", config={"max_tokens": 7})
+    assert rendered.status_code == 200 and sent.status_code == 200
+    [request] = upstream.requests  # /respond's, not /render's
+    [item] = rendered.get_json()["rendered"]
+    assert item["request"] == request.json()
+    assert item["upstream"] == upstream.url("/v1/chat/completions")
+    assert item["prompt_tokens"] is None and "the upstream counts the tokens" in item["prompt_tokens_note"]
+    assert SECRET not in rendered.get_data(as_text=True)
+
+
+def test_v1_render_puts_a_chat_bodys_parameters_over_the_default_config():
+    client = make_client("http://127.0.0.1:9/v1")
+    body = {"model": "anything", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0.7}
+
+    rendered = client.post("/v1/render", json=body).get_json()
+
+    assert rendered["request"] == {
+        "model": "upstream-model", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "n": 1, "temperature": 0.7,
+    }
+    assert rendered["generation_config"]["max_new_tokens"] == 5
+
+
+def test_v1_render_answers_bad_input_in_openais_error_shape():
+    client = make_client("http://127.0.0.1:9/v1")
+
+    response = client.post("/v1/render", json={"messages": [{"role": "robot", "content": "Hi"}]})
+
+    assert response.status_code == 400
+    error = response.get_json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["param"] == "messages[0].role"

@@ -11,62 +11,40 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from support.servers import REPO_ROOT
-
-from parley.cli import cli
+from support.checkout import copy_bundle, run_parley, write_tiny_gguf
 
 DIST = "universal_prompted_assistant"
 OVERRIDE = f"assistant_dists/{DIST}/docker-compose.override.yml"
-BUNDLE = [".env", "docker-compose.yml", "components.tsv", "MODELS.md", "components", "assistant_dists", "common", "services", "skills"]
 
 
 @pytest.fixture
 def checkout(tmp_path: Path) -> Path:
     """A copy of the repository's bundle, as `parley` sees it."""
-    root = tmp_path / "repo"
-    root.mkdir()
-    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", ".cache")
-    for name in BUNDLE:
-        source = REPO_ROOT / name
-        if source.is_dir():
-            shutil.copytree(source, root / name, ignore=ignore)
-        else:
-            shutil.copy2(source, root / name)
-    return root
+    return copy_bundle(tmp_path / "repo")
 
 
 @pytest.fixture
 def gguf_model(tmp_path: Path) -> Path:
-    """A small GGUF file that declares a 2048-token context."""
-    import gguf
-
-    path = tmp_path / "models" / "tiny-chat.gguf"
-    path.parent.mkdir(parents=True)
-    writer = gguf.GGUFWriter(str(path), "llama")
-    writer.add_context_length(2048)
-    writer.add_tensor("token_embd.weight", np.zeros((8, 4), dtype=np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
+    """A small GGUF file that declares a 2048-token context, an EOS token and its dimensions (no chat template)."""
+    return write_tiny_gguf(tmp_path / "models" / "tiny-chat.gguf")
 
 
 @pytest.fixture
 def model_dir(tmp_path: Path) -> Path:
-    """A transformers model directory (config.json and weights) with a 1024-token context."""
+    """A transformers model directory (config.json, tokenizer config, weights) with a 1024-token context."""
+    from safetensors.numpy import save_file
+
     path = tmp_path / "models" / "tiny-dir"
     path.mkdir(parents=True)
-    (path / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 1024}))
-    (path / "model.safetensors").write_bytes(b"\0" * 4096)
+    config = {"model_type": "llama", "max_position_embeddings": 1024, "num_hidden_layers": 2, "num_attention_heads": 2,
+              "num_key_value_heads": 1, "hidden_size": 8, "torch_dtype": "float32"}
+    (path / "config.json").write_text(json.dumps(config))
+    (path / "tokenizer_config.json").write_text(json.dumps({"eos_token": "</s>", "added_tokens_decoder": {"2": {"content": "</s>"}}}))
+    save_file({"model.embed_tokens.weight": np.zeros((16, 8), dtype=np.float32)}, str(path / "model.safetensors"))
     return path
 
 
-def parley(root: Path, *args: str, code: int = 0) -> str:
-    result = CliRunner().invoke(cli, [*args, "--repo", str(root)], catch_exceptions=False)
-    assert result.exit_code == code, result.output
-    return result.output
+parley = run_parley
 
 
 def snapshot(root: Path) -> dict[str, bytes]:
@@ -101,7 +79,9 @@ def test_adding_a_gguf_and_a_directory_model_wires_every_file_and_check_passes(c
     assert 'WAIT_HOSTS: "prompted-skill:8147, transformers-lm-smollm2:8180, transformers-lm-tiny-gguf:8181, transformers-lm-tiny-dir:8190"' in override
     assert '"http://transformers-lm-tiny-dir:8190/respond": {"key_env_vars": []' in override
     assert "transformers-lm-tiny-gguf:\n        condition: service_healthy" in override
-    assert "memory: 1G" in override
+    # each memory limit is its model's estimate: weights + KV cache + the backend's runtime
+    assert "memory: 576M" in override  # the GGUF, on llama_cpp
+    assert "memory: 896M" in override  # the folder, on transformers (float32, its prefix cache)
     assert '"127.0.0.1:8181:8181"' in read(checkout, f"assistant_dists/{DIST}/dev.yml")
     assert "transformers-lm-tiny-dir:\n    environment:\n      DEVICE: cpu" in read(checkout, f"assistant_dists/{DIST}/cpu.yml")
     assert "PROXY_PASS: ${PARLEY_PROXY_HOST:-host.docker.internal}:8190" in read(checkout, f"assistant_dists/{DIST}/proxy.yml")
@@ -110,7 +90,7 @@ def test_adding_a_gguf_and_a_directory_model_wires_every_file_and_check_passes(c
         assert f"SERVICE_NAME: {name}" in read(checkout, f"services/transformers_lm/service_configs/{name}/environment.yml")
         assert json.loads(read(checkout, f"common/generative_configs/{name}.json"))["max_new_tokens"] > 0
     assert "| `transformers-lm-tiny-gguf` | " in read(checkout, "MODELS.md")
-    assert "| 8181 | 2048 | 1G / — | MIT |" in read(checkout, "MODELS.md")
+    assert "| 8181 | 2048 | 576M / — | MIT |" in read(checkout, "MODELS.md")
 
 
 def test_removing_the_added_models_restores_the_tree_byte_for_byte(checkout: Path, gguf_model: Path, model_dir: Path):
@@ -153,13 +133,14 @@ def test_changing_an_option_edits_the_card_in_place_and_keeps_its_comments(check
     after = read(checkout, card).splitlines()
     changed = [(old, new) for old, new in zip(before, after) if old != new]
     assert len(after) == len(before)
-    assert changed == [("  context_length: 8192", "  context_length: 4096")]
-    assert "| 8180 | 4096 |" in read(checkout, "MODELS.md")
+    # Twice the context is twice the KV cache of 16 slots: the memory limit grows with it.
+    assert changed == [("ram_usage: 1536M", "ram_usage: 2240M"), ("  context_length: 2048", "  context_length: 4096")]
+    assert "| 8180 | 4096 | 2240M / — |" in read(checkout, "MODELS.md")
     assert parley(checkout, "check").strip().endswith("ok: the bundle is consistent")
 
 
 def test_a_model_inside_the_repository_is_named_relative_to_it_so_the_files_work_on_any_machine(checkout: Path, gguf_model: Path):
-    (checkout / "models").mkdir()
+    (checkout / "models").mkdir(exist_ok=True)
     shutil.copy(gguf_model, checkout / "models" / "tiny.gguf")
 
     parley(checkout, "add-llm", "transformers-lm-tiny", "--model", str(checkout / "models" / "tiny.gguf"))
@@ -248,7 +229,7 @@ def test_removing_the_default_llm_of_a_skill_is_refused_naming_where_it_is_used(
 
 def test_an_invalid_card_is_reported_as_file_field_message(checkout: Path):
     card = checkout / "components/transformers-lm-smollm2.yml"
-    card.write_text(card.read_text().replace("context_length: 8192", "context_length: lots"))
+    card.write_text(card.read_text().replace("context_length: 2048", "context_length: lots"))
 
     output = parley(checkout, "check", "--no-tools", code=1)
 
@@ -513,7 +494,7 @@ def test_the_llm_service_reads_every_setting_its_card_generates(checkout: Path, 
 
     settings = Settings.from_env(_generated_environment(checkout, "transformers-lm-tiny"))
 
-    assert settings.served_model_names == ["/models/transformers-lm-tiny/tiny-chat.gguf", "tiny"]
+    assert settings.served_model_names == ["transformers-lm-tiny", "tiny"]  # the card's name, never a container path
     assert settings.stop_sequences == ("</s>",)
     assert settings.prompt_format is not None and settings.prompt_format.trailing_assistant == "<|assistant|>"
     assert settings.service_port == 8181

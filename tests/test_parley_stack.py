@@ -75,7 +75,7 @@ def test_each_service_gets_limits_from_compose_and_its_cards_ram_usage_as_reserv
     stack, _ = write_stack(checkout, "--overlay", "cpu.yml")
 
     llm = stack["services"][LLM]["deploy"]
-    assert llm["resources"] == {"limits": {"memory": "2G", "cpus": "1"}, "reservations": {"memory": "2G"}}
+    assert llm["resources"] == {"limits": {"memory": "1536M", "cpus": "1"}, "reservations": {"memory": "1536M"}}
     assert llm["restart_policy"]["condition"] == "any"
     assert llm["update_config"]["order"] == "start-first"
     assert llm["replicas"] == 1

@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
-from common.model_sources import EMBEDDED_MODELS, ModelSourceError, SourceKind, file_sha256, resolve_model_source
+from common.model_sources import EMBEDDED_MODELS
 from parley.kinds import BASE_IMAGE, CPU, DEV, ENV_FILE, PROXY, PROXY_HOST, DistContext, Kind, block, dev_entry, flow, http_health_test, memory_limit
 
 if TYPE_CHECKING:
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from parley.repo import Repo
 
 FIRST_LLM_PORT = 8180
+# The fields of a model section that only a model served here (api=transformers) has.
+LOCAL_MODEL_FIELDS = ("family", "backend", "gguf_weights", "names", "batch_slots", "derived")
 
 
 @dataclass(frozen=True)
@@ -52,8 +54,10 @@ class LlmKind(Kind):
     serves_llm = True
     has_service_configs = True
     endpoints = ("respond", "generate_goals", "v1/models", "v1/chat/completions", "v1/completions")
-    # What `parley add-llm` writes into a new card of this kind.
+    # What `parley add-llm` writes into a new card of this kind, and whether it reads the model's
+    # files first (a model served here: its template, stops, window, sha256 and memory need).
     model_type: ClassVar[str] = "NN-based"
+    reads_model_files: ClassVar[bool] = False
     default_ram_usage: ClassVar[str | None] = None
 
     @classmethod
@@ -62,6 +66,9 @@ class LlmKind(Kind):
 
     def model_problems(self, model: "ModelSection") -> list[str]:
         """What is wrong with the model section for this kind."""
+        clashes = sorted(set(model.names) & set(model.aliases))
+        if clashes:
+            return [f"names and aliases share {', '.join(clashes)}: a model name means one set of settings"]
         return []
 
     def prepare_model(self, repo: "Repo", model: dict[str, Any]) -> ModelFacts:
@@ -126,49 +133,22 @@ class LocalLlm(LlmKind):
     package = "services/transformers_lm"
     runs_model = True
     mounts_model_files = True
+    reads_model_files = True
     unused_model_fields = ("base_url",)
 
     def model_problems(self, model: "ModelSection") -> list[str]:
         if model.base_url:
             return ["base_url is only for api=openai models"]
-        return []
+        return super().model_problems(model)
 
     def prepare_model(self, repo: "Repo", model: dict[str, Any]) -> ModelFacts:
-        """Resolve the source (a path inside the repository is written relative to it, since compose
-        mounts it from the project directory), verify a pinned sha256, read the context length and
-        license the model's files declare, and estimate the container's memory from the weights."""
-        from parley.llms import estimate_ram, read_context_length
-
-        try:
-            source = str(model["source"])
-            if not Path(source).expanduser().exists() and (repo.root / source).exists():
-                source = str(repo.root / source)  # a card's path inside the repository
-            resolved = resolve_model_source(source)
-        except ModelSourceError as error:
-            raise ValueError(f"--model: {error}") from None
-        location = None
-        if resolved.kind is not SourceKind.HF_ID:
-            location = resolved.path
-            if resolved.requested not in EMBEDDED_MODELS:
-                # compose mounts it, so it must not depend on the cwd: relative to the repository
-                # root (compose's project directory) when inside it, else absolute
-                inside = location.resolve().is_relative_to(repo.root.resolve())
-                model["source"] = f"./{location.resolve().relative_to(repo.root.resolve()).as_posix()}" if inside else str(location)
-        if model.get("sha256"):
-            if location is None or not location.is_file():
-                raise ValueError("--sha256 checks a single model file (a .gguf or an embedded model); drop it for a directory or hub id")
-            actual = file_sha256(location)
-            if actual != model["sha256"]:
-                raise ValueError(f"--sha256 does not match {location}: the file's sha256 is {actual}")
-        if location is not None and model.get("context_length") is None:
-            model["context_length"] = read_context_length(resolved.kind, location)
-        embedded = EMBEDDED_MODELS.get(resolved.requested)
-        if embedded is not None:
-            model.setdefault("license", embedded.license)
-        description = f"{model['source']} served by {self.package}"
-        if resolved.kind is SourceKind.GGUF_FILE and model["source"] in EMBEDDED_MODELS:
-            description = EMBEDDED_MODELS[model["source"]].description
-        return ModelFacts(description, estimate_ram(resolved.kind, location, bool(model.get("half_precision"))))
+        """The defaults of a card whose model add-llm has already read (parley/llms.py: its file, the
+        registry); the memory limit is then fitted to the model's estimate, 8G when nothing could be
+        read (a hub id not on this machine: the maintainer sets --ram-usage)."""
+        source = str(model["source"])
+        embedded = EMBEDDED_MODELS.get(source)
+        description = embedded.description if embedded is not None else f"{source} served by {self.package}"
+        return ModelFacts(description, "8G")
 
     def container_model_path(self, card: "Card") -> str | None:
         """Where a local model source is mounted in the container (None for embedded names and hub ids)."""
@@ -196,10 +176,21 @@ class LocalLlm(LlmKind):
             "PRETRAINED_MODEL_NAME_OR_PATH": self.container_model_path(card) or model.source,
             "HALF_PRECISION": "true" if model.half_precision else "false",
         }
+        if model.backend != "auto":
+            environment["BACKEND"] = model.backend
+        if model.gguf_weights != "auto":
+            environment["GGUF_WEIGHTS"] = model.gguf_weights
         if model.sha256:
             environment["MODEL_SHA256"] = model.sha256
+        # The service answers to the card's name (never a container path), its names and aliases.
+        environment["SERVED_MODEL_NAME"] = card.name
         if model.aliases:
             environment["MODEL_ALIASES"] = ",".join(model.aliases)
+        if model.names:
+            environment["MODEL_NAMES"] = json.dumps(model.names)
+        if model.context_length is not None:
+            environment["CONTEXT_LENGTH"] = model.context_length
+        environment["MAX_BATCH_SIZE"] = model.batch_slots
         if model.stop:
             environment["STOP_SEQUENCES"] = json.dumps(model.stop)
         if model.prompt_format:
@@ -208,11 +199,9 @@ class LocalLlm(LlmKind):
 
     def build_args(self, card: "Card") -> dict[str, Any]:
         environment = self.model_environment(card)
-        return {
-            **super().build_args(card),
-            "PRETRAINED_MODEL_NAME_OR_PATH": environment["PRETRAINED_MODEL_NAME_OR_PATH"],
-            "HALF_PRECISION": environment["HALF_PRECISION"],
-        }
+        # What the image's build step converts the model for (it loads it once, as the service will).
+        converted = ("PRETRAINED_MODEL_NAME_OR_PATH", "HALF_PRECISION", "BACKEND", "GGUF_WEIGHTS")
+        return {**super().build_args(card), **{key: environment[key] for key in converted if key in environment}}
 
     def overlay_service(self, card: "Card", overlay: str, ctx: DistContext) -> CommentedMap | None:
         if overlay == CPU:
@@ -242,11 +231,14 @@ class UpstreamLlm(LlmKind):
     package = "services/openai_api_lm"
     model_type = "External"
     default_ram_usage = "512M"
+    unused_model_fields = LOCAL_MODEL_FIELDS
 
     def model_problems(self, model: "ModelSection") -> list[str]:
         if not model.base_url:
             return ["an api=openai model needs base_url (the upstream's /v1 URL)"]
-        return []
+        if model.names:
+            return ["names are only for api=transformers models (they are served by services/transformers_lm)"]
+        return super().model_problems(model)
 
     def prepare_model(self, repo: "Repo", model: dict[str, Any]) -> ModelFacts:
         if not model.get("base_url"):

@@ -5,7 +5,10 @@ one process per service, `supervisor` starts, watches and stops those processes.
 (parley.cli) prints; nothing here does. Tests run a distribution with `run_distribution`.
 """
 
-from parley.up.plan import ServicePlan, UpError, plan_distribution
+from parley.up.plan import ServicePlan, UpError, check_memory, plan_distribution
 from parley.up.supervisor import RunningDistribution, SupervisorOutput, run_distribution, run_services
 
-__all__ = ["RunningDistribution", "ServicePlan", "SupervisorOutput", "UpError", "plan_distribution", "run_distribution", "run_services"]
+__all__ = [
+    "RunningDistribution", "ServicePlan", "SupervisorOutput", "UpError", "check_memory", "plan_distribution", "run_distribution",
+    "run_services",
+]

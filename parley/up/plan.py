@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from parley.memory import AvailableMemory, SizeError, format_size, parse_size
 from parley.repo import BASE_COMPOSE, OVERRIDE, Repo
 from parley.tools import ComposeError, ToolError, merged_compose
 from parley.up.dockerfile import CONTAINER_ROOT, parse_dockerfile
@@ -40,6 +41,7 @@ class ServicePlan:
     env: dict[str, str]
     port: int
     depends_on: list[str]
+    memory_limit: int | None = None  # bytes: its compose memory limit (an LLM's: its card's ram_usage)
 
     @property
     def url(self) -> str:
@@ -178,20 +180,49 @@ def plan_distribution(
         cwd = Path(mapper.host_path(service.get("working_dir") or image.workdir))
         if not cwd.is_dir():
             raise UpError(f"service {name}: its working directory {cwd} does not exist in this checkout")
-        drafts[name] = (command, cwd, env, int(port_text), list(service.get("depends_on") or {}))
+        drafts[name] = (command, cwd, env, int(port_text), list(service.get("depends_on") or {}), _memory_limit(service))
 
     ports = {name: (_free_port() if free_ports else draft[3]) for name, draft in drafts.items()}
     rewrite = _host_rewriter({name: draft[3] for name, draft in drafts.items()}, ports)
     plans = []
-    for name, (command, cwd, env, original_port, depends_on) in drafts.items():
+    for name, (command, cwd, env, original_port, depends_on, memory_limit) in drafts.items():
         env = {key: rewrite(value) for key, value in env.items()}
         env["SERVICE_PORT"] = str(ports[name])
         for key, value in list(env.items()):
             env[key] = _rewrite_json_file(value, cwd, repo, state_dir / "rewritten" / name, rewrite)
         env["PATH"] = os.pathsep.join([str(python_bin), os.environ.get("PATH", "")])
         env.setdefault("PYTHONUNBUFFERED", "1")
-        plans.append(ServicePlan(name, command, cwd, env, ports[name], depends_on))
+        plans.append(ServicePlan(name, command, cwd, env, ports[name], depends_on, memory_limit))
     return plans
+
+
+def _memory_limit(service: dict) -> int | None:
+    """The service's memory limit in bytes, as the Compose merger writes it (a number of bytes)."""
+    limit = (((service.get("deploy") or {}).get("resources") or {}).get("limits") or {}).get("memory")
+    try:
+        return parse_size(limit) if limit not in (None, "", 0, "0") else None
+    except SizeError:
+        return None
+
+
+def check_memory(dist: str, plans: list[ServicePlan], available: AvailableMemory | None) -> None:
+    """Refuse (UpError, one line per service's share) a distribution that needs more memory than
+    this machine has available; its need is the sum of its services' memory limits."""
+    if available is None:
+        return
+    needed = sum(plan.memory_limit or 0 for plan in plans)
+    if needed <= available.bytes:
+        return
+    shares = [
+        f"  {plan.name}: {format_size(plan.memory_limit) if plan.memory_limit else 'no memory limit (not counted)'}"
+        for plan in sorted(plans, key=lambda plan: -(plan.memory_limit or 0))
+    ]
+    raise UpError(
+        f"{dist} needs {format_size(needed)} (the memory limits of its services), but this machine has "
+        f"{format_size(available.bytes)} available ({available.source}):\n" + "\n".join(shares) + "\n"
+        "Free memory, or lower a card's ram_usage (an LLM's need falls with its context_length and batch_slots; "
+        "`parley check` says what it must hold), or pass --skip-memory-check to start anyway."
+    )
 
 
 def _host_rewriter(original_ports: dict[str, int], ports: dict[str, int]) -> Callable[[str], str]:

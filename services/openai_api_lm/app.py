@@ -13,10 +13,10 @@ import logging
 from flask import Flask, Response, jsonify, request
 
 from common.dream_errors import dream_error, register_dream_error_handlers
-from common.validation import read_json_body
+from common.validation import RequestValidationError, parse_json, read_json_body
 from common.openapi import register_openapi
 from services.openai_api_lm.openapi_spec import API
-from services.openai_api_lm.protocol import OpenAIGenerateGoalsRequest, OpenAIRespondRequest, parse_with_keys
+from services.openai_api_lm.protocol import ChatRenderRequest, OpenAIGenerateGoalsRequest, OpenAIRespondRequest, parse_with_keys
 from services.openai_api_lm.service import OpenAIApiLM
 from services.openai_api_lm.settings import Settings
 from services.openai_api_lm.upstream import ChatCompletionsClient, UpstreamError, UpstreamTimeoutError
@@ -46,6 +46,18 @@ def create_app(settings: Settings | None = None, client: ChatCompletionsClient |
     def respond() -> Response:
         respond_request, keys = parse_with_keys(OpenAIRespondRequest, read_json_body(), key_fields)
         return jsonify(lm.respond(respond_request.items(), keys))
+
+    @app.post("/render")
+    def render() -> Response:
+        """What /respond would send the upstream for each dialog, without sending it; keys are never echoed."""
+        render_request, _keys = parse_with_keys(OpenAIRespondRequest, read_json_body(), key_fields)
+        return jsonify({"model": settings.pretrained_model_name_or_path, "rendered": lm.render(render_request.items())})
+
+    @app.post("/v1/render")
+    def v1_render() -> Response:
+        """What an OpenAI chat body would be sent upstream as (this service's default config under its parameters)."""
+        chat = parse_json(ChatRenderRequest, read_json_body())
+        return jsonify(lm.render_chat([m.model_dump() for m in chat.messages], chat.config_override()))
 
     @app.post("/generate_goals")
     def generate_goals() -> Response:
@@ -86,3 +98,10 @@ def _register_error_handlers(app: Flask) -> None:
         return dream_error(502, str(error))
 
     register_dream_error_handlers(app, logger)
+
+    @app.errorhandler(RequestValidationError)
+    def bad_request(error: RequestValidationError):
+        if request.path.startswith("/v1/"):  # OpenAI's shape on OpenAI's paths
+            body = {"error": {"message": error.message, "type": "invalid_request_error", "param": error.field, "code": None}}
+            return jsonify(body), error.status
+        return dream_error(error.status, error.message, error.field)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pydantic import BaseModel, Field
 
+from typing import Any
+
 from common.lm_protocol import GenerateGoalsResponse, RespondResponse
-from common.openapi import Api, Body, Operation
-from services.openai_api_lm.protocol import OpenAIGenerateGoalsRequest, OpenAIRespondRequest
+from common.openapi import Api, Body, OpenAIError, Operation
+from services.openai_api_lm.protocol import ChatRenderRequest, OpenAIGenerateGoalsRequest, OpenAIGenerationConfig, OpenAIRespondRequest
 
 
 class _RequestKeyFields(BaseModel):
@@ -34,6 +36,23 @@ class UpstreamHealth(BaseModel):
     api_key: str
 
 
+class UpstreamRendering(BaseModel):
+    """What would be sent upstream for one dialog (never a key: that travels in a header)."""
+
+    model: str
+    upstream: str
+    request: dict[str, Any]
+    prompt_tokens: None = Field(description="null: the upstream tokenizes; its answer's usage.prompt_tokens counts them")
+    prompt_tokens_note: str
+    stop: list[str]
+    generation_config: OpenAIGenerationConfig
+
+
+class UpstreamRenderings(BaseModel):
+    model: str
+    rendered: list[UpstreamRendering]
+
+
 ERRORS = (400, 413, 502, 504)
 
 API = Api(
@@ -50,6 +69,14 @@ API = Api(
         ),
         Operation("POST", "/generate_goals", "What a bot with each prompt can do", request=GenerateGoalsRequestWithKeys,
                   responses={200: Body(GenerateGoalsResponse, "one description per prompt")}, errors=ERRORS),
+        Operation(
+            "POST", "/render", "What /respond would send the upstream for each dialog, without sending it",
+            request=RespondRequestWithKeys, responses={200: Body(UpstreamRenderings)}, errors=(400, 413),
+        ),
+        Operation(
+            "POST", "/v1/render", "What an OpenAI chat body would be sent upstream as, without sending it",
+            request=ChatRenderRequest, responses={200: Body(UpstreamRendering)}, errors=(400, 413), error_type=OpenAIError,
+        ),
         Operation("GET", "/health", "Ready (the upstream is asked only per request)", responses={200: Body(UpstreamHealth)}),
         Operation("GET", "/ping", "Dream's liveness check: \"pong\" (ready once started: nothing to load)",
                   responses={200: Body(str)}),

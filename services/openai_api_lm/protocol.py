@@ -16,7 +16,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import Field, model_validator
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from common.lm_protocol import GenerateGoalsRequest, GenerationConfig, RespondRequest
 from common.validation import RequestValidationError, parse_json
@@ -95,6 +97,41 @@ class OpenAIGenerateGoalsRequest(GenerateGoalsRequest):
     """`POST /generate_goals` with configs in OpenAI's names too."""
 
     configs: list[OpenAIGenerationConfig | None] | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str
+
+
+class ChatRenderRequest(BaseModel):
+    """`POST /v1/render`: an OpenAI chat completion body; its parameters go over the default config."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(None, ge=0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+
+    def config_override(self) -> dict[str, Any]:
+        """The parameters it sets, in the generation config's keys (OpenAI's names are accepted there)."""
+        override = self.model_dump(
+            exclude_none=True, include={"temperature", "top_p", "n", "stop", "seed", "frequency_penalty", "presence_penalty"}
+        )
+        max_tokens = self.max_completion_tokens or self.max_tokens
+        if max_tokens is not None:
+            override["max_tokens"] = max_tokens
+        return override
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,9 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
+from pydantic import ValidationError
+
+from common.validation import request_error
 from services.openai_api_lm.protocol import OpenAIGenerationConfig, RequestKeys
 from services.openai_api_lm.settings import Settings
 from services.openai_api_lm.upstream import ChatCompletionsClient, Credentials, UpstreamResponseError
@@ -91,6 +94,39 @@ class OpenAIApiLM:
         ]
         return [texts[0] for texts in self._map(lambda call: self._hypotheses(*call, deadline), calls)]
 
+    def upstream_body(self, messages: list[dict[str, str]], config: OpenAIGenerationConfig) -> dict[str, Any]:
+        """The chat completion request the upstream gets for these messages (no key: that goes in a header)."""
+        return {"model": self.settings.pretrained_model_name_or_path, "messages": messages, **config.to_openai_parameters()}
+
+    def render(self, items: Sequence[RespondItem]) -> list[dict[str, Any]]:
+        """What `/respond` would send upstream for each dialog, without sending it (`/render`)."""
+        configs = [self._config(item.config, f"configs[{index}]") for index, item in enumerate(items)]
+        return [
+            self.rendering(self.upstream_body(chat_messages(item.prompt, item.dialog_context), config), config)
+            for item, config in zip(items, configs, strict=True)
+        ]
+
+    def render_chat(self, messages: list[dict[str, str]], override: dict[str, Any]) -> dict[str, Any]:
+        """What a chat completion body would be sent upstream as, its parameters over the default config (`/v1/render`)."""
+        try:
+            config = self.default_config.merged_with(OpenAIGenerationConfig.model_validate(override))
+        except ValidationError as error:
+            raise request_error(error, model=OpenAIGenerationConfig) from None
+        config.check_caps(self.settings.caps)
+        return self.rendering(self.upstream_body(messages, config), config)
+
+    def rendering(self, body: dict[str, Any], config: OpenAIGenerationConfig) -> dict[str, Any]:
+        return {
+            "model": self.settings.pretrained_model_name_or_path,
+            "upstream": self.settings.chat_completions_url,
+            "request": body,
+            # The upstream tokenizes with its own tokenizer, which this service does not have.
+            "prompt_tokens": None,
+            "prompt_tokens_note": "the upstream counts the tokens (its answer's usage.prompt_tokens); this service cannot",
+            "stop": list(config.stop),
+            "generation_config": config.model_dump(),
+        }
+
     def _config(self, override: Any, field: str) -> OpenAIGenerationConfig:
         config = self.default_config.merged_with(override)
         config.check_caps(self.settings.caps, field)
@@ -115,7 +151,7 @@ class OpenAIApiLM:
         wanted = parameters["n"]
         texts: list[str] = []
         while len(texts) < wanted:
-            body = {"model": self.settings.pretrained_model_name_or_path, "messages": messages, **parameters}
+            body = self.upstream_body(messages, config)
             body["n"] = wanted - len(texts)
             new = hypotheses_from(self.client.create(body, credentials, deadline))
             if not new:

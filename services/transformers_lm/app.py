@@ -33,6 +33,7 @@ from services.transformers_lm.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateGoalsRequest,
+    RenderRequest,
     RespondRequest,
     TokenizeRequest,
     openai_error,
@@ -152,6 +153,15 @@ def create_app(
         respond_request = parse_body(RespondRequest)
         return jsonify(holder.get().respond(respond_request.items()))
 
+    @app.post("/render")
+    def render() -> Response:
+        """What /respond would generate from, per dialog: the prompt text, its tokens, stops and config."""
+        render_request = parse_body(RenderRequest)
+        service = holder.get()
+        served = service.served(render_request.model)
+        jobs = service.dream_jobs(render_request.items(), served)
+        return jsonify({"model": served.name, "rendered": [service.rendering(served, p, c) for p, c in jobs]})
+
     @app.post("/generate_goals")
     def generate_goals() -> Response:
         goals_request = parse_body(GenerateGoalsRequest)
@@ -174,7 +184,8 @@ def create_app(
             return jsonify({**body, "error": holder.error}), 503
         if drain.draining:
             return jsonify({**body, "status": "draining"}), 503
-        info = holder.service.model.info
+        service = holder.service
+        info = service.model.info
         return jsonify(
             {
                 **body,
@@ -184,7 +195,12 @@ def create_app(
                 "device": info.device,
                 "dtype": info.dtype,
                 "context_length": info.context_length,
-                "prompt_style": holder.service.renderer.name,
+                "max_batch_size": settings.max_batch_size,
+                "prompt_style": service.renderer.name,
+                "names": list(service.names),
+                "stop": list(service.default.prompt_builder.stop_sequences),
+                "stop_token_ids": list(service.default.prompt_builder.stop_token_ids),
+                "model_sha256": settings.model_sha256,
             }
         ), 200
 
@@ -203,6 +219,12 @@ def create_app(
     def v1_chat_completions() -> Response:
         chat_request = parse_body(ChatCompletionRequest)
         return _openai_result(openai_serving.chat_completion(holder.get(), chat_request))
+
+    @app.post("/v1/render")
+    def v1_render() -> Response:
+        """What /v1/chat/completions would generate from for this body, without generating."""
+        chat_request = parse_body(ChatCompletionRequest)
+        return jsonify(openai_serving.chat_rendering(holder.get(), chat_request))
 
     @app.post("/v1/completions")
     def v1_completions() -> Response:

@@ -27,7 +27,7 @@ from services.transformers_lm.protocol import (
     openai_error,
 )
 from services.transformers_lm.engines import TokenStream
-from services.transformers_lm.service import LMService
+from services.transformers_lm.service import LMService, ModelNotFoundError, ServedName
 from services.transformers_lm.structured_output import (
     CallDelta,
     ToolCallReader,
@@ -35,15 +35,9 @@ from services.transformers_lm.structured_output import (
     iterate_calls,
 )
 
+__all__ = ["ModelNotFoundError", "chat_completion", "chat_rendering", "completion", "list_models"]
+
 logger = logging.getLogger(__name__)
-
-
-class ModelNotFoundError(LookupError):
-    """The request names a model this service does not serve (404)."""
-
-    def __init__(self, requested: str, served: list[str]):
-        super().__init__(f"The model '{requested}' does not exist here; this service serves: {', '.join(served)}")
-        self.message = str(self)
 
 
 def _as_openai_param(error: RequestValidationError) -> RequestValidationError:
@@ -54,13 +48,15 @@ def _as_openai_param(error: RequestValidationError) -> RequestValidationError:
     return RequestValidationError(message, param)
 
 
-def generation_config(service: LMService, request: ChatCompletionRequest | CompletionRequest) -> GenerationConfig:
-    """The model's default config with the request's parameters over it, checked against the caps."""
+def generation_config(
+    service: LMService, request: ChatCompletionRequest | CompletionRequest, served: ServedName
+) -> GenerationConfig:
+    """The name's default config with the request's parameters over it, checked against the caps."""
     try:
         override = GenerationConfig.model_validate(request.generation_override())
     except ValidationError as error:
         raise _as_openai_param(request_error(error, model=GenerationConfig)) from None
-    config = service.default_config.merged_with(override)
+    config = served.default_config.merged_with(override)
     try:
         config.check_caps(service.settings.caps)
     except RequestValidationError as error:
@@ -73,15 +69,9 @@ def list_models(service: LMService, created: int) -> dict:
         "object": "list",
         "data": [
             {"id": name, "object": "model", "created": created, "owned_by": "parley"}
-            for name in service.settings.served_model_names
+            for name in service.names
         ],
     }
-
-
-def check_model(service: LMService, requested: str) -> None:
-    served = service.settings.served_model_names
-    if requested not in served:
-        raise ModelNotFoundError(requested, served)
 
 
 @dataclass(frozen=True)
@@ -157,18 +147,25 @@ def _text_choice(index: int, text: str, finish_reason: str | None) -> dict:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def _chat_prompt(service: LMService, request: ChatCompletionRequest, config: GenerationConfig) -> BuiltPrompt:
+def _chat_prompt(service: LMService, request: ChatCompletionRequest, config: GenerationConfig, served: ServedName) -> BuiltPrompt:
     messages = [m.as_chat_message() for m in request.messages]
-    return service.build_prompt(conversation_from_messages(messages, request.tool_functions), config, "messages")
+    return service.build_prompt(conversation_from_messages(messages, request.tool_functions), config, "messages", served)
+
+
+def chat_rendering(service: LMService, request: ChatCompletionRequest) -> dict:
+    """The prompt, token count, stops and config a chat completion request would be generated from."""
+    served = service.served(request.model)
+    config = generation_config(service, request, served)
+    return service.rendering(served, _chat_prompt(service, request, config, served), config)
 
 
 def chat_completion(service: LMService, request: ChatCompletionRequest) -> dict | Iterator[str]:
     """A chat completion object, or (stream=true) an iterator of server-sent events."""
-    check_model(service, request.model)
-    config = generation_config(service, request)
+    served = service.served(request.model)
+    config = generation_config(service, request, served)
     tool_choice = request.tool_choice_spec()
     grammar = service.grammar(config.response_format, tool_choice, "response_format")
-    prompt = _chat_prompt(service, request, config)
+    prompt = _chat_prompt(service, request, config, served)
     if request.stream:
         return _stream_events(
             service, _CHAT, request.model, [prompt], config, request.include_usage_in_stream, grammar, tool_choice
@@ -191,10 +188,10 @@ def chat_completion(service: LMService, request: ChatCompletionRequest) -> dict 
 
 def completion(service: LMService, request: CompletionRequest) -> dict | Iterator[str]:
     """A text completion object (`n` choices per prompt), or an iterator of server-sent events."""
-    check_model(service, request.model)
-    config = generation_config(service, request)
+    served = service.served(request.model)
+    config = generation_config(service, request, served)
     grammar = service.grammar(config.response_format, None, "response_format")
-    prompts = [service.build_raw_prompt(text, config, "prompt") for text in request.prompts]
+    prompts = [service.build_raw_prompt(text, config, "prompt", served) for text in request.prompts]
     if request.stream:
         return _stream_events(service, _TEXT, request.model, prompts, config, request.include_usage_in_stream, grammar)
     results = service.complete_all([(prompt, config) for prompt in prompts], [grammar] * len(prompts))

@@ -9,10 +9,12 @@ from pydantic import BaseModel, Field
 
 from common.lm_protocol import GenerateGoalsResponse, RespondResponse
 from common.openapi import Api, Body, Operation, OpenAIError
+from common.lm_protocol import GenerationConfig
 from services.transformers_lm.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     GenerateGoalsRequest,
+    RenderRequest,
     RespondRequest,
     TokenizeRequest,
 )
@@ -97,10 +99,34 @@ class LMHealth(BaseModel):
     ongoing_requests: int = Field(description="requests received and not yet answered (what the autoscaler reads)")
     error: str | None = None
     backend: str | None = None
+    model_code: str | None = None
     device: str | None = None
     dtype: str | None = None
     context_length: int | None = None
+    max_batch_size: int | None = None
     prompt_style: str | None = None
+    names: list[str] | None = None
+    stop: list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    model_sha256: str | None = None
+
+
+class Rendering(BaseModel):
+    """What one request would be generated from: nothing is generated."""
+
+    model: str
+    prompt: str
+    prompt_tokens: int
+    token_ids: list[int]
+    dropped_turns: int
+    stop: list[str]
+    stop_token_ids: list[int]
+    generation_config: GenerationConfig
+
+
+class RenderedDialogs(BaseModel):
+    model: str
+    rendered: list[Rendering]
 
 
 STREAM = Body(str, "with `stream: true`: server-sent events, `data: {chunk}` lines ending with `data: [DONE]` "
@@ -127,6 +153,13 @@ API = Api(
             request=GenerateGoalsRequest, responses={200: Body(GenerateGoalsResponse, "one description per prompt")},
             errors=DREAM_ERRORS,
         ),
+        Operation(
+            "POST", "/render", "The exact prompt, token count, stops and config /respond would use, per dialog",
+            tags=("dream",), request=RenderRequest,
+            request_example={"dialog_contexts": [["What is the capital of France?"]], "prompts": ["Answer briefly."]},
+            responses={200: Body(RenderedDialogs, "for each dialog, what it would be generated from")},
+            errors=(400, 404, 413, 503),
+        ),
         Operation("GET", "/v1/models", "The model names this service answers to", tags=("openai",),
                   responses={200: Body(ModelList)}, errors=(503,), error_type=OpenAIError),
         Operation(
@@ -134,6 +167,12 @@ API = Api(
             request=ChatCompletionRequest,
             responses={200: [Body(ChatCompletion, "the completion"), STREAM]},
             errors=OPENAI_ERRORS, error_type=OpenAIError,
+        ),
+        Operation(
+            "POST", "/v1/render", "The exact prompt, token count, stops and config of a chat completion request",
+            tags=("openai",), request=ChatCompletionRequest,
+            responses={200: Body(Rendering, "what the request would be generated from")},
+            errors=(400, 404, 413, 503), error_type=OpenAIError,
         ),
         Operation(
             "POST", "/v1/completions", "A text completion (the prompt as is, no template)", tags=("openai",),

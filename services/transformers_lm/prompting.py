@@ -181,6 +181,7 @@ class BuiltPrompt:
     text: str
     stop_sequences: tuple[str, ...]
     dropped_turns: int = 0
+    stop_token_ids: tuple[int, ...] = ()  # tokens that end the answer (the model's EOS and special stop tokens)
 
 
 @dataclass
@@ -191,6 +192,8 @@ class PromptBuilder:
     encode: Callable[[str], list[int]]
     context_length: int
     stop_sequences: tuple[str, ...] = ()  # the service's and the model's, added to every request's
+    stop_token_ids: tuple[int, ...] = ()  # the model's end-of-generation ids and special stop tokens
+    system_prompt: str = ""  # used when a conversation brings none (a named variant's)
 
     def build(
         self, conversation: Conversation, max_new_tokens: int, request_stops: tuple[str, ...] = (), field: str | None = None
@@ -208,6 +211,8 @@ class PromptBuilder:
                 field,
             )
         stops = tuple(dict.fromkeys((*request_stops, *self.stop_sequences, *self.renderer.turn_boundaries())))
+        if not conversation.system and self.system_prompt:
+            conversation = Conversation(self.system_prompt, conversation.turns)
         turns = conversation.turns
         for dropped in range(len(turns)):
             kept = Conversation(conversation.system, turns[dropped:], conversation.tools)
@@ -219,7 +224,7 @@ class PromptBuilder:
                 continue
             token_ids = self.encode(text)
             if len(token_ids) <= budget:
-                return BuiltPrompt(tuple(token_ids), text, stops, dropped)
+                return BuiltPrompt(tuple(token_ids), text, stops, dropped, self.stop_token_ids)
         raise ContextLengthExceededError(
             f"the prompt and the last utterance take more than {budget} tokens: the model's window is "
             f"{self.context_length} tokens and {max_new_tokens} are kept for the answer; shorten them "

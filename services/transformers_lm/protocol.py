@@ -273,3 +273,10 @@ class CompletionRequest(_SamplingRequest):
     @property
     def prompts(self) -> list[str]:
         return [self.prompt] if isinstance(self.prompt, str) else list(self.prompt)
+
+
+class RenderRequest(RespondRequest):
+    """`POST /render`: a `/respond` body, and optionally the model name whose settings to render with
+    (default: the model's own, as `/respond` uses)."""
+
+    model: str | None = Field(None, min_length=1)

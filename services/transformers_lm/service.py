@@ -34,13 +34,23 @@ from services.transformers_lm.prompting import (
     PromptRenderer,
     conversation_from_dream,
 )
-from services.transformers_lm.settings import Settings
+from services.transformers_lm.settings import ModelVariant, PromptFormat, Settings, SettingsError
 from services.transformers_lm.structured_output import ToolChoice, grammar_source
 
 logger = logging.getLogger(__name__)
 
+
 class GenerationFailedError(RuntimeError):
     """Generation failed inside the engine: a failure of ours (500), not of the request."""
+
+
+class ModelNotFoundError(LookupError):
+    """The request names a model this service does not serve (404)."""
+
+    def __init__(self, requested: str, served: list[str]):
+        super().__init__(f"The model '{requested}' does not exist here; this service serves: {', '.join(served)}")
+        self.message = str(self)
+        self.field = "model"
 
 
 @dataclass(frozen=True)
@@ -52,13 +62,42 @@ class Completion:
     completion_tokens: int
 
 
-def choose_renderer(model: LoadedModel, settings: Settings) -> PromptRenderer:
-    """prompt_format from the settings, else the model's chat template, else Dream's plain format."""
-    if settings.prompt_format is not None:
-        return PromptFormatRenderer(settings.prompt_format)
+def choose_renderer(model: LoadedModel, settings: Settings, prompt_format: PromptFormat | None = None) -> PromptRenderer:
+    """A prompt_format (a named variant's, else the settings'), else the model's chat template, else Dream's plain format."""
+    prompt_format = prompt_format or settings.prompt_format
+    if prompt_format is not None:
+        return PromptFormatRenderer(prompt_format)
     if model.has_chat_template:
         return ChatTemplateRenderer(model.render_chat, takes_tools=model.chat_template_takes_tools)
     return PlainRenderer(settings.language)
+
+
+def special_stop_token_ids(model: LoadedModel, stop_sequences: tuple[str, ...]) -> tuple[int, ...]:
+    """The ids of the stop strings that are one special token (<|im_end|>, <|eot_id|>): decoded text
+    never holds such a token, so it can only end generation by its id."""
+    prefix = model.encode("")  # the BOS a tokenizer adds to every prompt, if any
+    found = []
+    for stop in stop_sequences:
+        token_ids = model.encode(stop)
+        if token_ids[: len(prefix)] == prefix:
+            token_ids = token_ids[len(prefix) :]
+        if len(token_ids) == 1 and model.decode(token_ids) == "":
+            found.append(token_ids[0])
+    return tuple(found)
+
+
+@dataclass(frozen=True)
+class ServedName:
+    """A model name this service answers to, and what a request under it gets: its prompt builder
+    (template, system prompt, stops) and its default generation config."""
+
+    name: str
+    prompt_builder: PromptBuilder
+    default_config: GenerationConfig
+
+    @property
+    def renderer(self) -> PromptRenderer:
+        return self.prompt_builder.renderer
 
 
 def sampling_params(config: GenerationConfig, index: int, stop_token_ids: tuple[int, ...]) -> SamplingParams:
@@ -91,25 +130,54 @@ class LMService:
         self.model = model
         self.settings = settings
         self.default_config = default_config
-        self.renderer = choose_renderer(model, settings)
-        self.prompt_builder = PromptBuilder(
-            renderer=self.renderer,
-            encode=model.encode,
-            context_length=model.info.context_length,
-            stop_sequences=(*settings.stop_sequences, *model.info.extra_stop_sequences),
+        self.default = self._served_name(settings.default_model_name, ModelVariant())
+        self.renderer = self.default.renderer
+        self.prompt_builder = self.default.prompt_builder
+        self.names: dict[str, ServedName] = {name: self.default for name in settings.served_model_names}
+        for name, variant in settings.model_names.items():
+            self.names[name] = self._served_name(name, variant)
+
+    def _served_name(self, name: str, variant: ModelVariant) -> ServedName:
+        stops = (*variant.stop, *self.settings.stop_sequences, *self.model.info.extra_stop_sequences)
+        stop_ids = tuple(sorted({*self.model.info.eos_token_ids, *special_stop_token_ids(self.model, stops)}))
+        builder = PromptBuilder(
+            renderer=choose_renderer(self.model, self.settings, variant.prompt_format),
+            encode=self.model.encode,
+            context_length=self.model.info.context_length,
+            stop_sequences=tuple(dict.fromkeys(stops)),
+            stop_token_ids=stop_ids,
+            system_prompt=variant.system_prompt or "",
         )
+        config = self.default_config.merged_with(variant.generation_config)
+        try:
+            config.check_caps(self.settings.caps, f"MODEL_NAMES.{name}.generation_config")
+        except RequestValidationError as error:
+            raise SettingsError(f"{error.message} (MAX_NEW_TOKENS_CAP, MAX_NUM_RETURN_SEQUENCES are the caps)") from None
+        return ServedName(name, builder, config)
 
     # --- building blocks ----------------------------------------------------------------------
-    def config_for(self, override: GenerationConfig | None, field: str) -> GenerationConfig:
-        """The request's config merged over the model's default, checked against the caps."""
-        config = self.default_config.merged_with(override)
+    def served(self, name: str | None) -> ServedName:
+        """The settings of a model name (None: the model's own); ModelNotFoundError for another name."""
+        if name is None:
+            return self.default
+        try:
+            return self.names[name]
+        except KeyError:
+            raise ModelNotFoundError(name, list(self.names)) from None
+
+    def config_for(self, override: GenerationConfig | None, field: str, served: ServedName | None = None) -> GenerationConfig:
+        """The request's config merged over the name's default, checked against the caps."""
+        config = (served or self.default).default_config.merged_with(override)
         config.check_caps(self.settings.caps, field)
         return config
 
-    def build_prompt(self, conversation: Conversation, config: GenerationConfig, field: str | None) -> BuiltPrompt:
-        return self.prompt_builder.build(conversation, config.max_new_tokens, tuple(config.stop), field)
+    def build_prompt(
+        self, conversation: Conversation, config: GenerationConfig, field: str | None, served: ServedName | None = None
+    ) -> BuiltPrompt:
+        builder = (served or self.default).prompt_builder
+        return builder.build(conversation, config.max_new_tokens, tuple(config.stop), field)
 
-    def build_raw_prompt(self, text: str, config: GenerationConfig, field: str | None) -> BuiltPrompt:
+    def build_raw_prompt(self, text: str, config: GenerationConfig, field: str | None, served: ServedName | None = None) -> BuiltPrompt:
         """A completion prompt used as is (OpenAI's /v1/completions), checked against the window."""
         token_ids = self.model.encode(text)
         if not token_ids:
@@ -120,8 +188,9 @@ class LMService:
                 f"model's window of {self.model.info.context_length}",
                 field,
             )
-        stops = tuple(dict.fromkeys((*config.stop, *self.prompt_builder.stop_sequences)))
-        return BuiltPrompt(tuple(token_ids), text, stops)
+        builder = (served or self.default).prompt_builder
+        stops = tuple(dict.fromkeys((*config.stop, *builder.stop_sequences)))
+        return BuiltPrompt(tuple(token_ids), text, stops, 0, builder.stop_token_ids)
 
     def grammar(
         self, response_format: ResponseFormat | None, tool_choice: ToolChoice | None = None, field: str | None = None
@@ -155,7 +224,7 @@ class LMService:
         streams: list[TokenStream] = []
         try:
             for index in range(config.num_return_sequences):
-                params = sampling_params(config, index, self.model.info.eos_token_ids)
+                params = sampling_params(config, index, prompt.stop_token_ids or self.model.info.eos_token_ids)
                 streams.append(self.model.engine.submit(GenerationRequest(prompt.token_ids, params, grammar)))
         except BaseException:
             for stream in streams:
@@ -214,14 +283,19 @@ class LMService:
         yield pieces.finish(), _finish_reason(stream, pieces.stopped), count
 
     # --- Dream endpoints ----------------------------------------------------------------------
-    def respond(self, items: list[RespondItem]) -> list[list[str]]:
-        """Hypotheses for each dialog: every item is checked before any generation starts."""
-        jobs, grammars = [], []
+    def dream_jobs(self, items: list[RespondItem], served: ServedName | None = None) -> list[tuple[BuiltPrompt, GenerationConfig]]:
+        """Each dialog's prompt and config, every one checked before anything is generated."""
+        jobs = []
         for index, item in enumerate(items):
-            config = self.config_for(item.config, f"configs[{index}]")
+            config = self.config_for(item.config, f"configs[{index}]", served)
             conversation = conversation_from_dream(item.prompt, item.dialog_context)
-            jobs.append((self.build_prompt(conversation, config, f"dialog_contexts[{index}]"), config))
-            grammars.append(self.grammar(config.response_format, None, f"configs[{index}].response_format"))
+            jobs.append((self.build_prompt(conversation, config, f"dialog_contexts[{index}]", served), config))
+        return jobs
+
+    def respond(self, items: list[RespondItem]) -> list[list[str]]:
+        """Hypotheses for each dialog (under the model's own name): every item is checked before any generation starts."""
+        jobs = self.dream_jobs(items)
+        grammars = [self.grammar(config.response_format, None, f"configs[{index}].response_format") for index, (_, config) in enumerate(jobs)]
         return [[c.text.strip() for c in completions] for completions in self.complete_all(jobs, grammars)]
 
     def generate_goals(self, items: list[GenerateGoalsItem]) -> list[str]:
@@ -234,6 +308,19 @@ class LMService:
             request = goals_request(item.prompt)
             jobs.append((self.build_prompt(Conversation("", (ChatMessage("user", request),)), config, f"prompts[{index}]"), config))
         return [completions[0].text.strip() for completions in self.complete_all(jobs)]
+
+    def rendering(self, served: ServedName, prompt: BuiltPrompt, config: GenerationConfig) -> dict:
+        """What a request would be generated from, without generating: `/render` and `/v1/render`."""
+        return {
+            "model": served.name,
+            "prompt": prompt.text,
+            "prompt_tokens": len(prompt.token_ids),
+            "token_ids": list(prompt.token_ids),
+            "dropped_turns": prompt.dropped_turns,
+            "stop": list(prompt.stop_sequences),
+            "stop_token_ids": list(prompt.stop_token_ids),
+            "generation_config": config.model_dump(),
+        }
 
     def warm_up(self) -> str:
         """One short greedy generation, so the first real request pays no first-call costs; then the

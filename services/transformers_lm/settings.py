@@ -6,15 +6,17 @@ has one); the table in this service's README lists them all, and a test checks i
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from common.lm_protocol import DEFAULT_GENERATIVE_CONFIG, GenerationCaps
+from common.lm_protocol import DEFAULT_GENERATIVE_CONFIG, GenerationCaps, GenerationConfig
+from common.model_sources import EMBEDDED_MODELS
 from common.settings_support import CommaList, Json, RepoPath, ServiceSettings, SettingsError
 
 
-__all__ = ["PromptFormat", "Settings", "SettingsError"]
+__all__ = ["ModelVariant", "PromptFormat", "Settings", "SettingsError"]
 
 
 class PromptFormat(BaseModel):
@@ -40,6 +42,26 @@ class PromptFormat(BaseModel):
         if "{instruction}" not in template:
             raise ValueError("must contain {instruction}")
         return template
+
+
+StopSequences = tuple[Annotated[str, Field(min_length=1)], ...]
+
+
+class ModelVariant(BaseModel):
+    """Another model name for the same weights, with its own prompt and defaults (a card's `model.names`).
+
+    A request that names it (`model` of an OpenAI request) gets its system prompt when it brings
+    none of its own, its prompt format (else the model's), its generation defaults merged over the
+    model's, and its stop strings added to the model's.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    description: str | None = None
+    system_prompt: str | None = None
+    prompt_format: PromptFormat | None = None
+    generation_config: GenerationConfig | None = None
+    stop: StopSequences = ()
 
 
 class Settings(ServiceSettings):
@@ -107,8 +129,27 @@ class Settings(ServiceSettings):
     prompt_format: Annotated[PromptFormat | None, Json('{"user": "User: {instruction}\\n"}')] = Field(
         None, description="JSON object with RayLLM's prompt_format fields; overrides the chat template"
     )
-    stop_sequences: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Json('["\\nUser:"]')] = Field(
-        (), description="JSON list of strings where every hypothesis is cut"
+    stop_sequences: Annotated[StopSequences, Json('["\\nUser:"]')] = Field(
+        (),
+        description=(
+            "JSON list of strings where every hypothesis is cut; one that is a single token of the model "
+            "(an end-of-turn token such as <|im_end|>) also ends generation"
+        ),
+    )
+    served_model_name: str | None = Field(
+        None,
+        min_length=1,
+        description=(
+            "the model's name in /v1/models and in answers (a card's name); default: PRETRAINED_MODEL_NAME_OR_PATH, "
+            "or the file or folder name when that is a path"
+        ),
+    )
+    model_names: Annotated[dict[str, ModelVariant], Json('{"pirate": {"system_prompt": "You are a pirate."}}')] = Field(
+        {},
+        description=(
+            "JSON object of more model names for the same weights, each with its own system_prompt, prompt_format, "
+            "generation_config and stop (a card's model.names); a request picks one by its model"
+        ),
     )
 
     @field_validator("language", mode="before")
@@ -126,10 +167,29 @@ class Settings(ServiceSettings):
             raise ValueError("must be 64 hex digits")
         return value
 
+    @model_validator(mode="after")
+    def _names_are_distinct(self) -> "Settings":
+        default = self.default_model_name
+        for name in self.model_names:
+            if name == default or name in self.model_aliases:
+                raise ValueError(f"model_names: {name!r} is also the model's name or one of MODEL_ALIASES")
+        return self
+
+    @property
+    def default_model_name(self) -> str:
+        """The name the model is served under: SERVED_MODEL_NAME, else the source unless it is a path."""
+        if self.served_model_name:
+            return self.served_model_name
+        source = self.pretrained_model_name_or_path.strip()
+        if source in EMBEDDED_MODELS or not (source.startswith((".", "/", "~")) or source.lower().endswith(".gguf")):
+            return source
+        path = Path(source)
+        return path.stem if path.suffix.lower() == ".gguf" else path.name or source
+
     @property
     def served_model_names(self) -> list[str]:
-        """The names /v1 endpoints accept: the model as configured, then its aliases."""
-        names = [self.pretrained_model_name_or_path, *self.model_aliases]
+        """The names /v1 endpoints accept: the model's, its named variants, then its aliases."""
+        names = [self.default_model_name, *self.model_names, *self.model_aliases]
         return list(dict.fromkeys(names))
 
     @property

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, ClassVar
 
-from common.model_sources import ModelSource, SourceKind
+from common.model_sources import ModelSource, SourceKind, file_sha256
 from common.validation import StartupError
 from services.transformers_lm.engines import Engine
 from services.transformers_lm.engines.grammar import GrammarError, GrammarTokenizer
@@ -38,6 +38,17 @@ class ModelLoadError(StartupError, RuntimeError):
 
 class UnknownBackendError(ModelLoadError):
     pass
+
+
+def check_sha256_pin(path: Path, expected: str | None, actual: str | None = None) -> str:
+    """The file's sha256; raise ModelLoadError when it differs from the pinned one (MODEL_SHA256)."""
+    actual = actual or file_sha256(path)
+    if expected and actual.lower() != expected.strip().lower():
+        raise ModelLoadError(
+            f"refusing to start: {path} has sha256 {actual}, but MODEL_SHA256 pins {expected.strip()} "
+            "(replace the file or update the pin)"
+        )
+    return actual
 
 
 @dataclass(frozen=True)

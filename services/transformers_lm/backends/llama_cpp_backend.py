@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from common.model_sources import ModelSource, SourceKind, file_sha256
+from common.model_sources import ModelSource, SourceKind, file_sha256, gguf_weights_to_run
 from services.transformers_lm.backends import (
     Backend,
     ChatMessage,
@@ -22,6 +22,7 @@ from services.transformers_lm.backends import (
     LoadOptions,
     ModelInfo,
     ModelLoadError,
+    check_sha256_pin,
 )
 from services.transformers_lm.backends.chat_template import ChatTemplateError, render_chat_template, template_takes_tools
 from services.transformers_lm.engines.grammar import GrammarTokenizer
@@ -30,20 +31,11 @@ from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel, Llam
 
 logger = logging.getLogger(__name__)
 
-# Models whose GGUF llama.cpp runs as an F16 copy under GGUF_WEIGHTS=auto (what the user wrote in
-# PRETRAINED_MODEL_NAME_OR_PATH). llama.cpp's Q4_1 kernels also quantise activations to 8 bits, and
-# the 135M SmolLM2 does not survive it: greedily it answers "What is the capital of France?" with
-# French nonsense, as llama-cpp-python's own Llama does. The F16 copy (270 MB) keeps the dequantised
-# weights and answers "The capital of France is Paris.", as the transformers backend does.
-F16_BY_DEFAULT = frozenset({"smollm2-135m-instruct"})
-
-
 def weights_to_run(requested: str, gguf_weights: str) -> str:
     """What llama.cpp runs for a source: "file" (the GGUF's own quantisation) or "f16" (a cached
-    dequantised copy); GGUF_WEIGHTS=auto means f16 for the models in F16_BY_DEFAULT, else the file."""
-    if gguf_weights != "auto":
-        return gguf_weights
-    return "f16" if requested.strip() in F16_BY_DEFAULT else "file"
+    dequantised copy); GGUF_WEIGHTS=auto means f16 for the embedded models that need it
+    (common.model_sources.EmbeddedModel.llama_cpp_weights), else the file."""
+    return gguf_weights_to_run(requested, gguf_weights)
 
 
 class LlamaCppLoadedModel(LoadedModel):
@@ -161,8 +153,6 @@ class LlamaCppBackend(Backend):
             raise ModelLoadError("BACKEND=llama_cpp runs on the CPU here: set DEVICE=cpu or auto, or BACKEND=transformers")
         sha256 = None
         if options.sha256:
-            from services.transformers_lm.backends.transformers_backend import check_sha256_pin
-
             sha256 = check_sha256_pin(source.path, options.sha256)
         weights_path = source.path
         if weights_to_run(source.requested, options.gguf_weights) == "f16":

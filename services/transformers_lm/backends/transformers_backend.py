@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from common.model_sources import ModelSource, SourceKind, file_sha256
+from common.model_sources import ModelSource, SourceKind
 from services.transformers_lm.backends import (
     Backend,
     ChatMessage,
@@ -29,6 +29,7 @@ from services.transformers_lm.backends import (
     LoadOptions,
     ModelInfo,
     ModelLoadError,
+    check_sha256_pin,
 )
 from services.transformers_lm.backends.chat_template import template_takes_tools
 from services.transformers_lm.backends.native_tokenizer import NativeTokenizerUnsupported, read_native_tokenizer
@@ -57,17 +58,6 @@ def choose_dtype(device: torch.device, half_precision: bool) -> torch.dtype:
         return torch.float32
     # float16 kernels are slow or missing on CPU; bfloat16 is the CPU's half precision.
     return torch.float16 if device.type == "cuda" else torch.bfloat16
-
-
-def check_sha256_pin(path: Path, expected: str | None, actual: str | None = None) -> str:
-    """The file's sha256; raise ModelLoadError when it differs from the pinned one."""
-    actual = actual or file_sha256(path)
-    if expected and actual.lower() != expected.strip().lower():
-        raise ModelLoadError(
-            f"refusing to start: {path} has sha256 {actual}, but MODEL_SHA256 pins {expected.strip()} "
-            "(replace the file or update the pin)"
-        )
-    return actual
 
 
 def converted_gguf_dir(gguf_path: Path, cache_dir: Path, sha256: str) -> Path:
