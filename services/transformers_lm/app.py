@@ -3,7 +3,8 @@
 Nothing happens at import. `create_app` reads the settings and the default generative config, then
 loads the model in a background thread (or takes a model handed in, as tests do): `/health` is
 503 until the model is loaded and a warm-up generation ran. Dream endpoints answer errors as
-`{"error": {"message", "field"}}`, `/v1/*` endpoints in OpenAI's shape.
+`{"error": {"message", "field"}}`, `/v1/*` endpoints in OpenAI's shape. Keys, metrics (vLLM's, at
+`/metrics`) and trace ids come from common/service_layer.py.
 """
 
 from __future__ import annotations
@@ -20,7 +21,8 @@ from common.lm_protocol import GenerationConfig, load_default_config
 from common.model_sources import ModelSourceError, resolve_model_source
 from common.validation import RequestValidationError, parse_body
 from common.dream_errors import NotReadyError
-from common.openapi import register_openapi
+from common.metrics import LLMMetrics
+from common.service_layer import init_service_layer
 from common.service_main import stop_worker
 from services.transformers_lm import openai_serving
 from services.transformers_lm.openapi_spec import API
@@ -73,9 +75,10 @@ def load_model(settings: Settings, registry: BackendRegistry | None = None) -> L
 class ServiceHolder:
     """Holds the LMService once its model is loaded and warmed up; `get()` raises 503 before."""
 
-    def __init__(self, settings: Settings, default_config: GenerationConfig):
+    def __init__(self, settings: Settings, default_config: GenerationConfig, metrics: LLMMetrics | None = None):
         self.settings = settings
         self.default_config = default_config
+        self.metrics = metrics
         self.state = "loading"
         self.error: str | None = None
         self.service: LMService | None = None
@@ -89,7 +92,7 @@ class ServiceHolder:
         return self.service
 
     def install(self, model: LoadedModel) -> None:
-        service = LMService(model, self.settings, self.default_config)
+        service = LMService(model, self.settings, self.default_config, self.metrics)
         started = time.monotonic()
         sample = service.warm_up()
         logger.info("warm-up generation done in %.1f s (%r)", time.monotonic() - started, sample)
@@ -134,7 +137,8 @@ def create_app(
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    holder = ServiceHolder(settings, default_config)
+    layer = init_service_layer(app, settings, API, logger=logger)
+    holder = ServiceHolder(settings, default_config, LLMMetrics(layer.metrics, settings.served_model_names[0]))
     app.extensions["lm_service"] = holder
     started_at = int(time.time())
     if model is not None:
@@ -191,7 +195,6 @@ def create_app(
         completion_request = parse_body(CompletionRequest)
         return _openai_result(openai_serving.completion(holder.get(), completion_request))
 
-    register_openapi(app, API)
     _register_error_handler(app)
     return app
 

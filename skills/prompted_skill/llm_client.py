@@ -39,9 +39,11 @@ class LLMClient:
         config: dict[str, Any] | None,
         key_fields: dict[str, list[str]],
         timeout_seconds: float,
+        headers: dict[str, str] | None = None,
     ) -> list[str]:
         """The LLM's hypotheses for one dialog. `config` holds the generation keys the skill sets (None:
-        the LLM's own default config applies); `key_fields` are Dream's `{"<env var>s": [value]}`."""
+        the LLM's own default config applies); `key_fields` are Dream's `{"<env var>s": [value]}`;
+        `headers` go with the request (the skill's API key, the request's traceparent)."""
         body: dict[str, Any] = {
             "dialog_contexts": [dialog_context],
             "prompts": [prompt],
@@ -49,7 +51,7 @@ class LLMClient:
             **key_fields,
         }
         try:
-            response = self._post(url, body, timeout_seconds)
+            response = self._post(url, body, timeout_seconds, headers or {})
         except requests.ReadTimeout:
             raise LLMCallError(f"the LLM at {url} did not answer within {timeout_seconds:g}s") from None
         except requests.RequestException as error:
@@ -65,7 +67,7 @@ class LLMClient:
             raise LLMCallError(f"the LLM at {url} answered {len(hypotheses)} dialogs for 1")
         return hypotheses[0]
 
-    def _post(self, url: str, body: dict[str, Any], timeout_seconds: float) -> requests.Response:
+    def _post(self, url: str, body: dict[str, Any], timeout_seconds: float, headers: dict[str, str]) -> requests.Response:
         """POST, and again on a fresh connection when the connection fails (not when the answer times out).
 
         A service name may stand for several replicas (Swarm's DNS round robin). When the replica
@@ -78,7 +80,7 @@ class LLMClient:
         deadline = time.monotonic() + timeout_seconds
         timeout = (min(CONNECT_TIMEOUT_SECONDS, timeout_seconds), timeout_seconds)
         try:
-            return self.session.post(url, json=body, timeout=timeout)
+            return self.session.post(url, json=body, timeout=timeout, headers=headers)
         except requests.ConnectionError as error:  # includes ConnectTimeout: the request never left
             failure = error
         for pause in RETRY_PAUSES_SECONDS:
@@ -88,7 +90,7 @@ class LLMClient:
             logger.warning("the LLM at %s dropped the connection (%s); retrying on a new one", url, type(failure).__name__)
             try:
                 with requests.Session() as fresh:
-                    return fresh.post(url, json=body, timeout=timeout)
+                    return fresh.post(url, json=body, timeout=timeout, headers=headers)
             except requests.ConnectionError as error:
                 failure = error
         raise failure
