@@ -26,6 +26,8 @@ LLM_GROUP = "services"
 AGENT_GROUP = "agent"
 # A database the agents keep their dialogs in (the postgres card; the postgres.yml overlay).
 STATE_GROUP = "state"
+# What watches a distribution's services (the prometheus card; the monitoring.yml overlay).
+MONITORING_GROUP = "monitoring"
 # The package folder of each LLM backend (the `api` of a card's model section).
 LLM_SERVICE_FOLDERS = {"transformers": "services/transformers_lm", "openai": "services/openai_api_lm"}
 
@@ -194,6 +196,10 @@ class Card(_Strict):
     @property
     def is_state_store(self) -> bool:
         return self.group == STATE_GROUP
+
+    @property
+    def is_monitoring(self) -> bool:
+        return self.group == MONITORING_GROUP
 
     @property
     def database(self) -> str:

@@ -19,8 +19,10 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
 
 from common.model_sources import EMBEDDED_MODELS
+from parley.api_keys import secret_env_file
 from parley.cards import LLM_SERVICE_FOLDERS, Card
-from parley.repo import OVERLAYS, OVERRIDE, Repo
+from parley.monitoring_overlay import MONITORING_OVERLAY, update_monitoring_overlay
+from parley.repo import BASE_COMPOSE, OVERLAYS, OVERRIDE, Repo
 from parley.state_overlay import STATE_OVERLAY, update_state_overlay
 from parley.yamlio import dump_yaml, load_yaml_text
 
@@ -167,7 +169,7 @@ def llm_compose_service(card: Card) -> CommentedMap:
             "build": {"context": ".", "dockerfile": f"{service_folder(card)}/Dockerfile", "args": args},
         }
     )
-    service["env_file"] = flow([ENV_FILE])
+    service["env_file"] = flow([ENV_FILE, secret_env_file()])
     service["environment"] = block(environment)
     volume = model_volume(card)
     if volume is not None:
@@ -398,6 +400,8 @@ def _edit_dist(
         if card is not None and card.calls_llms and isinstance(service, dict):
             _update_prompted_skill(service, llm_cards, members, removed)
     files[override_path] = _with_header(dump_yaml(override))
+    base = load_yaml_text(repo.path(BASE_COMPOSE).read_text(), BASE_COMPOSE) if repo.path(BASE_COMPOSE).is_file() else None
+    dist_services = [*((base or {}).get("services") or {}), *[name for name in services if name not in ((base or {}).get("services") or {})]]
 
     makers = {"dev.yml": llm_dev_service, "cpu.yml": llm_cpu_service, "proxy.yml": llm_proxy_service}
     for overlay in OVERLAYS:
@@ -413,6 +417,8 @@ def _edit_dist(
                 _set_service(services, name, makers[overlay](llm_cards[name]))
         if overlay == STATE_OVERLAY:
             update_state_overlay(document, cards, services)
+        if overlay == MONITORING_OVERLAY:
+            update_monitoring_overlay(document, cards, services, dist_services)
         files[overlay_path] = _with_header(dump_yaml(document))
     return files, members
 

@@ -9,8 +9,9 @@ from parley.cards import Card, CardError, load_card
 
 OVERRIDE = "docker-compose.override.yml"
 # The overlays of a distribution, in the order `docker compose -f` takes them after the override;
-# postgres.yml moves the agents' state to a shared PostgreSQL (parley/state_overlay.py).
-OVERLAYS = ("dev.yml", "cpu.yml", "proxy.yml", "postgres.yml")
+# postgres.yml moves the agents' state to a shared PostgreSQL (parley/state_overlay.py);
+# monitoring.yml adds Prometheus, scraping every service (parley/monitoring_overlay.py).
+OVERLAYS = ("dev.yml", "cpu.yml", "proxy.yml", "postgres.yml", "monitoring.yml")
 BASE_COMPOSE = "docker-compose.yml"
 
 

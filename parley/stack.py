@@ -12,6 +12,11 @@ labelled `parley-state=true`; with the postgres.yml overlay (STATE_URL=postgresq
 database is that pinned, stateful service instead, and the agent runs its card's
 `deploy.replicas`, start-first, anywhere. The agent is the only service with a published port.
 
+The API keys travel as the Docker secret `parley_api_keys` (`docker secret create`, external to
+the stack), mounted at /run/secrets/parley_api_keys in every service but a database, which reads it
+through PARLEY_API_KEYS_FILE: never as plain environment, whatever the compose files merged in
+(.env_secret's PARLEY_API_KEYS is dropped from each service's environment).
+
 A kernel without IPVS (as on some CI machines) has no Swarm virtual IPs or ingress routing mesh:
 `--endpoint-mode dnsrr` then resolves a service name to every replica's address (DNS round robin)
 and publishes the agent's port on the node itself (`mode: host`), so one agent replica per node.
@@ -24,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from parley import tools
+from parley.api_keys import DOCKER_SECRET
 from parley.cards import Card
 from parley.repo import Repo
 
@@ -39,6 +45,10 @@ KEPT_SERVICE_KEYS = (
     "stop_grace_period", "stop_signal", "labels", "extra_hosts", "cap_add", "cap_drop", "ulimits", "tmpfs",
 )
 HEALTHCHECK_KEYS = ("test", "interval", "timeout", "retries", "start_period", "disable")
+# Where a service finds the keys in a swarm (the secret's default mount), and the variables that
+# would carry them as plain environment (never in a stack).
+SECRET_MOUNT = f"/run/secrets/{DOCKER_SECRET}"
+KEY_VARIABLES = ("PARLEY_API_KEYS", "PARLEY_API_KEYS_FILE")
 EndpointMode = Literal["vip", "dnsrr"]
 
 
@@ -104,6 +114,8 @@ def build_stack(merged: dict[str, Any], cards: dict[str, Card], options: StackOp
     stack.document = {"version": STACK_COMPOSE_VERSION, "services": services}
     if volumes:
         stack.document["volumes"] = volumes
+    if any("secrets" in service for service in services.values()):
+        stack.document["secrets"] = {DOCKER_SECRET: {"external": True}}
     return stack
 
 
@@ -113,7 +125,12 @@ def _stack_service(name: str, service: dict[str, Any], card: Card, options: Stac
         if service.get(key) not in (None, [], {}):
             result[key] = service[key]
     if "environment" in result:
-        result["environment"] = {key: "" if value is None else str(value) for key, value in result["environment"].items()}
+        result["environment"] = {key: "" if value is None else str(value) for key, value in result["environment"].items()
+                                 if key not in KEY_VARIABLES}
+    if not card.is_state_store:
+        # Mode 0444 (Swarm's default): each image runs as a user of its own, and each must read it.
+        result["secrets"] = [{"source": DOCKER_SECRET, "target": DOCKER_SECRET}]
+        result.setdefault("environment", {})["PARLEY_API_KEYS_FILE"] = SECRET_MOUNT
     if card.is_llm and card.deploy and card.deploy.cpus:
         # The model's threads match the cores a replica is given: more threads than cores make every
         # step wait on descheduled threads, which slows generation by orders of magnitude on a busy node.
