@@ -63,7 +63,8 @@ run: install
 	$(BIN)/parley up $(DIST) $(UP_ARGS)
 
 # Debian packages the tests need beyond Python (chromium and chromium-driver for the chat page's
-# browser test): installed when missing, as root (scripts/install-system-packages).
+# browser test, postgresql, prometheus for `parley up --monitoring`): installed when missing, as
+# root (scripts/install-system-packages).
 system-packages:
 	@scripts/install-system-packages
 

@@ -4,7 +4,10 @@ It adds the monitoring card's service (`components/prometheus.yml`: Debian's Pro
 BASE_IMAGE by services/prometheus/Dockerfile) with SCRAPE_TARGETS listing every HTTP service of the
 distribution (`job=host:port`, from each service's card), its volume, a healthcheck on Prometheus'
 own `/-/ready` and the card's memory limit. It reads `.env_secret` as every service does, so its
-scrapes carry the distribution's API key. `parley up --monitoring` runs the same overlay.
+scrapes carry the distribution's API key. Prometheus has no keys of its own, so it listens on its
+container's loopback only (SERVICE_HOST=127.0.0.1): the metrics it holds are reached with
+`docker compose exec prometheus ...`, or on this machine under `parley up --monitoring`, which runs
+the same overlay.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ def monitoring_compose_service(card: Card, targets: str) -> CommentedMap:
     service["init"] = True
     service["env_file"] = _flow([secret_env_file()])
     service["environment"] = CommentedMap([
+        ("SERVICE_HOST", "127.0.0.1"),
         ("SERVICE_PORT", card.port),
         ("SCRAPE_TARGETS", DoubleQuotedScalarString(targets)),
         ("SCRAPE_INTERVAL", SCRAPE_INTERVAL),

@@ -225,8 +225,9 @@ def run_distribution(
     startup_timeout: float = 600.0,
     state_dir: Path | None = None,
     output: SupervisorOutput | None = None,
+    monitoring: bool = False,
 ) -> Iterator[RunningDistribution]:
     """Plan the distribution (parley.up.plan) and run it (`run_services`): what `parley up` does, for tests."""
-    plans = plan_distribution(repo, dist, overlays=overlays, free_ports=free_ports, state_dir=state_dir)
+    plans = plan_distribution(repo, dist, overlays=overlays, free_ports=free_ports, state_dir=state_dir, monitoring=monitoring)
     with run_services(dist, plans, startup_timeout=startup_timeout, output=output) as running:
         yield running
