@@ -290,14 +290,16 @@ def _show_how_to_talk_to_the_agent(running: RunningDistribution, output: _UpOutp
     has_keys = bool(agent.plan.env.get("PARLEY_API_KEYS") or agent.plan.env.get("PARLEY_API_KEYS_FILE"))
     output.note(f"the agent answers on {url}; try:")
     # The key is not printed: the command reads it from .env_secret when it runs.
-    key_header = " -H \"Authorization: Bearer $(parley secrets show)\"" if has_keys else ""
+    installed = Path(sys.executable).parent / "parley"
+    parley = str(installed) if installed.is_file() else "parley"
+    key_header = f" -H \"Authorization: Bearer $({parley} secrets show)\"" if has_keys else ""
     print(
         f"  curl -s -X POST {url}/ -H 'Content-Type: application/json'{key_header} "
         "-d '{\"user_id\": \"me\", \"payload\": \"What is the capital of France?\"}'",
         flush=True,
     )
     output.note(f"or chat in the terminal: parley chat {url}  (Ctrl-C stops everything)")
-    output.note(f"or in the browser, the chat page: {url}/" + ("  (it asks for the key: `parley secrets show`)" if has_keys else ""))
+    output.note(f"or in the browser, the chat page: {url}/" + (f"  (it asks for the key: `{parley} secrets show`)" if has_keys else ""))
     prometheus = running.services.get("prometheus")
     if prometheus is not None:
         output.note(f"Prometheus scrapes every service's /metrics: {prometheus.plan.url}/targets")
