@@ -63,7 +63,8 @@ run: install
 	$(BIN)/parley up $(DIST) $(UP_ARGS)
 
 # Debian packages the tests need beyond Python (chromium and chromium-driver for the chat page's
-# browser test): installed when missing, as root (scripts/install-system-packages).
+# browser test, postgresql, prometheus for `parley up --monitoring`): installed when missing, as
+# root (scripts/install-system-packages).
 system-packages:
 	@scripts/install-system-packages
 
@@ -75,7 +76,8 @@ test: install system-packages
 	$(BIN)/python -m pytest
 
 # The distribution in real Docker (as root): builds its images, runs a dialog through the containers
-# and the proxy overlay; then exports it (`parley export`), wipes the images, imports the bundle and
+# with the checkout's API key (.env_secret; written for the run and removed after when there is none),
+# reads every service's metrics through Prometheus (monitoring.yml), and the proxy overlay; then exports it (`parley export`), wipes the images, imports the bundle and
 # runs it with its PostgreSQL (postgres.yml). Starts a Docker engine with `parley engine start` when none runs and stops
 # it after; about 15 minutes the first time, under 5 once the engine data root is warm.
 test-docker: install

@@ -16,20 +16,41 @@ import logging
 import sys
 from typing import Any
 
-from common.service_main import LOG_FORMAT, WORKER_BOOT_ERROR
+from gunicorn.glogging import Logger
+
+from common import logs
+from common.service_main import WORKER_BOOT_ERROR
 from common.settings_support import ServiceSettings, SettingsError
+
+# The service's LOG_FORMAT, for GunicornLogger (gunicorn builds its logger after reading this config).
+_log_format = "text"
+
+
+class GunicornLogger(Logger):
+    """gunicorn's logger with the service's format: each line has the request's trace id, and is
+    JSON with LOG_FORMAT=json. The access line is written in the thread that served the request,
+    where the trace id is still the request's."""
+
+    def setup(self, cfg) -> None:
+        super().setup(cfg)
+        for logger in (self.error_log, self.access_log):
+            for handler in logger.handlers:
+                logs.prepare_handler(handler, _log_format)
 
 
 def gunicorn_settings(settings_class: type[ServiceSettings]) -> dict[str, Any]:
     """gunicorn's settings for a service; a setting that cannot be used stops gunicorn with one line."""
+    global _log_format
     try:
         settings = settings_class.from_env()
     except SettingsError as error:
-        logging.basicConfig(format=LOG_FORMAT)
+        logs.configure()
         logging.getLogger("gunicorn.conf").error("cannot start: %s", error)
         sys.exit(WORKER_BOOT_ERROR)
+    _log_format = settings.log_format
+    host = f"[{settings.service_host}]" if ":" in settings.service_host else settings.service_host
     return {
-        "bind": f"0.0.0.0:{settings.service_port}",
+        "bind": f"{host}:{settings.service_port}",
         "workers": 1,
         "worker_class": "common.gunicorn_worker.DrainingThreadWorker",
         "threads": settings.gunicorn_threads,
@@ -41,6 +62,7 @@ def gunicorn_settings(settings_class: type[ServiceSettings]) -> dict[str, Any]:
         "accesslog": "-",
         "errorlog": "-",
         "loglevel": settings.log_level,
+        "logger_class": GunicornLogger,
         # Import the app in the worker, not the master: models load in a background thread of the worker.
         "preload_app": False,
     }

@@ -16,6 +16,8 @@ from apispec import APISpec
 from flask import Flask, Response, jsonify
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from common.auth import API_KEY_HEADER, PUBLIC_ROUTES
+
 OPENAPI_VERSION = "3.1.0"
 REF_TEMPLATE = "#/components/schemas/{model}"
 JSON = "application/json"
@@ -55,6 +57,7 @@ class OpenAIError(BaseModel):
 
 ERROR_DESCRIPTIONS = {
     400: "bad input; the error names the field",
+    401: "no API key, or not one of the service's PARLEY_API_KEYS (when it has keys)",
     404: "no such item",
     413: "the request body is over the service's MAX_REQUEST_BYTES",
     429: "too many requests queued; retry after the Retry-After header's seconds",
@@ -145,6 +148,9 @@ def build_openapi(api: Api) -> dict:
                    info={"description": api.description})
     for name, description in api.tags.items():
         spec.tag({"name": name, "description": description})
+    # Every operation but the public ones needs a key when the service has keys (common/auth.py).
+    spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})
+    spec.components.security_scheme("apiKey", {"type": "apiKey", "in": "header", "name": API_KEY_HEADER})
     schemas = _Schemas(spec)
     paths: dict[str, dict] = {}
     for operation in api.operations:
@@ -180,7 +186,11 @@ def build_openapi(api: Api) -> dict:
                 },
             }
         error_schema = schemas.schema(operation.error_type or api.error_type, "serialization")
-        for status in operation.errors:
+        errors = operation.errors
+        if (operation.method.upper(), operation.rule) not in PUBLIC_ROUTES:
+            entry["security"] = [{"bearer": []}, {"apiKey": []}]
+            errors = tuple(sorted({*errors, 401}))
+        for status in errors:
             entry["responses"][str(status)] = {
                 "description": ERROR_DESCRIPTIONS.get(status, "error"),
                 "content": {JSON: {"schema": error_schema}},

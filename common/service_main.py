@@ -11,16 +11,16 @@ from typing import Callable
 
 from flask import Flask
 
+from common import logs
 from common.validation import StartupError
 
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # gunicorn's "worker failed to boot": the master stops instead of starting the worker again.
 WORKER_BOOT_ERROR = 3
 
 
 def app_or_exit(create_app: Callable[[], Flask], service: str) -> Flask:
     """The service's app; on a StartupError, log `cannot start: <message>` and exit."""
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT)
+    logs.configure()  # text until the app reads LOG_FORMAT (common/service_layer.py)
     try:
         return create_app()
     except StartupError as error:

@@ -13,21 +13,26 @@ A relative path in a setting (`RepoPath`) means the same in a checkout and in an
 repository's folders are copied under /app): it is relative to the repository root.
 
 Every service also has the fields gunicorn runs with (`common/gunicorn_conf.py` reads them):
-SERVICE_PORT, GUNICORN_THREADS, GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT and LOG_LEVEL; and its
-name, SERVICE_NAME.
+SERVICE_HOST, SERVICE_PORT, GUNICORN_THREADS, GUNICORN_TIMEOUT, GUNICORN_GRACEFUL_TIMEOUT and LOG_LEVEL;
+its name, SERVICE_NAME; and what the shared service layer (`common/service_layer.py`) reads: the API
+keys every route but /health and /ping needs (PARLEY_API_KEYS, or a file of them in
+PARLEY_API_KEYS_FILE, as a Docker secret is), LOG_FORMAT (text or JSON lines) and
+OTEL_EXPORTER_OTLP_ENDPOINT (spans exported there).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Mapping, Self
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic.fields import FieldInfo
 
+from common.key_fields import is_key_field
 from common.validation import StartupError, field_path, problems
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -84,14 +89,39 @@ def _marker(field: FieldInfo, kind: type) -> Any:
 
 def settings_error(error: ValidationError, environ: Mapping[str, str] | None = None) -> SettingsError:
     """pydantic's first complaint about a settings object as one line: `VARIABLE (nested.field): what is wrong`.
-    The value is quoted only when `environ` is given: a service whose settings may hold a key leaves
-    it out, as the value may be a key set in the wrong variable."""
+    The value is quoted only when `environ` is given and the variable is not named like a key: a
+    service whose settings may hold a key leaves it out, as the value may be a key set in the wrong variable."""
     first = problems(error)[0]
     variable = str(first.location[0]).upper() if first.location else "settings"
     detail = field_path(first.location[1:])
     where = f"{variable} ({detail})" if detail else variable
-    value = f" (got {environ.get(variable)!r})" if environ is not None and variable in environ else ""
+    quotable = environ is not None and variable in environ and not is_key_field(variable)
+    value = f" (got {environ.get(variable)!r})" if quotable else ""
     return SettingsError(f"{where}: {first.message}{value}")
+
+
+# What a key may hold: printable, and nothing that needs quoting in a header, a comma list or nginx's config.
+_API_KEY_CHARACTERS = re.compile(r"^[A-Za-z0-9._~+/=-]+$")
+MIN_API_KEY_CHARS = 16
+
+
+def _read_api_keys(environ: Mapping[str, str]) -> tuple[str, ...]:
+    """PARLEY_API_KEYS (comma-separated) and the keys in the file PARLEY_API_KEYS_FILE names (one per
+    line or comma-separated, `#` comments; a `PARLEY_API_KEYS=` prefix, as in .env_secret, is read too)."""
+    keys = [part.strip() for part in environ.get("PARLEY_API_KEYS", "").split(",") if part.strip()]
+    file_name = environ.get("PARLEY_API_KEYS_FILE", "").strip()
+    if file_name:
+        try:
+            text = Path(file_name).read_text()
+        except OSError as error:
+            raise SettingsError(f"PARLEY_API_KEYS_FILE {file_name!r} cannot be read: {error.strerror}") from None
+        for line in text.splitlines():
+            line = line.strip().removeprefix("PARLEY_API_KEYS=")
+            if line and not line.startswith("#"):
+                keys.extend(part.strip() for part in line.split(",") if part.strip())
+        if not keys:
+            raise SettingsError(f"PARLEY_API_KEYS_FILE {file_name!r} holds no key")
+    return tuple(dict.fromkeys(keys))
 
 
 class ServiceSettings(BaseModel):
@@ -102,6 +132,10 @@ class ServiceSettings(BaseModel):
     show_values_in_errors: ClassVar[bool] = True
 
     service_name: str = Field(description="the service's name, shown in /health and logs")
+    service_host: str = Field(
+        "0.0.0.0", min_length=1,
+        description="the address gunicorn binds: 0.0.0.0 (every interface, as in a container) or 127.0.0.1 (this machine only)",
+    )
     service_port: int = Field(ge=1, le=65535, description="the port gunicorn binds on 0.0.0.0")
     gunicorn_threads: int = Field(32, ge=1, le=1024, description="requests gunicorn serves at once (threads of its one worker)")
     gunicorn_timeout: int = Field(
@@ -111,6 +145,37 @@ class ServiceSettings(BaseModel):
         10, ge=1, description="seconds a stopping service (SIGTERM) may take to finish the requests it has; new ones get 503 meanwhile"
     )
     log_level: Literal["debug", "info", "warning", "error", "critical"] = Field("info", description="gunicorn's log level")
+    parley_api_keys: Annotated[tuple[SecretStr, ...], EnvVars(("PARLEY_API_KEYS", "PARLEY_API_KEYS_FILE"))] = Field(
+        (),
+        description="the API keys every route but GET /health and GET /ping needs (comma-separated; or a file of "
+        "them, one per line, in PARLEY_API_KEYS_FILE, as a Docker secret); unset: no key needed",
+    )
+    log_format: Literal["text", "json"] = Field(
+        "text", description="text lines, or json: one JSON object per line (time, level, logger, message, trace_id)"
+    )
+    otel_exporter_otlp_endpoint: str | None = Field(
+        None,
+        description="an OTLP/HTTP collector (e.g. http://collector:4318) that gets a span per request, when the "
+        "opentelemetry-sdk and opentelemetry-exporter-otlp-proto-http packages are installed",
+    )
+
+    @field_validator("parley_api_keys")
+    @classmethod
+    def _keys_are_usable(cls, keys: tuple[SecretStr, ...]) -> tuple[SecretStr, ...]:
+        for index, key in enumerate(keys, 1):
+            value = key.get_secret_value()
+            where = f"key {index} of {len(keys)}"
+            if len(value) < MIN_API_KEY_CHARS:
+                raise ValueError(f"{where} has {len(value)} characters; a key needs at least {MIN_API_KEY_CHARS} "
+                                 "(`parley secrets init` writes a random one)")
+            if not _API_KEY_CHARACTERS.match(value):
+                raise ValueError(f"{where} holds a character other than letters, digits and . _ ~ + / = -")
+        return keys
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The keys, as text (never log them)."""
+        return tuple(key.get_secret_value() for key in self.parley_api_keys)
 
     @classmethod
     def env_variables(cls) -> dict[str, list[str]]:
@@ -137,6 +202,7 @@ class ServiceSettings(BaseModel):
                 continue
             found_format = _marker(field, _Format)
             values[name] = found_format.read(text, variable) if found_format else text
+        values["parley_api_keys"] = _read_api_keys(environ)
         values.update(cls._values_from_env(environ, values))
         try:
             settings = cls.model_validate(values)

@@ -12,6 +12,9 @@ gets MODEL_SHA256 from that digest, so it verifies its model at start as it alwa
 `import` extracts into a folder of its own, checks every file against the manifest before anything
 else (a file that does not match, is missing or is not listed is named, the folder removed and
 nothing loaded), then `docker load`s the images and prints the `docker compose` command that runs it.
+
+The API keys (`.env_secret`) never travel: `import` writes the site a new random key into the
+folder's own `.env_secret`, which the services read as they do in a checkout.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from common.model_sources import file_sha256
+from parley.api_keys import SECRET_FILE, write_key_file
 from parley.cards import Card
 from parley.repo import Repo
 from parley.stack import StackError, compose_files
@@ -179,6 +183,8 @@ def _bundle_service(repo: Repo, name: str, service: dict[str, Any], card: Card, 
         required = not isinstance(entry, dict) or entry.get("required", True)
         if Path(relative).is_absolute() or ".." in Path(relative).parts:
             raise BundleError(f"service {name!r}: env_file {relative} is outside the checkout; only files inside it travel")
+        if Path(relative).as_posix() == SECRET_FILE:
+            continue  # this machine's keys stay here; the site gets its own at import
         if repo.path(relative).is_file():
             plan.files[Path(relative).as_posix()] = repo.path(relative)
         elif required:
@@ -364,6 +370,8 @@ def import_bundle(bundle_path: Path, folder: Path, load_images: Callable[[Path],
     if folder.exists():
         folder.rmdir()
     partial.replace(folder)
+    key_file = write_key_file(folder)
+    echo(f"==> a new API key for this site in {key_file} (mode 600): every route but /health and /ping needs it")
     echo(f"==> docker load {IMAGES} ({size_text((folder / IMAGES).stat().st_size)})")
     loaded = load_images(folder / IMAGES)
     return Imported(manifest, folder, loaded)

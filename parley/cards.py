@@ -378,6 +378,11 @@ class Card(_Strict):
         return self.kind.scales_services
 
     @property
+    def is_monitoring(self) -> bool:
+        """What watches a distribution's services (the monitoring.yml overlay runs it)."""
+        return self.kind.watches_services
+
+    @property
     def database(self) -> str:
         """A state store's database name (the path of its connector URL)."""
         return urlsplit(self.connector.url).path.strip("/")

@@ -11,10 +11,12 @@ class ChatError(RuntimeError):
     """The agent cannot be reached or answered with an error; the message says what to do."""
 
 
-def send_turn(url: str, user_id: str, text: str, timeout: float) -> dict:
+def send_turn(url: str, user_id: str, text: str, timeout: float, api_key: str | None = None) -> dict:
     """One user turn; the agent's JSON answer (`response`, `dialog_id`, `active_skill`, ...)."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        reply = requests.post(url.rstrip("/") + "/", json={"user_id": user_id, "payload": text}, timeout=timeout)
+        reply = requests.post(url.rstrip("/") + "/", json={"user_id": user_id, "payload": text}, timeout=timeout,
+                              headers=headers)
     except requests.ConnectionError:
         raise ChatError(f"no agent answers on {url}: start one with `parley up` (or pass its URL)") from None
     except requests.Timeout:
@@ -23,6 +25,9 @@ def send_turn(url: str, user_id: str, text: str, timeout: float) -> dict:
         body = reply.json()
     except ValueError:
         raise ChatError(f"the agent on {url} answered {reply.status_code} with no JSON: {reply.text[:200]}") from None
+    if reply.status_code == 401:
+        raise ChatError(f"the agent on {url} needs an API key: set PARLEY_API_KEY (`parley secrets show` prints "
+                        "the checkout's), or run from the checkout whose .env_secret holds it")
     if reply.status_code != 200:
         message = (body.get("error") or {}).get("message") if isinstance(body, dict) else None
         raise ChatError(f"the agent on {url} answered {reply.status_code}: {message or body}")

@@ -33,6 +33,7 @@ from parley.known_models import KnownModelsError, load_known_models
 from parley.memory import MemoryEstimate, SizeError, parse_size
 from parley.model_files import ModelFileCache, hub_cache_folder
 from parley.model_fit import card_model_problems, derived_differences, facts_from_derived, locate_model, memory_estimate, memory_problems
+from parley.api_keys import SECRET_FILE as SECRET_ENV_FILE
 from parley.generate import parse_wait_hosts, plan_generation
 from parley.kinds import DistContext, service_config_packages
 from parley.repo import BASE_COMPOSE, OVERLAYS, OVERRIDE, PIPELINE, Repo
@@ -315,6 +316,31 @@ def check_files_exist(repo: Repo, documents: dict[str, Any], report: Report) -> 
                     report.add(f"{relative}: services.{name}.build.dockerfile: {build['dockerfile']} does not exist in {build.get('context', '.')}")
 
 
+def check_services_read_the_keys(repo: Repo, cards: dict[str, Card], documents: dict[str, Any], report: Report) -> None:
+    """Every service built here reads .env_secret (optional), or PARLEY_API_KEYS would not reach it
+    and it would serve without a key while the others need one. A database needs none."""
+    base = _services(documents.get(BASE_COMPOSE))
+    for dist in repo.distributions():
+        override_path = repo.dist_file(dist, OVERRIDE)
+        override = _services(documents.get(override_path))
+        for name in {**base, **override}:
+            card = cards.get(name)
+            if card is not None and card.is_state_store:
+                continue
+            env_files = [*_env_file_paths(base.get(name)), *_env_file_paths(override.get(name))]
+            if SECRET_ENV_FILE not in env_files:
+                where = override_path if name in override else BASE_COMPOSE
+                report.add(f"{where}: services.{name}.env_file: does not read {SECRET_ENV_FILE} (add `- path: "
+                           f"{SECRET_ENV_FILE}` with `required: false`): its API keys would be missing")
+
+
+def _env_file_paths(service: Any) -> list[str]:
+    env_files = (service or {}).get("env_file") if isinstance(service, dict) else None
+    if isinstance(env_files, (str, dict)):
+        env_files = [env_files]
+    return [str(item.get("path") if isinstance(item, dict) else item) for item in env_files or []]
+
+
 def check_generated(repo: Repo, cards: dict[str, Card], report: Report) -> None:
     try:
         plan = plan_generation(repo, cards)
@@ -494,17 +520,23 @@ def compose_validator_problems(repo: Repo, files: list[str], documents: dict[str
 
 
 def _swarm_copy(document: Any, source_dir: Path) -> Any:
-    """A compose file as `docker stack deploy` takes it: depends_on as a list (Swarm ignores conditions)."""
+    """A compose file as `docker stack deploy` takes it: depends_on as a list (Swarm ignores conditions),
+    env files as paths (an optional one that is absent left out: the stack schema has no `required`)."""
     document = json.loads(json.dumps(document))
     for service in _services(document).values():
         if isinstance(service, dict):
             if isinstance(service.get("depends_on"), dict):
                 service["depends_on"] = list(service["depends_on"])
             env_files = service.get("env_file")
-            if isinstance(env_files, str):
+            if isinstance(env_files, (str, dict)):
                 env_files = [env_files]
             if isinstance(env_files, list):
-                service["env_file"] = [str(source_dir / str(item)) for item in env_files]
+                paths = []
+                for item in env_files:
+                    path = source_dir / str(item.get("path") if isinstance(item, dict) else item)
+                    if path.is_file() or not isinstance(item, dict) or item.get("required", True):
+                        paths.append(str(path))
+                service["env_file"] = paths
     return document
 
 
@@ -569,6 +601,7 @@ def run_checks(repo: Repo, *, tools: bool = True) -> Report:
     check_healthchecks_and_published_ports(cards, {k: v for k, v in documents.items() if v is not None}, report)
     check_cards_among_each_other(repo, cards, report)
     check_files_exist(repo, documents, report)
+    check_services_read_the_keys(repo, cards, documents, report)
     if not problems and syntax_ok:
         check_generated(repo, cards, report)
     check_generative_configs(repo, report)

@@ -7,6 +7,7 @@ through a callback, and turns their errors into ClickException here only.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -71,6 +72,7 @@ Examples:
   parley export universal_prompted_assistant --overlay cpu.yml -o parley-bundle.tar
   parley import parley-bundle.tar
   parley chat http://127.0.0.1:4242
+  parley secrets init
   sudo parley engine start
   parley docs
 """
@@ -419,19 +421,22 @@ def list_(as_json, dist, repo_path) -> None:
 @click.option("--timeout", "startup_timeout", type=float, default=600.0, show_default=True, help="Seconds each service may take to become healthy.")
 @click.option("--state-dir", type=click.Path(file_okay=False, path_type=Path), help="Where volumes and rewritten files live (default: .cache/parley-up/DIST).")
 @click.option("--skip-memory-check", is_flag=True, help="Start even when the services' memory limits add up to more than this machine has available.")
+@click.option("--monitoring", is_flag=True, help="Also run Prometheus (the monitoring.yml overlay, on Debian's `prometheus` binary) scraping every service's /metrics.")
 @repo_option
-def up(dist, free_ports, overlays, startup_timeout, state_dir, skip_memory_check, repo_path) -> None:
+def up(dist, free_ports, overlays, startup_timeout, state_dir, skip_memory_check, monitoring, repo_path) -> None:
     """Run a distribution on this machine without Docker, from its compose files.
 
     Each service runs its Dockerfile's CMD (or its compose `command`) from its folder of the
-    checkout with the checkout's .venv, its environment and env files; hostnames in URLs become
-    127.0.0.1. Services start in dependency order, each waited for on /health. Ctrl-C stops them all.
-    Once all are healthy it prints a `PARLEY_SERVICE name url` line per service and `PARLEY_READY`.
+    checkout with the checkout's .venv, its environment and env files (.env_secret's API keys
+    among them); hostnames in URLs become 127.0.0.1. Services start in dependency order, each
+    waited for on its health check. Ctrl-C stops them all. Once all are healthy it prints a
+    `PARLEY_SERVICE name url` line per service and `PARLEY_READY`.
 
     \b
     Examples:
       parley up
       parley up universal_prompted_assistant --free-ports
+      parley up --monitoring
     """
     def interrupt(signum, frame):  # SIGTERM stops everything, as Ctrl-C does
         raise KeyboardInterrupt
@@ -440,7 +445,8 @@ def up(dist, free_ports, overlays, startup_timeout, state_dir, skip_memory_check
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even where a shell started us with it ignored
     repo = _repo(repo_path)
     try:
-        plans = plan_distribution(repo, dist, overlays=list(overlays) or None, free_ports=free_ports, state_dir=state_dir)
+        plans = plan_distribution(repo, dist, overlays=list(overlays) or None, free_ports=free_ports, state_dir=state_dir,
+                                  monitoring=monitoring)
         if not skip_memory_check:
             check_memory(dist, plans, available_memory())
         output = _UpOutput([plan.name for plan in plans])
@@ -488,29 +494,43 @@ def _show_how_to_talk_to_the_agent(running: RunningDistribution, output: _UpOutp
     if agent is None:
         return
     url = agent.plan.url
+    has_keys = bool(agent.plan.env.get("PARLEY_API_KEYS") or agent.plan.env.get("PARLEY_API_KEYS_FILE"))
     output.note(f"the agent answers on {url}; try:")
+    # The key is not printed: the command reads it from .env_secret when it runs.
+    installed = Path(sys.executable).parent / "parley"
+    parley = str(installed) if installed.is_file() else "parley"
+    key_header = f" -H \"Authorization: Bearer $({parley} secrets show)\"" if has_keys else ""
     print(
-        f"  curl -s -X POST {url}/ -H 'Content-Type: application/json' "
+        f"  curl -s -X POST {url}/ -H 'Content-Type: application/json'{key_header} "
         "-d '{\"user_id\": \"me\", \"payload\": \"What is the capital of France?\"}'",
         flush=True,
     )
     output.note(f"or chat in the terminal: parley chat {url}  (Ctrl-C stops everything)")
-    output.note(f"or in the browser, the chat page: {url}/")
+    output.note(f"or in the browser, the chat page: {url}/" + (f"  (it asks for the key: `{parley} secrets show`)" if has_keys else ""))
+    prometheus = running.services.get("prometheus")
+    if prometheus is not None:
+        output.note(f"Prometheus scrapes every service's /metrics: {prometheus.plan.url}/targets")
 
 
 @click.command(name="chat")
 @click.argument("url", default="http://127.0.0.1:4242")
 @click.option("--user-id", default=None, help="The user id to talk as (default: a new one per session).")
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds to wait for each answer.")
-def chat(url, user_id, timeout) -> None:
+@click.option("--api-key-env", default="PARLEY_API_KEY", show_default=True, metavar="VAR", help="The env var holding the agent's API key; unset, the first key of the checkout's .env_secret, if any.")
+def chat(url, user_id, timeout, api_key_env) -> None:
     """Chat with an agent in the terminal (an empty line or Ctrl-D ends it).
 
     \b
     Example:
       parley chat http://127.0.0.1:4242
     """
+    from parley.api_keys import read_keys
     from parley.chat import ChatError, new_user_id, send_turn
 
+    api_key = os.environ.get(api_key_env, "").strip() or None
+    if api_key is None:
+        with contextlib.suppress(RepoError):
+            api_key = next(iter(read_keys(Repo.find().root)), None)
     user_id = user_id or new_user_id()
     click.echo(f"chatting with {url} as {user_id}; an empty line or Ctrl-D ends it", err=True)
     while True:
@@ -522,7 +542,7 @@ def chat(url, user_id, timeout) -> None:
         if not text.strip():
             return
         try:
-            answer = send_turn(url, user_id, text, timeout)
+            answer = send_turn(url, user_id, text, timeout, api_key=api_key)
         except ChatError as error:
             raise click.ClickException(str(error)) from None
         skill = answer.get("active_skill")
@@ -603,6 +623,9 @@ def stack(dist, output, overlays, endpoint_mode, project, registry, repo_path) -
     click.echo(f"wrote {output}: {len(services)} services ({replicas})", err=True)
     if built.autoscaled:
         click.echo(f"the autoscaler scales {', '.join(built.autoscaled)} by load ({AUTOSCALER_OVERLAY} applied)", err=True)
+    if "secrets" in built.document:
+        click.echo("the services read their API keys from the Docker secret parley_api_keys: create it once with "
+                   "`parley secrets show | docker secret create parley_api_keys -`", err=True)
     if not registry:
         click.echo(f"it runs the local images {', '.join(built.images)}: build them with docker compose -p {project} {' '.join('-f ' + f for f in built.compose_files)} build", err=True)
 
@@ -764,6 +787,56 @@ def engine_stop() -> None:
         raise click.ClickException(str(error)) from None
 
 
+@click.group(name="secrets")
+def secrets_group() -> None:
+    """The distribution's API keys on this machine (.env_secret, which the compose files read).
+
+    \b
+    Example:
+      parley secrets init
+    """
+
+
+@secrets_group.command(name="init")
+@click.option("--force", is_flag=True, help="Replace an existing .env_secret with a new key (clients using the old one are refused).")
+@repo_option
+def secrets_init(force, repo_path) -> None:
+    """Write a random API key to .env_secret (git-ignored): every service then needs it.
+
+    `docker compose` and `parley up` give it to every service (PARLEY_API_KEYS); for a swarm,
+    make it a Docker secret: `parley secrets show | docker secret create parley_api_keys -`.
+
+    \b
+    Example:
+      parley secrets init
+    """
+    from parley.api_keys import SecretsError, write_key_file
+
+    repo = _repo(repo_path)
+    try:
+        path = write_key_file(repo.root, replace=force)
+    except SecretsError as error:
+        raise click.ClickException(str(error)) from None
+    click.echo(f"wrote a new API key to {path} (mode 600); show it with `parley secrets show`")
+
+
+@secrets_group.command(name="show")
+@repo_option
+def secrets_show(repo_path) -> None:
+    """Print the first API key of .env_secret (what a client sends as `Authorization: Bearer <key>`).
+
+    \b
+    Example:
+      curl -H "Authorization: Bearer $(parley secrets show)" http://127.0.0.1:4242/metrics
+    """
+    from parley.api_keys import SecretsError, first_key
+
+    try:
+        click.echo(first_key(_repo(repo_path).root))
+    except SecretsError as error:
+        raise click.ClickException(str(error)) from None
+
+
 # Each command is registered here, one line each.
 cli.add_command(add_llm)
 cli.add_command(remove_llm)
@@ -781,3 +854,4 @@ cli.add_command(engine)
 cli.add_command(stack)
 cli.add_command(export)
 cli.add_command(import_)
+cli.add_command(secrets_group)

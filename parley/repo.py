@@ -10,8 +10,9 @@ from parley.cards import Card, CardError, load_card
 OVERRIDE = "docker-compose.override.yml"
 # The overlays of a distribution, in the order `docker compose -f` takes them after the override;
 # postgres.yml moves the agents' state to a shared PostgreSQL (parley/state_overlay.py);
-# autoscaler.yml adds a Swarm stack's autoscaler (parley/autoscaler_overlay.py).
-OVERLAYS = ("dev.yml", "cpu.yml", "proxy.yml", "postgres.yml", "autoscaler.yml")
+# autoscaler.yml adds a Swarm stack's autoscaler (parley/autoscaler_overlay.py); monitoring.yml adds
+# Prometheus, scraping every service (parley/monitoring_overlay.py).
+OVERLAYS = ("dev.yml", "cpu.yml", "proxy.yml", "postgres.yml", "autoscaler.yml", "monitoring.yml")
 BASE_COMPOSE = "docker-compose.yml"
 # A distribution's pipeline (Dream's pipeline_conf.json): the agent's services and their order.
 PIPELINE = "pipeline_conf.json"

@@ -20,6 +20,11 @@ labels (`parley.autoscaling.*`); the stack then gets the autoscaler (the distrib
 autoscaler.yml overlay, applied without being asked for), on a manager node with the engine's
 socket, the one bind mount that travels to a swarm.
 
+The API keys travel as the Docker secret `parley_api_keys` (`docker secret create`, external to
+the stack), mounted at /run/secrets/parley_api_keys in every service but a database, which reads it
+through PARLEY_API_KEYS_FILE: never as plain environment, whatever the compose files merged in
+(.env_secret's PARLEY_API_KEYS is dropped from each service's environment).
+
 A kernel without IPVS (as on some CI machines) has no Swarm virtual IPs or ingress routing mesh:
 `--endpoint-mode dnsrr` then resolves a service name to every replica's address (DNS round robin)
 and publishes the agent's port on the node itself (`mode: host`), so one agent replica per node.
@@ -33,6 +38,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 from parley import tools
+from parley.api_keys import DOCKER_SECRET
 from parley.autoscaler_overlay import AUTOSCALER_OVERLAY, ENGINE_SOCKET, autoscales
 from parley.cards import Card
 from parley.repo import Repo
@@ -53,6 +59,10 @@ HEALTHCHECK_KEYS = ("test", "interval", "timeout", "retries", "start_period", "d
 # Seconds Swarm waits beyond an LLM's graceful timeout before it kills the container: gunicorn's
 # master needs them to stop its worker and exit after the drain.
 STOP_MARGIN_SECONDS = 5
+# Where a service finds the keys in a swarm (the secret's default mount), and the variables that
+# would carry them as plain environment (never in a stack).
+SECRET_MOUNT = f"/run/secrets/{DOCKER_SECRET}"
+KEY_VARIABLES = ("PARLEY_API_KEYS", "PARLEY_API_KEYS_FILE")
 EndpointMode = Literal["vip", "dnsrr"]
 
 
@@ -119,6 +129,8 @@ def build_stack(merged: dict[str, Any], cards: dict[str, Card], options: StackOp
     stack.document = {"version": STACK_COMPOSE_VERSION, "services": services}
     if volumes:
         stack.document["volumes"] = volumes
+    if any("secrets" in service for service in services.values()):
+        stack.document["secrets"] = {DOCKER_SECRET: {"external": True}}
     return stack
 
 
@@ -128,7 +140,12 @@ def _stack_service(name: str, service: dict[str, Any], card: Card, options: Stac
         if service.get(key) not in (None, [], {}):
             result[key] = service[key]
     if "environment" in result:
-        result["environment"] = {key: "" if value is None else str(value) for key, value in result["environment"].items()}
+        result["environment"] = {key: "" if value is None else str(value) for key, value in result["environment"].items()
+                                 if key not in KEY_VARIABLES}
+    if not card.is_state_store:
+        # Mode 0444 (Swarm's default): each image runs as a user of its own, and each must read it.
+        result["secrets"] = [{"source": DOCKER_SECRET, "target": DOCKER_SECRET}]
+        result.setdefault("environment", {})["PARLEY_API_KEYS_FILE"] = SECRET_MOUNT
     if card.kind.runs_model and card.deploy and card.deploy.cpus:
         # The model's threads match the cores a replica is given: more threads than cores make every
         # step wait on descheduled threads, which slows generation by orders of magnitude on a busy node.

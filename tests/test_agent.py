@@ -247,9 +247,38 @@ def test_keys_reach_the_skills_for_this_turn_but_are_never_stored_or_answered(tm
 
 @pytest.mark.parametrize("field", ["OPENAI_API_KEY", "openai_organization", "GIGACHAT_CREDENTIAL", "password", "token", "apikey"])
 def test_fields_named_like_credentials_are_keys_not_attributes(field):
-    attributes, keys = TurnRequest(user_id="ann", payload="Hi", **{field: SECRET}, mood="curious").split_attributes()
+    attributes, keys, secrets = TurnRequest(user_id="ann", payload="Hi", **{field: SECRET}, mood="curious").split_attributes()
     assert keys == {field.lower(): SECRET}
+    assert secrets == [SECRET]
     assert attributes == {"mood": "curious"}
+
+
+@pytest.mark.parametrize("fields", [
+    {"lm_service_kwargs": {"openai_api_key": SECRET, "stop": ["\n"]}},  # Dream's universal skill reads it
+    {"attributes": {"deep": [{"OPENAI_API_KEY": SECRET, "keep": 1}]}},
+    {"lm_service_kwargs": {"openai_api_keys": [SECRET]}},  # Dream's sending variables: a list, plural
+])
+def test_a_key_nested_anywhere_in_a_turn_is_a_key_and_the_rest_stays(fields):
+    attributes, keys, secrets = TurnRequest(user_id="ann", payload="Hi", **fields).split_attributes()
+    assert keys == {"openai_api_key": SECRET}
+    assert secrets == [SECRET]
+    assert SECRET not in json.dumps(attributes)
+    assert attributes.get("lm_service_kwargs", {}).get("stop", ["\n"]) == ["\n"]
+    assert attributes.get("attributes", {"deep": [{"keep": 1}]}) == {"deep": [{"keep": 1}]}
+
+
+def test_a_top_level_key_wins_over_one_nested_in_the_same_turn():
+    _, keys, secrets = TurnRequest(user_id="ann", payload="Hi", lm_service_kwargs={"openai_api_key": "nested-key-value"},
+                                   OPENAI_API_KEY=SECRET).split_attributes()
+    assert keys == {"openai_api_key": SECRET}
+    assert sorted(secrets) == sorted(["nested-key-value", SECRET])
+
+
+def test_counts_in_a_config_are_not_mistaken_for_keys():
+    attributes, keys, _ = TurnRequest(user_id="ann", payload="Hi",
+                                      lm_service_config={"max_new_tokens": 8, "max_tokens": 8}).split_attributes()
+    assert keys == {}
+    assert attributes["lm_service_config"] == {"max_new_tokens": 8, "max_tokens": 8}
 
 
 def test_a_short_key_does_not_garble_the_answer(tmp_path):

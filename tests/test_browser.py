@@ -1,9 +1,11 @@
 """The chat page in a real browser (Debian's chromium and chromium-driver, headless), on the
 universal_prompted_assistant run by `parley up` on the embedded SmolLM2.
 
-A person types a question and sees the answer with the skill's name; after a reload the turn is
-still there (from the agent's state); a second tab is a separate dialog. The screenshot goes to
-tests/output/chat.png (docs/chat.png is a copy of one).
+The distribution runs with API keys (PARLEY_API_KEYS), as a deployment should: the page asks for
+the key once, keeps it in the tab across reloads, and a new tab asks again. A person types a
+question and sees the answer with the skill's name; after a reload the turn is still there (from
+the agent's state); a second tab is a separate dialog. The screenshot goes to tests/output/chat.png
+(docs/chat.png is a copy of one).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ DIST = "universal_prompted_assistant"
 LINKED = ["services", "skills", "common", "components", "docker-compose.yml", ".env", "components.tsv"]
 PROMPT = "You are a cheerful assistant. Answer in one short sentence."
 ANSWER_TIMEOUT = 300  # the real model on a shared 2-core CPU
+API_KEY = "browser-test-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
 OUTPUT = REPO_ROOT / "tests" / "output"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -53,10 +57,15 @@ def write_checkout(root: Path) -> Path:
           agent:
             environment:
               RESPONSE_TIME_LIMIT: "{ANSWER_TIMEOUT}"
+              PARLEY_API_KEYS: {API_KEY}
           prompted-skill:
             environment:
               GENERATIVE_SERVICE_CONFIG: {greedy}
               GENERATIVE_TIMEOUT: "{ANSWER_TIMEOUT - 30}"
+              PARLEY_API_KEYS: {API_KEY}
+          transformers-lm-smollm2:
+            environment:
+              PARLEY_API_KEYS: {API_KEY}
         """))
     pipeline = json.loads((dist / "pipeline_conf.json").read_text())
     pipeline["services"]["skills"]["prompted_skill"]["connector"]["timeout"] = ANSWER_TIMEOUT - 10
@@ -96,8 +105,22 @@ def bot_turns(driver) -> list:
     return driver.find_elements(By.CSS_SELECTOR, "#log .turn.bot:not(.pending)")
 
 
+def key_asked(driver) -> bool:
+    return driver.execute_script("return document.getElementById('key-dialog').open")
+
+
+def give_key(driver, key: str = API_KEY) -> None:
+    """Wait for the page to ask for the key, and give it."""
+    WebDriverWait(driver, 30).until(key_asked)
+    field = driver.find_element(By.ID, "api-key")
+    field.send_keys(key)
+    driver.find_element(By.ID, "key-submit").click()
+    WebDriverWait(driver, 30).until(lambda d: not key_asked(d))
+
+
 def test_a_person_asks_sees_the_answer_with_its_skill_and_finds_it_after_a_reload(agent_url, browser):
     browser.get(agent_url + "/")
+    give_key(browser)  # asked once: the page's first request (the LLM list) got 401
     message = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.ID, "message")))
     message.send_keys("What is the capital of France?", Keys.ENTER)  # Enter sends
 
@@ -112,6 +135,7 @@ def test_a_person_asks_sees_the_answer_with_its_skill_and_finds_it_after_a_reloa
 
     browser.refresh()
     WebDriverWait(browser, 30).until(lambda d: bot_turns(d))
+    assert not key_asked(browser)  # the tab kept its key
     users = browser.find_elements(By.CSS_SELECTOR, "#log .turn.user")
     assert [u.text for u in users] == ["What is the capital of France?"]
     assert "Paris" in bot_turns(browser)[0].text
@@ -123,6 +147,7 @@ def test_a_person_asks_sees_the_answer_with_its_skill_and_finds_it_after_a_reloa
     # LLM of the person's choosing.
     browser.switch_to.new_window("tab")
     browser.get(agent_url + "/chat")
+    give_key(browser)  # a new tab has its own sessionStorage: it asks again
     message = WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.ID, "message")))
     assert not bot_turns(browser) and not browser.find_elements(By.CSS_SELECTOR, "#log .turn.user")
     browser.find_element(By.CSS_SELECTOR, "#settings summary").click()
@@ -137,7 +162,7 @@ def test_a_person_asks_sees_the_answer_with_its_skill_and_finds_it_after_a_reloa
     second_dialog = browser.find_element(By.ID, "dialog-id").text
     assert second_dialog.startswith("dialog ") and second_dialog != first_dialog
     assert [u.text for u in browser.find_elements(By.CSS_SELECTOR, "#log .turn.user")] == ["Hello!"]
-    stored = requests.get(f"{agent_url}/api/dialogs/{second_dialog.removeprefix('dialog ')}", timeout=30).json()
+    stored = requests.get(f"{agent_url}/api/dialogs/{second_dialog.removeprefix('dialog ')}", headers=AUTH, timeout=30).json()
     attributes = stored["human_utterances"][0]["attributes"]
     assert attributes["prompt"] == PROMPT and attributes["lm_service_url"] == chosen_llm
     assert stored["bot_utterances"][0]["active_skill"] == "prompted_skill"  # the skill took that LLM
@@ -151,8 +176,28 @@ def test_a_person_asks_sees_the_answer_with_its_skill_and_finds_it_after_a_reloa
     assert not browser.find_elements(By.CSS_SELECTOR, "#log .turn")
 
 
+def test_a_wrong_key_is_refused_and_asked_again_and_cancel_shows_the_agents_error(agent_url, browser):
+    browser.get(agent_url + "/chat")
+    give_key(browser, "not-the-key-0123456789")
+    WebDriverWait(browser, 30).until(key_asked)  # refused: asked again, saying so
+    note = browser.find_element(By.ID, "key-note")
+    assert note.is_displayed() and "did not accept" in note.text
+    browser.find_element(By.ID, "key-cancel").click()
+    WebDriverWait(browser, 30).until(lambda d: not key_asked(d))
+    assert "API key" in browser.find_element(By.ID, "llm-note").text  # the agent's 401 message, on the page
+    assert browser.execute_script("return sessionStorage.getItem('parley.apiKey')") is None
+    assert browser.execute_script("return localStorage.length") == 0  # never kept beyond the tab
+
+    browser.refresh()
+    give_key(browser)
+    WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#llm option")) > 1)
+    assert browser.execute_script("return sessionStorage.getItem('parley.apiKey')") == API_KEY
+    assert browser.find_element(By.ID, "api-key").get_attribute("value") == ""  # not left in the page
+
+
 def test_the_page_lists_the_distributions_llms_and_shows_errors_to_the_person(agent_url, browser):
     browser.get(agent_url + "/chat")
+    give_key(browser)
     WebDriverWait(browser, 30).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#llm option")) > 1)
     # (textContent: the options sit in the closed "Prompt and LLM" panel, so .text would be empty)
     names = [o.get_attribute("textContent") for o in browser.find_elements(By.CSS_SELECTOR, "#llm option")]
@@ -172,6 +217,7 @@ def test_the_page_fits_a_phone_screen_and_fetches_nothing_from_another_origin(ag
         "Emulation.setDeviceMetricsOverride", {"width": 360, "height": 740, "deviceScaleFactor": 2, "mobile": True}
     )
     browser.get(agent_url + "/chat")
+    give_key(browser)
     WebDriverWait(browser, 30).until(ec.element_to_be_clickable((By.ID, "message")))
 
     assert browser.execute_script("return window.innerWidth") == 360

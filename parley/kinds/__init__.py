@@ -3,7 +3,7 @@
 A kind is a class: its attributes say what the component can do (serves an LLM, calls LLMs, routes
 turns, keeps dialogs, has a pipeline entry, ...), its methods make, from the card, the component's
 environment, its compose service, its entries in each overlay of a distribution (dev.yml, cpu.yml,
-proxy.yml, postgres.yml, autoscaler.yml), its healthcheck, its pipeline entry, its service_configs and its
+proxy.yml, postgres.yml, autoscaler.yml, monitoring.yml), its healthcheck, its pipeline entry, its service_configs and its
 endpoints. `parley generate`, `check`, `add-*` and `remove-*` ask a card's kind (`card.kind`);
 nothing outside a kind's own class switches on what kind a card is.
 
@@ -35,10 +35,11 @@ KIND_MODULES = (
     "parley.kinds.agent",
     "parley.kinds.state",
     "parley.kinds.autoscaler",
+    "parley.kinds.monitoring",
     "parley.kinds.hand_written",
 )
 # The overlays of a distribution, in the order `docker compose -f` takes them after the override.
-DEV, CPU, PROXY, POSTGRES, AUTOSCALER = "dev.yml", "cpu.yml", "proxy.yml", "postgres.yml", "autoscaler.yml"
+DEV, CPU, PROXY, POSTGRES, AUTOSCALER, MONITORING = "dev.yml", "cpu.yml", "proxy.yml", "postgres.yml", "autoscaler.yml", "monitoring.yml"
 BASE_IMAGE = "${BASE_IMAGE:-python:3.11-slim}"
 PROXY_HOST = "${PARLEY_PROXY_HOST:-host.docker.internal}"
 ENV_FILE = ".env"
@@ -86,27 +87,36 @@ class DistContext:
     def agents(self) -> list["Card"]:
         return [card for card in self.cards.values() if card.kind.routes_turns]
 
+    def _first(self, capability: str) -> "Card | None":
+        """The first card, by name, whose kind has `capability` (what its overlay runs)."""
+        found = sorted((card for card in self.cards.values() if getattr(card.kind, capability)), key=lambda card: card.name)
+        return found[0] if found else None
+
     @property
     def store(self) -> "Card | None":
-        """The state store the postgres.yml overlay runs (the first, by name, of the state cards)."""
-        stores = sorted((card for card in self.cards.values() if card.kind.stores_dialogs), key=lambda card: card.name)
-        return stores[0] if stores else None
+        """The state store the postgres.yml overlay runs."""
+        return self._first("stores_dialogs")
+
+    @property
+    def autoscaler(self) -> "Card | None":
+        """The autoscaler the autoscaler.yml overlay runs."""
+        return self._first("scales_services")
+
+    @property
+    def monitor(self) -> "Card | None":
+        """What the monitoring.yml overlay runs (Prometheus)."""
+        return self._first("watches_services")
 
     def runs(self) -> list["Card"]:
         """What the distribution itself runs: its agents and members (the store only with postgres.yml)."""
         names = [card.name for card in self.agents] + list(self.members)
         return [self.cards[name] for name in dict.fromkeys(names)]
 
-    @property
-    def autoscaler(self) -> "Card | None":
-        """The autoscaler the autoscaler.yml overlay runs (the first, by name, of the autoscaler cards)."""
-        found = sorted((card for card in self.cards.values() if card.kind.scales_services), key=lambda card: card.name)
-        return found[0] if found else None
-
     def participants(self) -> list["Card"]:
-        """Every card with a place in this distribution's files: agents, members, the store, the autoscaler."""
+        """Every card with a place in this distribution's files: agents, members, and what its
+        overlays run (the store, the autoscaler, the monitor)."""
         names = [card.name for card in self.agents] + [name for name in self.members]
-        names += [card.name for card in (self.store, self.autoscaler) if card is not None]
+        names += [card.name for card in (self.store, self.autoscaler, self.monitor) if card is not None]
         return [self.cards[name] for name in dict.fromkeys(names)]
 
     @classmethod
@@ -141,6 +151,7 @@ class Kind:
     routes_turns: ClassVar[bool] = False  # an agent: runs the pipeline, waits for WAIT_HOSTS
     stores_dialogs: ClassVar[bool] = False  # where agents keep dialogs (postgres.yml)
     scales_services: ClassVar[bool] = False  # a swarm stack's autoscaler (autoscaler.yml)
+    watches_services: ClassVar[bool] = False  # scrapes every service's /metrics (monitoring.yml)
     in_pipeline: ClassVar[bool] = False  # has an entry in the distribution's pipeline_conf.json
     waited_for: ClassVar[bool] = True  # in the agent's WAIT_HOSTS when its distribution runs it
     generated: ClassVar[bool] = True  # its compose service and overlay entries come from its card
@@ -398,6 +409,6 @@ def service_config_packages() -> list[str]:
 
 
 __all__ = [
-    "AUTOSCALER", "CPU", "DEV", "POSTGRES", "PROXY", "DistContext", "Kind", "UnknownKindError", "kind_of", "kinds",
+    "AUTOSCALER", "CPU", "DEV", "MONITORING", "POSTGRES", "PROXY", "DistContext", "Kind", "UnknownKindError", "kind_of", "kinds",
     "llm_apis", "llm_kind", "llm_kinds", "registry",
 ]

@@ -2,7 +2,7 @@
 forwarded to (services/openai_api_lm). The card's `model.api` names the kind.
 
 An LLM card generates, in every distribution that runs it: its service in the override (build args,
-`env_file: [.env]`, its environment, a local model bind-mounted read-only at /models/<name>, a
+`env_file: [.env, .env_secret]`, its environment, a local model bind-mounted read-only at /models/<name>, a
 healthcheck, the memory limit), its dev.yml, cpu.yml and proxy.yml entries (the upstream kind runs
 no model: neither cpu.yml nor proxy.yml), its host:port in the agent's WAIT_HOSTS and its entry in
 every prompted skill's LLM_ENDPOINTS; and once: its service_configs and its generative config
@@ -21,6 +21,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 from common.model_sources import EMBEDDED_MODELS
+from parley.api_keys import secret_env_file
 from parley.kinds import BASE_IMAGE, CPU, DEV, ENV_FILE, PROXY, PROXY_HOST, DistContext, Kind, block, dev_entry, flow, http_health_test, memory_limit
 
 if TYPE_CHECKING:
@@ -101,7 +102,7 @@ class LlmKind(Kind):
 
     def compose_service(self, card: "Card", ctx: DistContext) -> CommentedMap:
         service = block({"build": {"context": ".", "dockerfile": f"{self.package}/Dockerfile", "args": self.build_args(card)}})
-        service["env_file"] = flow([ENV_FILE])
+        service["env_file"] = flow([ENV_FILE, secret_env_file()])
         service["environment"] = block(self.environment(card))
         volumes = self.volumes(card)
         if volumes:

@@ -18,7 +18,8 @@ from typing import TYPE_CHECKING, Any, Callable
 from ruamel.yaml.comments import CommentedMap
 from ruamel.yaml.scalarstring import SingleQuotedScalarString
 
-from parley.kinds import BASE_IMAGE, DEV, DistContext, Kind, block, dev_entry, healthy, http_health_test, memory_limit
+from parley.api_keys import secret_env_file
+from parley.kinds import BASE_IMAGE, DEV, DistContext, Kind, block, dev_entry, flow, healthy, http_health_test, memory_limit
 from parley.kinds.llm import generative_config_path
 
 if TYPE_CHECKING:
@@ -145,6 +146,7 @@ class PromptedSkill(Kind):
     def compose_service(self, card: "Card", ctx: DistContext) -> CommentedMap:
         service = block({"build": {"context": ".", "dockerfile": f"{PACKAGE}/Dockerfile", "args": {"BASE_IMAGE": BASE_IMAGE}}})
         service["init"] = True
+        service["env_file"] = flow([secret_env_file()])
         service["environment"] = block(self.environment(card, ctx))
         service["healthcheck"] = self.healthcheck(card)
         service["deploy"] = memory_limit(card)

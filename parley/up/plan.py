@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import sys
 from dataclasses import dataclass
@@ -25,6 +26,11 @@ from parley.tools import ComposeError, ToolError, merged_compose
 from parley.up.dockerfile import CONTAINER_ROOT, parse_dockerfile
 
 DEFAULT_OVERLAYS = ("cpu.yml",)
+# `parley up --monitoring` adds this overlay: Prometheus, run from Debian's `prometheus` binary.
+MONITORING_OVERLAY = "monitoring.yml"
+MONITORING_BINARY = "prometheus"
+# The path a service's compose healthcheck polls on itself (`urlopen('http://127.0.0.1:4242/health')`).
+_HEALTHCHECK_URL = re.compile(r"https?://(?:127\.0\.0\.1|localhost):\d+(/[^'\"\s)]*)")
 
 
 class UpError(RuntimeError):
@@ -42,6 +48,7 @@ class ServicePlan:
     port: int
     depends_on: list[str]
     memory_limit: int | None = None  # bytes: its compose memory limit (an LLM's: its card's ram_usage)
+    health_path: str = "/health"
 
     @property
     def url(self) -> str:
@@ -132,10 +139,12 @@ def plan_distribution(
     overlays: list[str] | None = None,
     free_ports: bool = False,
     state_dir: Path | None = None,
+    monitoring: bool = False,
 ) -> list[ServicePlan]:
     """Every service of the distribution as it will run here, in dependency order.
 
     `overlays` are file names in the distribution's folder; None means cpu.yml where there is one.
+    `monitoring` adds monitoring.yml (Prometheus), which needs Debian's `prometheus` binary.
     """
     if dist not in repo.distributions():
         known = ", ".join(repo.distributions()) or "none"
@@ -143,6 +152,11 @@ def plan_distribution(
     files = [BASE_COMPOSE, repo.dist_file(dist, OVERRIDE)]
     if overlays is None:  # a laptop: the CPU overlay where the distribution has one
         overlays = [name for name in DEFAULT_OVERLAYS if repo.path(repo.dist_file(dist, name)).is_file()]
+    if monitoring:
+        if shutil.which(MONITORING_BINARY) is None:
+            raise UpError("--monitoring runs Prometheus, and no `prometheus` binary is installed: "
+                          "apt-get install prometheus (Debian's package), or leave --monitoring out")
+        overlays = [*overlays, MONITORING_OVERLAY] if MONITORING_OVERLAY not in overlays else list(overlays)
     for overlay in overlays:
         relative = repo.dist_file(dist, overlay)
         if not repo.path(relative).is_file():
@@ -180,19 +194,19 @@ def plan_distribution(
         cwd = Path(mapper.host_path(service.get("working_dir") or image.workdir))
         if not cwd.is_dir():
             raise UpError(f"service {name}: its working directory {cwd} does not exist in this checkout")
-        drafts[name] = (command, cwd, env, int(port_text), list(service.get("depends_on") or {}), _memory_limit(service))
+        drafts[name] = (command, cwd, env, int(port_text), list(service.get("depends_on") or {}), _memory_limit(service), _health_path(service))
 
     ports = {name: (_free_port() if free_ports else draft[3]) for name, draft in drafts.items()}
     rewrite = _host_rewriter({name: draft[3] for name, draft in drafts.items()}, ports)
     plans = []
-    for name, (command, cwd, env, original_port, depends_on, memory_limit) in drafts.items():
+    for name, (command, cwd, env, original_port, depends_on, memory_limit, health_path) in drafts.items():
         env = {key: rewrite(value) for key, value in env.items()}
         env["SERVICE_PORT"] = str(ports[name])
         for key, value in list(env.items()):
             env[key] = _rewrite_json_file(value, cwd, repo, state_dir / "rewritten" / name, rewrite)
         env["PATH"] = os.pathsep.join([str(python_bin), os.environ.get("PATH", "")])
         env.setdefault("PYTHONUNBUFFERED", "1")
-        plans.append(ServicePlan(name, command, cwd, env, ports[name], depends_on, memory_limit))
+        plans.append(ServicePlan(name, command, cwd, env, ports[name], depends_on, memory_limit, health_path))
     return plans
 
 
@@ -223,6 +237,13 @@ def check_memory(dist: str, plans: list[ServicePlan], available: AvailableMemory
         "Free memory, or lower a card's ram_usage (an LLM's need falls with its context_length and batch_slots; "
         "`parley check` says what it must hold), or pass --skip-memory-check to start anyway."
     )
+
+
+def _health_path(service: dict) -> str:
+    """The path the service's compose healthcheck asks of itself (Prometheus: /-/ready); /health by default."""
+    test = (service.get("healthcheck") or {}).get("test") or []
+    found = _HEALTHCHECK_URL.search(" ".join(test) if isinstance(test, list) else str(test))
+    return found.group(1) if found else "/health"
 
 
 def _host_rewriter(original_ports: dict[str, int], ports: dict[str, int]) -> Callable[[str], str]:

@@ -1,4 +1,5 @@
-"""`parley up`'s supervisor: start planned services in dependency order, wait for each on /health, stop them all.
+"""`parley up`'s supervisor: start planned services in dependency order, wait for each on its health
+check (/health, or the path its compose healthcheck asks), stop them all.
 
 Each service runs in its own process group (so a stop reaches its workers too) and dies with us
 (PR_SET_PDEATHSIG). Its output is read line by line: the last lines are kept for the message when it
@@ -131,7 +132,7 @@ def _start(plan: ServicePlan, output: SupervisorOutput) -> RunningService:
 
 
 def _healthy(service: RunningService) -> bool:
-    request = urllib.request.Request(service.plan.url + "/health", headers={"User-Agent": HEALTH_USER_AGENT})
+    request = urllib.request.Request(service.plan.url + service.plan.health_path, headers={"User-Agent": HEALTH_USER_AGENT})
     try:
         with urllib.request.urlopen(request, timeout=2) as reply:
             return reply.status == 200
@@ -190,7 +191,7 @@ def run_services(
                 code = service.process.poll()
                 if code is not None:
                     raise UpError(
-                        f"service {name} exited with code {code} before it became healthy on {service.plan.url}/health; "
+                        f"service {name} exited with code {code} before it became healthy on {service.plan.url}{service.plan.health_path}; "
                         f"its last lines:\n{service.last_lines()}"
                     )
                 if _healthy(service):
@@ -199,7 +200,7 @@ def run_services(
                     output.note(f"{name} is healthy on {service.plan.url} after {time.monotonic() - service.started_at:.1f}s")
                 elif time.monotonic() - service.started_at > startup_timeout:
                     raise UpError(
-                        f"service {name} did not become healthy on {service.plan.url}/health within {startup_timeout:.0f}s; "
+                        f"service {name} did not become healthy on {service.plan.url}{service.plan.health_path} within {startup_timeout:.0f}s; "
                         f"its last lines:\n{service.last_lines()}"
                     )
             time.sleep(POLL_SECONDS)
@@ -224,8 +225,9 @@ def run_distribution(
     startup_timeout: float = 600.0,
     state_dir: Path | None = None,
     output: SupervisorOutput | None = None,
+    monitoring: bool = False,
 ) -> Iterator[RunningDistribution]:
     """Plan the distribution (parley.up.plan) and run it (`run_services`): what `parley up` does, for tests."""
-    plans = plan_distribution(repo, dist, overlays=overlays, free_ports=free_ports, state_dir=state_dir)
+    plans = plan_distribution(repo, dist, overlays=overlays, free_ports=free_ports, state_dir=state_dir, monitoring=monitoring)
     with run_services(dist, plans, startup_timeout=startup_timeout, output=output) as running:
         yield running

@@ -5,7 +5,11 @@
     GET  /api/user/<id>     the ids of a user's dialogs
     GET  /, /chat           the chat page; GET /api/llms: the LLMs it offers (services/agent/chat_page.py)
     GET  /openapi.json      this API's OpenAPI document (services/agent/openapi_spec.py)
+    GET  /metrics           Prometheus metrics (common/metrics.py: HTTP, turns, skills)
     GET  /ping, /health
+
+With PARLEY_API_KEYS set every route needs a key but GET /health, GET /ping and the chat page's
+HTML, CSS and script (which ask for the key and hold no data); common/service_layer.py.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import socket
 from flask import Flask, Response, jsonify
 
 from common.dream_errors import NotReadyError, dream_error, register_dream_error_handlers
+from common.metrics import AgentMetrics
+from common.service_layer import init_service_layer
 from common.validation import RequestTooLargeError, RequestValidationError, read_json_body, validate
-from common.openapi import register_openapi
 from services.agent import chat_page
 from services.agent.openapi_spec import API
 from services.agent.pipeline import load_pipeline
@@ -40,10 +45,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    layer = init_service_layer(app, settings, API, logger=logger, public_routes=chat_page.PUBLIC_ROUTES)
     pipeline = load_pipeline(settings.pipeline_config)
     store = open_store(settings.state_location, pool_size=settings.state_pool_size,
                        connect_timeout=settings.state_connect_timeout, log=logger.info)
-    agent = Agent(settings, pipeline, store)
+    agent = Agent(settings, pipeline, store, metrics=AgentMetrics(layer.metrics), outbound_headers=layer.outbound_headers)
     app.extensions["agent"] = agent
     waited_for: set[str] = set()
 
@@ -88,7 +94,6 @@ def create_app(settings: Settings | None = None) -> Flask:
         return jsonify(body), 200 if not waiting else 503
 
     chat_page.init_app(app)
-    register_openapi(app, API)
     _register_error_handlers(app)
     return app
 

@@ -3,6 +3,10 @@
 Plain HTML, CSS and JavaScript served from this package's templates/ and static/ folders: no build
 step, nothing fetched from the internet. The page talks to the agent's own API (`POST /`,
 `GET /api/dialogs/<id>`), so what it shows after a reload is the agent's stored state.
+
+The page itself (HTML, CSS, script) needs no API key: it holds no data, and it is what asks for the
+key (once per browser tab, kept in the tab's sessionStorage) when the agent answers 401. Everything
+it shows comes through the API, which does need the key.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ from flask import Blueprint, Flask, Response, current_app, jsonify, render_templ
 from services.agent.llm_choices import LLMChoices
 
 chat_page = Blueprint("chat_page", __name__)
+# The page and its files answer without a key (common/auth.py guards everything else).
+PUBLIC_ROUTES = (("GET", "/"), ("GET", "/chat"), ("GET", "/static/<path:filename>"))
 
 
 @chat_page.get("/")

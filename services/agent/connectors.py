@@ -18,10 +18,12 @@ class ServiceCallError(RuntimeError):
     """A service that failed: unreachable, an error status, or an answer that is not what it should be."""
 
 
-def call_http(session: requests.Session, url: str, payload: dict, timeout_seconds: float) -> Any:
-    """POST a batch of one dialog; return the service's answer for that dialog."""
+def call_http(session: requests.Session, url: str, payload: dict, timeout_seconds: float,
+              headers: dict[str, str] | None = None) -> Any:
+    """POST a batch of one dialog (with `headers`: the agent's key, the turn's traceparent); return
+    the service's answer for that dialog."""
     try:
-        response = session.post(url, json=payload, timeout=timeout_seconds)
+        response = session.post(url, json=payload, timeout=timeout_seconds, headers=headers)
     except requests.Timeout:
         raise ServiceCallError(f"no answer within its timeout of {timeout_seconds:g}s") from None
     except requests.RequestException as error:

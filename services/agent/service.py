@@ -5,7 +5,8 @@ starts at once, HTTP ones concurrently on a thread pool. A service that fails or
 connector timeout is skipped and logged; the pipeline goes on without it. When no skill answered,
 the last-chance service answers; when the whole turn passes RESPONSE_TIME_LIMIT, the timeout service.
 Keys sent with the turn reach the skills in this turn's dialog only: they are never stored, never
-logged, and scrubbed from anything a service gives back.
+logged, and scrubbed from anything a service gives back. Each HTTP call carries the agent's own API
+key and the turn's `traceparent`; what a turn did is counted in the agent's metrics (AgentMetrics).
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import logging
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import requests
 
+from common import tracing
+from common.metrics import AgentMetrics, ServiceMetrics
 from services.agent import connectors, formatters
 from services.agent.pipeline import Pipeline, PipelineService
 from services.agent.protocol import TurnRequest, TurnResponse
@@ -122,10 +125,14 @@ class Agent:
     """Runs turns; its pipeline, state store and HTTP session come through the constructor."""
 
     def __init__(self, settings: Settings, pipeline: Pipeline, store: DialogStore,
-                 session: requests.Session | None = None):
+                 session: requests.Session | None = None, *, metrics: AgentMetrics | None = None,
+                 outbound_headers: Callable[[], dict[str, str]] = dict):
         self.settings = settings
         self.pipeline = pipeline
         self.store = store
+        self.metrics = metrics or AgentMetrics(ServiceMetrics())
+        # The agent's key and the turn's traceparent, for each call to a service (read in the turn's thread).
+        self.outbound_headers = outbound_headers
         self.session = session or requests.Session()
         adapter = requests.adapters.HTTPAdapter(pool_connections=16, pool_maxsize=settings.service_threads)
         self.session.mount("http://", adapter)
@@ -138,8 +145,8 @@ class Agent:
 
     def handle_turn(self, request: TurnRequest) -> TurnResponse:
         started = time.monotonic()
-        attributes, keys = request.split_attributes()
-        secrets = sorted(set(keys.values()), key=len, reverse=True)
+        attributes, keys, found_secrets = request.split_attributes()
+        secrets = sorted(set(found_secrets) | set(keys.values()), key=len, reverse=True)
         dialog = self.store.active_dialog(request.user_id, last_utterances=HISTORY_UTTERANCES - 1)
         human_utterance = {
             "utt_id": new_id(),
@@ -170,9 +177,11 @@ class Agent:
             redact(turn.human_attributes, secrets), redact(turn.bot_attributes, secrets),
             human_attributes_reset_to=turn.human_attributes_reset_to,
         )
+        seconds = time.monotonic() - started
+        self.metrics.turn_answered(bot_utterance["active_skill"], seconds)
         logger.info(
             "turn of user %s in dialog %s answered by %s in %.2fs",
-            request.user_id, dialog["dialog_id"], bot_utterance["active_skill"], time.monotonic() - started,
+            request.user_id, dialog["dialog_id"], bot_utterance["active_skill"], seconds,
         )
         return TurnResponse(
             dialog_id=dialog["dialog_id"],
@@ -199,7 +208,7 @@ class Agent:
                 pending.remove(service)
                 outcome = self._start(service, turn, outcomes, running, secrets)
                 if outcome is not None:  # None: running; its outcome comes when it finishes
-                    outcomes[service.name] = outcome
+                    self._record(outcomes, service, outcome)
             if not running:
                 if pending and not any(all(p in outcomes for p in s.previous_services) for s in pending):
                     raise RuntimeError("pipeline stalled: " + ", ".join(s.name for s in pending))
@@ -209,12 +218,17 @@ class Agent:
                 for future, (service, _) in running.items():
                     future.cancel()
                     logger.warning("%s skipped: the turn passed RESPONSE_TIME_LIMIT", service.name)
+                    self._record(outcomes, service, Outcome(False, "turn time limit"))
                 return True
             next_deadline = min([d for _, d in running.values()] + [deadline])
             finished, _ = wait(list(running), timeout=max(0.0, next_deadline - current), return_when=FIRST_COMPLETED)
             for future in finished:
-                service, _ = running.pop(future)
-                outcomes[service.name] = self._finish(service, future, turn, secrets)
+                service, service_deadline = running.pop(future)
+                outcome = self._finish(service, future, turn, secrets)
+                if outcome.ok and service.group == "skills":
+                    started = service_deadline - service.connector.timeout
+                    self.metrics.skill_answered(service.short_name, time.monotonic() - started)
+                self._record(outcomes, service, outcome)
             current = time.monotonic()
             for future, (service, service_deadline) in list(running.items()):
                 if current >= service_deadline and not future.done():
@@ -222,8 +236,14 @@ class Agent:
                     future.cancel()
                     logger.warning("%s skipped: no answer within its timeout of %gs",
                                    service.name, service.connector.timeout)
-                    outcomes[service.name] = Outcome(False, "timeout")
+                    self._record(outcomes, service, Outcome(False, "timeout"))
         return False
+
+    def _record(self, outcomes: dict[str, Outcome], service: PipelineService, outcome: Outcome) -> None:
+        """A service's outcome in this turn; a skill that was skipped (failed, timed out, not selected) is counted."""
+        outcomes[service.name] = outcome
+        if outcome.reason and service.group == "skills":
+            self.metrics.service_skipped(service.short_name, outcome.reason)
 
     def _start(self, service: PipelineService, turn: Turn, outcomes: dict[str, Outcome],
                running: dict, secrets: list[str]) -> Outcome | None:
@@ -242,8 +262,8 @@ class Agent:
                 return Outcome(False, "failed")
             return Outcome(True)
         payload = formatters.dialog_formatter(service.dialog_formatter)(turn.view())
-        future = self.pool.submit(connectors.call_http, self.session, service.connector.url, payload,
-                                  service.connector.timeout)
+        future = tracing.submit_in_context(self.pool, connectors.call_http, self.session, service.connector.url,
+                                           payload, service.connector.timeout, self.outbound_headers())
         running[future] = (service, time.monotonic() + service.connector.timeout)
         return None
 

@@ -13,8 +13,9 @@ import logging
 from flask import Flask, Response, jsonify, request
 
 from common.dream_errors import dream_error, register_dream_error_handlers
+from common.metrics import LLMMetrics
+from common.service_layer import init_service_layer
 from common.validation import RequestValidationError, parse_json, read_json_body
-from common.openapi import register_openapi
 from services.openai_api_lm.openapi_spec import API
 from services.openai_api_lm.protocol import ChatRenderRequest, OpenAIGenerateGoalsRequest, OpenAIRespondRequest, parse_with_keys
 from services.openai_api_lm.service import OpenAIApiLM
@@ -27,9 +28,10 @@ logger = logging.getLogger(__name__)
 def create_app(settings: Settings | None = None, client: ChatCompletionsClient | None = None) -> Flask:
     """The service's Flask app; settings come from the environment unless given."""
     settings = settings or Settings.from_env()
-    lm = OpenAIApiLM(settings, client)
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
+    layer = init_service_layer(app, settings, API, logger=logger)
+    lm = OpenAIApiLM(settings, client, metrics=LLMMetrics(layer.metrics, settings.pretrained_model_name_or_path))
     app.extensions["openai_api_lm"] = lm
     key_fields = ("openai_api_keys", settings.request_key_field)
     logger.info(
@@ -80,7 +82,6 @@ def create_app(settings: Settings | None = None, client: ChatCompletionsClient |
     def ping() -> Response:
         return jsonify("pong")
 
-    register_openapi(app, API)
     _register_error_handlers(app)
     return app
 

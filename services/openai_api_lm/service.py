@@ -8,12 +8,15 @@ request's calls share one deadline, `GENERATIVE_TIMEOUT` seconds from its start.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Sequence, TypeVar
 
 from pydantic import ValidationError
 
+from common import tracing
+from common.metrics import EngineLoad, LLMMetrics, ServiceMetrics
 from common.validation import request_error
 from services.openai_api_lm.protocol import OpenAIGenerationConfig, RequestKeys
 from services.openai_api_lm.settings import Settings
@@ -64,9 +67,16 @@ def _choice_index(choice: Any) -> int:
 class OpenAIApiLM:
     """Answers Dream's requests through one OpenAI-compatible upstream model."""
 
-    def __init__(self, settings: Settings, client: ChatCompletionsClient | None = None):
+    def __init__(self, settings: Settings, client: ChatCompletionsClient | None = None, *,
+                 metrics: LLMMetrics | None = None):
         self.settings = settings
         self.client = client or ChatCompletionsClient(settings.chat_completions_url)
+        # vLLM's metrics where a forwarder can measure them: upstream calls in flight, their latency,
+        # the tokens the upstream reports in `usage`, and each choice's finish reason.
+        self.metrics = metrics or LLMMetrics(ServiceMetrics(), settings.pretrained_model_name_or_path)
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self.metrics.read_engine_load(lambda: EngineLoad(running=self._in_flight, waiting=0, kv_cache_usage=0.0))
         # A file that cannot be used, or a default over the caps, is a SettingsError at start-up.
         self.default_config = load_default_config(settings.generative_config, settings.caps, OpenAIGenerationConfig)
         self._pool = ThreadPoolExecutor(MAX_PARALLEL_UPSTREAM_CALLS, thread_name_prefix="upstream")
@@ -153,15 +163,36 @@ class OpenAIApiLM:
         while len(texts) < wanted:
             body = self.upstream_body(messages, config)
             body["n"] = wanted - len(texts)
-            new = hypotheses_from(self.client.create(body, credentials, deadline))
+            new = hypotheses_from(self._create(body, credentials, deadline))
             if not new:
                 raise UpstreamResponseError("the upstream's answer has no choices")
             texts.extend(new)
         return texts[:wanted]
 
+    def _create(self, body: dict[str, Any], credentials: Credentials, deadline: float) -> dict[str, Any]:
+        """One upstream call, counted: in flight while it runs; its latency, tokens and finish reasons after."""
+        started = time.monotonic()
+        with self._in_flight_lock:
+            self._in_flight += 1
+        try:
+            answer = self.client.create(body, credentials, deadline)
+        finally:
+            with self._in_flight_lock:
+                self._in_flight -= 1
+        self.metrics.e2e_latency.observe(time.monotonic() - started)
+        usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+        for name, counter in (("prompt_tokens", self.metrics.prompt_tokens), ("completion_tokens", self.metrics.generation_tokens)):
+            if isinstance(usage.get(name), int) and usage[name] >= 0:
+                counter.inc(usage[name])
+        for choice in answer.get("choices") or []:
+            reason = choice.get("finish_reason") if isinstance(choice, dict) else None
+            self.metrics.request_success["length" if reason == "length" else "stop"].inc()
+        return answer
+
     def _map(self, work: Callable[[T], R], calls: Sequence[T]) -> list[R]:
-        """`work` on every call, at once when there are several; the first failure is raised."""
+        """`work` on every call, at once when there are several (each in the request's trace context);
+        the first failure is raised."""
         if len(calls) == 1:
             return [work(calls[0])]
-        futures = [self._pool.submit(work, call) for call in calls]
+        futures = [tracing.submit_in_context(self._pool, work, call) for call in calls]
         return [future.result() for future in futures]

@@ -16,6 +16,8 @@ from typing import Any, Iterable
 import requests
 import urllib3
 
+from common import tracing
+
 logger = logging.getLogger(__name__)
 
 # An answer larger than this is not a chat completion we asked for.
@@ -131,7 +133,8 @@ class ChatCompletionsClient:
             with self.session.post(
                 self.url,
                 json=body,
-                headers=credentials.headers(),
+                # The upstream's own key, and the request's traceparent (an upstream that traces joins the trace).
+                headers={**credentials.headers(), **tracing.outbound_headers()},
                 timeout=(min(remaining, MAX_CONNECT_SECONDS), remaining),
                 stream=True,
                 # A redirect could carry the Authorization header elsewhere; the card names the URL.

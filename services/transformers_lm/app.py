@@ -6,6 +6,7 @@ loads the model in a background thread (or takes a model handed in, as tests do)
 progress (`ongoing_requests`, what the autoscaler reads); once the service drains (SIGTERM,
 common/draining.py) it is 503 `draining` and new requests get 503 while those in progress finish.
 Dream endpoints answer errors as `{"error": {"message", "field"}}`, `/v1/*` endpoints in OpenAI's shape.
+Keys, metrics (vLLM's, at `/metrics`) and trace ids come from common/service_layer.py.
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from common.model_sources import ModelSourceError, resolve_model_source
 from common.validation import RequestValidationError, parse_body
 from common.dream_errors import NotReadyError
 from common.draining import DrainingError, install_drain
-from common.openapi import register_openapi
+from common.metrics import LLMMetrics
+from common.service_layer import init_service_layer
 from common.service_main import stop_worker
 from services.transformers_lm import openai_serving
 from services.transformers_lm.openapi_spec import API
@@ -78,9 +80,10 @@ def load_model(settings: Settings, registry: BackendRegistry | None = None) -> L
 class ServiceHolder:
     """Holds the LMService once its model is loaded and warmed up; `get()` raises 503 before."""
 
-    def __init__(self, settings: Settings, default_config: GenerationConfig):
+    def __init__(self, settings: Settings, default_config: GenerationConfig, metrics: LLMMetrics | None = None):
         self.settings = settings
         self.default_config = default_config
+        self.metrics = metrics
         self.state = "loading"
         self.error: str | None = None
         self.service: LMService | None = None
@@ -94,7 +97,7 @@ class ServiceHolder:
         return self.service
 
     def install(self, model: LoadedModel) -> None:
-        service = LMService(model, self.settings, self.default_config)
+        service = LMService(model, self.settings, self.default_config, self.metrics)
         started = time.monotonic()
         sample = service.warm_up()
         logger.info("warm-up generation done in %.1f s (%r)", time.monotonic() - started, sample)
@@ -139,7 +142,8 @@ def create_app(
 
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    holder = ServiceHolder(settings, default_config)
+    layer = init_service_layer(app, settings, API, logger=logger)
+    holder = ServiceHolder(settings, default_config, LLMMetrics(layer.metrics, settings.served_model_names[0]))
     app.extensions["lm_service"] = holder
     drain = install_drain(app)
     started_at = int(time.time())
@@ -231,7 +235,6 @@ def create_app(
         completion_request = parse_body(CompletionRequest)
         return _openai_result(openai_serving.completion(holder.get(), completion_request))
 
-    register_openapi(app, API)
     _register_error_handler(app)
     return app
 

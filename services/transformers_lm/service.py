@@ -2,7 +2,8 @@
 
 `LMService` wraps a `LoadedModel`; `/respond`, `/generate_goals` and the OpenAI endpoints all go
 through `LMService.start` (prompt → token streams) and read the streams with
-`collect_completion` or `stream_pieces`.
+`collect_completion` or `stream_pieces`, which is where the service's LLM metrics are taken (each
+token as its reader gets it: what was served, not what the engine computed).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from common.lm_protocol import (
     RespondItem,
     goals_request,
 )
+from common.metrics import LLMMetrics, SequenceTimer, ServiceMetrics
 from services.transformers_lm.backends import ChatMessage, LoadedModel
 from services.transformers_lm.engines import FinishReason, GenerationRequest, SamplingParams, TokenStream
 from services.transformers_lm.engines.grammar import Grammar, GrammarError
@@ -126,10 +128,13 @@ def _finish_reason(stream: TokenStream, stopped_by_sequence: bool) -> str:
 class LMService:
     """Answers dialogs with one loaded model, under one service's settings."""
 
-    def __init__(self, model: LoadedModel, settings: Settings, default_config: GenerationConfig):
+    def __init__(self, model: LoadedModel, settings: Settings, default_config: GenerationConfig,
+                 metrics: LLMMetrics | None = None):
         self.model = model
         self.settings = settings
         self.default_config = default_config
+        self.metrics = metrics or LLMMetrics(ServiceMetrics(), settings.served_model_names[0])
+        self.metrics.read_engine_load(model.engine.load)
         self.default = self._served_name(settings.default_model_name, ModelVariant())
         self.renderer = self.default.renderer
         self.prompt_builder = self.default.prompt_builder
@@ -230,15 +235,22 @@ class LMService:
             for stream in streams:
                 stream.cancel()
             raise
+        self.metrics.prompt_submitted(len(prompt.token_ids))
         return streams
+
+    def _finish_timer(self, timer: SequenceTimer, stream: TokenStream, reason: str, prompt: BuiltPrompt) -> None:
+        timer.finish(reason, admitted_at=stream.admitted_at, prompt_tokens=len(prompt.token_ids),
+                     cached_prompt_tokens=stream.cached_prompt_tokens)
 
     def collect_completion(self, stream: TokenStream, prompt: BuiltPrompt) -> Completion:
         """Read a stream to its end (or to a stop sequence, then cancel it)."""
         pieces = IncrementalDetokenizer(self.model.decode, prompt.stop_sequences)
+        timer = self.metrics.sequence(stream.submitted_at)
         count = 0
         try:
             for token_id in stream:
                 count += 1
+                timer.token()
                 pieces.add(token_id)
                 if pieces.stopped:
                     stream.cancel()
@@ -246,7 +258,9 @@ class LMService:
         except Exception as error:
             raise GenerationFailedError(f"generation failed: {error}") from error
         pieces.finish()
-        return Completion(pieces.text, _finish_reason(stream, pieces.stopped), count)
+        reason = _finish_reason(stream, pieces.stopped)
+        self._finish_timer(timer, stream, reason, prompt)
+        return Completion(pieces.text, reason, count)
 
     def complete_all(
         self, jobs: list[tuple[BuiltPrompt, GenerationConfig]], grammars: list[Grammar | None] | None = None
@@ -266,21 +280,28 @@ class LMService:
     def stream_pieces(self, stream: TokenStream, prompt: BuiltPrompt) -> Iterator[tuple[str, str | None, int]]:
         """Yield (text piece, finish reason or None, tokens so far) as the stream produces text."""
         pieces = IncrementalDetokenizer(self.model.decode, prompt.stop_sequences)
+        timer = self.metrics.sequence(stream.submitted_at)
         count = 0
         try:
             for token_id in stream:
                 count += 1
+                timer.token()
                 piece = pieces.add(token_id)
                 if piece:
                     yield piece, None, count
                 if pieces.stopped:
                     stream.cancel()
                     break
+        except GeneratorExit:  # the reader left early (a client gone): what it was sent counts, as an abort
+            self._finish_timer(timer, stream, "abort", prompt)
+            raise
         except Exception as error:
             raise GenerationFailedError(f"generation failed: {error}") from error
         finally:
             stream.cancel()
-        yield pieces.finish(), _finish_reason(stream, pieces.stopped), count
+        reason = _finish_reason(stream, pieces.stopped)
+        self._finish_timer(timer, stream, reason, prompt)
+        yield pieces.finish(), reason, count
 
     # --- Dream endpoints ----------------------------------------------------------------------
     def dream_jobs(self, items: list[RespondItem], served: ServedName | None = None) -> list[tuple[BuiltPrompt, GenerationConfig]]:
@@ -324,10 +345,15 @@ class LMService:
 
     def warm_up(self) -> str:
         """One short greedy generation, so the first real request pays no first-call costs; then the
-        vocabulary for constrained decoding is built (about a second), so no request waits for it."""
+        vocabulary for constrained decoding is built (about a second), so no request waits for it. It
+        runs before the service serves (no request runs beside it) and is not counted in the metrics."""
         config = GenerationConfig(max_new_tokens=2, num_return_sequences=1)
         prompt = self.build_prompt(conversation_from_dream("", ["Hello!"]), config, None)
-        text = self.complete_all([(prompt, config)])[0][0].text
+        served_metrics, self.metrics = self.metrics, LLMMetrics(ServiceMetrics(), "warm-up")
+        try:
+            text = self.complete_all([(prompt, config)])[0][0].text
+        finally:
+            self.metrics = served_metrics
         try:
             self.model.grammar_tokenizer()
         except GrammarError as error:

@@ -7,8 +7,8 @@ import logging
 from flask import Flask, Response, jsonify
 
 from common.dream_errors import register_dream_error_handlers
+from common.service_layer import init_service_layer
 from common.validation import parse_body
-from common.openapi import register_openapi
 from skills.prompted_skill.llm_client import LLMClient
 from skills.prompted_skill.openapi_spec import API
 from skills.prompted_skill.protocol import SkillRequest
@@ -23,7 +23,8 @@ def create_app(settings: Settings | None = None, llm_client: LLMClient | None = 
     settings = settings or Settings.from_env()
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
-    skill = PromptedSkill(settings, llm_client)
+    layer = init_service_layer(app, settings, API, logger=logger)
+    skill = PromptedSkill(settings, llm_client, outbound_headers=layer.outbound_headers)
     app.extensions["prompted_skill"] = skill
 
     @app.post("/respond")
@@ -40,6 +41,5 @@ def create_app(settings: Settings | None = None, llm_client: LLMClient | None = 
     def ping() -> Response:
         return jsonify("pong")
 
-    register_openapi(app, API)
     register_dream_error_handlers(app, logger)
     return app

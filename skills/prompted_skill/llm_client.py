@@ -45,9 +45,11 @@ class LLMClient:
         config: dict[str, Any] | None,
         key_fields: dict[str, list[str]],
         timeout_seconds: float,
+        headers: dict[str, str] | None = None,
     ) -> list[str]:
         """The LLM's hypotheses for one dialog. `config` holds the generation keys the skill sets (None:
-        the LLM's own default config applies); `key_fields` are Dream's `{"<env var>s": [value]}`."""
+        the LLM's own default config applies); `key_fields` are Dream's `{"<env var>s": [value]}`;
+        `headers` go with the request (the skill's API key, the request's traceparent)."""
         body: dict[str, Any] = {
             "dialog_contexts": [dialog_context],
             "prompts": [prompt],
@@ -55,7 +57,7 @@ class LLMClient:
             **key_fields,
         }
         try:
-            response = self._post(url, body, timeout_seconds)
+            response = self._post(url, body, timeout_seconds, headers or {})
         except requests.ReadTimeout:
             raise LLMCallError(f"the LLM at {url} did not answer within {timeout_seconds:g}s") from None
         except requests.RequestException as error:
@@ -71,7 +73,7 @@ class LLMClient:
             raise LLMCallError(f"the LLM at {url} answered {len(hypotheses)} dialogs for 1")
         return hypotheses[0]
 
-    def _post(self, url: str, body: dict[str, Any], timeout_seconds: float) -> requests.Response:
+    def _post(self, url: str, body: dict[str, Any], timeout_seconds: float, headers: dict[str, str]) -> requests.Response:
         """POST, and again on a fresh connection when the connection fails or the replica answers 503
         (not when the answer times out).
 
@@ -95,7 +97,7 @@ class LLMClient:
                 logger.warning("the LLM at %s %s; retrying on a new connection", url, _failure_text(failure))
             try:
                 with requests.Session() as connection:  # a connection of its own, closed after
-                    response = connection.post(url, json=body, timeout=timeout)
+                    response = connection.post(url, json=body, timeout=timeout, headers=headers)
                 if response.status_code != REPLICA_UNAVAILABLE:
                     return response
                 failure = response

@@ -5,6 +5,7 @@ Security rules that Dream's universal prompted skill lacks:
   GENERATIVE_SERVICE_URL); any other URL is never contacted and the reply's attributes say why;
 - an API key goes only to an endpoint whose LLM_ENDPOINTS entry lists that key's env var;
 - keys are never logged and never returned.
+Each call to an LLM carries the skill's own API key (PARLEY_API_KEYS) and the request's traceparent.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from __future__ import annotations
 import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
+from common import tracing
 from common.lm_protocol import GenerationConfig, load_generation_config
 from common.validation import RequestValidationError, validate
 from skills.prompted_skill.llm_client import LLMCallError, LLMClient
@@ -53,9 +55,12 @@ def dialog_context(dialog: Dialog, prompt: str, default_prompt: str, n_utterance
 class PromptedSkill:
     """Answers dialogs with an LLM; its settings and LLM client come through the constructor."""
 
-    def __init__(self, settings: Settings, llm_client: LLMClient | None = None):
+    def __init__(self, settings: Settings, llm_client: LLMClient | None = None, *,
+                 outbound_headers: Callable[[], dict[str, str]] = dict):
         self.settings = settings
         self.llm_client = llm_client or LLMClient()
+        # The skill's key and the request's traceparent, for each LLM call (read in the request's context).
+        self.outbound_headers = outbound_headers
         self._allowed_urls = settings.allowed_urls()
         # The generation keys the skill's settings give each endpoint (as written in its file); an
         # endpoint with none gets no config, so the LLM's own default config applies.
@@ -71,7 +76,8 @@ class PromptedSkill:
         if len(dialogs) == 1:
             return [self.respond_to(dialogs[0])]
         with ThreadPoolExecutor(max_workers=min(8, len(dialogs))) as pool:
-            return list(pool.map(self.respond_to, dialogs))
+            futures = [tracing.submit_in_context(pool, self.respond_to, dialog) for dialog in dialogs]
+            return [future.result() for future in futures]
 
     def respond_to(self, dialog: Dialog) -> DialogReply:
         """Hypotheses for one dialog; an LLM that fails or times out gives none, with the reason."""
@@ -103,7 +109,8 @@ class PromptedSkill:
             url, len(context), sorted(key_fields) or "none",
         )
         try:
-            texts = self.llm_client.respond(url, context, prompt, config, key_fields, self.settings.generative_timeout)
+            texts = self.llm_client.respond(url, context, prompt, config, key_fields, self.settings.generative_timeout,
+                                            headers=self.outbound_headers())
         except LLMCallError as error:
             logger.warning("no hypothesis: %s", error)
             return _no_hypothesis("lm_error", str(error))
@@ -158,9 +165,11 @@ def _set_keys(config: GenerationConfig) -> dict[str, Any]:
 
 
 def _turn_keys(attributes: dict[str, Any]) -> dict[str, str]:
-    """Keys a turn carries, by upper-case env var name: Dream's `api_keys` object or top-level fields."""
+    """Keys a turn carries, by upper-case env var name: fields of Dream's `lm_service_kwargs`, of the
+    attributes themselves, then of the `api_keys` object our agent puts them in (the last wins). Only
+    those an endpoint's `key_env_vars` name are ever sent."""
     keys: dict[str, str] = {}
-    for source in (attributes, attributes.get("api_keys")):
+    for source in (attributes.get("lm_service_kwargs"), attributes, attributes.get("api_keys")):
         if isinstance(source, dict):
             keys.update({str(k).upper(): v for k, v in source.items() if isinstance(v, str) and v})
     return keys

@@ -1,6 +1,7 @@
 """An offline install for real: `parley export` on this engine's built images, the images wiped,
-`parley import` of the bundle (every file checked, the images loaded), and the printed `docker
-compose` command run as it is: the imported distribution answers "Paris", with its dialogs in the
+`parley import` of the bundle (every file checked, the images loaded, a new API key written for the
+site: the checkout's own key never travels), and the printed `docker compose` command run as it is:
+the imported distribution refuses a turn without the site's key and answers "Paris" with it, with its dialogs in the
 bundle's PostgreSQL (the postgres.yml overlay, exported with cpu.yml).
 
 Run by `make test-docker` as root, after tests/docker/test_distribution_in_docker.py (whose engine
@@ -23,7 +24,9 @@ from typing import Iterator
 import pytest
 import requests
 from support.servers import free_port
-from test_distribution_in_docker import DIST, OUTPUT_DIR, REPO_ROOT, engine, run, step, wait_until_healthy  # noqa: F401
+
+from parley.api_keys import read_keys
+from test_distribution_in_docker import DIST, OUTPUT_DIR, REPO_ROOT, api_key, engine, run, step, wait_until_healthy  # noqa: F401
 
 PROJECT = "parley-test-bundle"
 OVERLAYS = ("cpu.yml", "postgres.yml")
@@ -56,7 +59,8 @@ def built(engine: dict[str, str]) -> Iterator[dict[str, str]]:
     yield engine
 
 
-def test_an_exported_bundle_imported_after_wiping_the_images_answers_paris_from_postgres(built: dict[str, str], workspace: Path):
+def test_an_exported_bundle_imported_after_wiping_the_images_answers_paris_from_postgres(built: dict[str, str], workspace: Path,
+                                                                                        api_key: str):
     environment = built
     bundle, folder = workspace / "parley-bundle.tar", workspace / "site"
     images = [f"{PROJECT}-{name}" for name in ("agent", "prompted-skill", "transformers-lm-smollm2", "postgres")]
@@ -69,6 +73,7 @@ def test_an_exported_bundle_imported_after_wiping_the_images_answers_paris_from_
             exported = run([PARLEY, "export", DIST, "--project", PROJECT, *(a for o in OVERLAYS for a in ("--overlay", o)), "-o", str(bundle)],
                            environment, "docker-bundle.log")
             print("\n".join("    " + line for line in exported.splitlines()[-3:]))
+            packed = subprocess.run(["tar", "-tf", str(bundle)], capture_output=True, text=True, check=True).stdout.split()
         with step("wipe the images (every tag of them)"):
             for image in images:
                 for tag in image_tags(image):
@@ -86,8 +91,10 @@ def test_an_exported_bundle_imported_after_wiping_the_images_answers_paris_from_
         with step(f"run the printed command (agent on 127.0.0.1:{agent_port})"):
             run([*shlex.split(command), "--wait-timeout", "300"], compose_environment, "docker-bundle.log")
             wait_until_healthy(f"http://127.0.0.1:{agent_port}/health")
-        with step("ask the imported distribution"):
-            answer = requests.post(f"http://127.0.0.1:{agent_port}/",
+        with step("ask the imported distribution, with the site's own key (import wrote it)"):
+            site_key = read_keys(folder)[0]
+            refused = requests.post(f"http://127.0.0.1:{agent_port}/", json={"user_id": "offline", "payload": "Hi"}, timeout=30)
+            answer = requests.post(f"http://127.0.0.1:{agent_port}/", headers={"Authorization": f"Bearer {site_key}"},
                                    json={"user_id": "offline", "payload": "What is the capital of France?"}, timeout=180).json()
             print(f"    agent answered: {answer['response']!r}")
             stored = run([*imported_compose, "exec", "-T", "postgres", "psql", "-U", "parley", "-d", "parley", "-tAc",
@@ -110,6 +117,8 @@ def test_an_exported_bundle_imported_after_wiping_the_images_answers_paris_from_
                                   capture_output=True, text=True).stdout.split()
             print(f"    containers left of {PROJECT}: {left or 'none'}")
 
+    assert (REPO_ROOT / ".env_secret").is_file() and not any(name.endswith(".env_secret") for name in packed)  # keys stay home
+    assert refused.status_code == 401
     assert "Paris" in answer["response"]
     assert stored.strip().splitlines()[-1] == "2"  # the question and the answer, in the bundle's PostgreSQL
     assert left == []

@@ -1,9 +1,12 @@
 """The universal_prompted_assistant distribution in real Docker, the way its users run it.
 
-Its images build, `docker compose up -d --wait` (base, override, dev and cpu overlays) answers a
-dialog through the agent's published port, the dialog survives restarting the agent (the state
-volume), the OpenAI-API LLM image (not in the distribution) builds and answers through the LLM
-container's `/v1`, and with the proxy overlay the LLM's `/respond` goes through nginx. Run by `make
+Its images build, `docker compose up -d --wait` (base, override, dev, cpu and monitoring overlays,
+with the API key of the checkout's `.env_secret`) answers a dialog through the agent's published
+port (and 401 without the key), the dialog survives restarting the agent (the state volume),
+Prometheus (monitoring.yml) scrapes every service with the key (every target `up == 1`, and
+`parley:generation_tokens_total` counts the dialog's tokens, read through Prometheus' own HTTP API),
+the OpenAI-API LLM image (not in the distribution) builds and answers through the LLM container's
+`/v1`, and with the proxy overlay the LLM's `/respond` goes through nginx, which checks the key. Run by `make
 test-docker` as root: it starts a Docker engine with `parley engine start` when none runs, and
 stops it again at the end; the stack is always taken down with `down -v`, also on failure, and the
 test fails if anything of it (or the engine it started) is left. Every step prints its duration.
@@ -25,6 +28,8 @@ import pytest
 import requests
 from support.servers import free_port
 
+from parley.api_keys import read_keys
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 OUTPUT_DIR = REPO_ROOT / "tests" / "output"
 DIST = "universal_prompted_assistant"
@@ -39,6 +44,8 @@ PORTS_OVERLAY = OUTPUT_DIR / "docker-ports.yml"
 UPSTREAM_LLM = f"{PROJECT}-upstream-llm"
 OPENAI_API_LM = f"{PROJECT}-openai-api-lm"  # image and container
 ENV_FILE = REPO_ROOT / ".cache" / "parley-engine.env"
+# The overlays the stack runs with; monitoring.yml adds Prometheus.
+OVERLAYS = ("dev.yml", "cpu.yml", "monitoring.yml")
 
 
 @contextlib.contextmanager
@@ -182,29 +189,49 @@ def engine() -> Iterator[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
-    """The distribution built and up with the base, override, dev and cpu overlays; always taken down."""
+def api_key() -> Iterator[str]:
+    """The checkout's key (.env_secret, which every service reads): the one there, or one that
+    `parley secrets init` writes now and that is removed after."""
+    secret = REPO_ROOT / ".env_secret"
+    written_here = not secret.exists()
+    if written_here:
+        run([str(Path(sys.executable).parent / "parley"), "secrets", "init"], dict(os.environ))
+    try:
+        yield read_keys(REPO_ROOT)[0]
+    finally:
+        if written_here:
+            secret.unlink(missing_ok=True)
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def stack(engine: dict[str, str], api_key: str) -> Iterator[dict[str, str]]:
+    """The distribution built and up with the base, override, dev, cpu and monitoring overlays and
+    the checkout's key; always taken down."""
     environment = engine
     (OUTPUT_DIR / "docker-build.log").unlink(missing_ok=True)
     try:
-        with step(f"build the {DIST} images (base + override + dev + cpu)"):
-            run([*compose("dev.yml", "cpu.yml"), "--progress", "plain", "build"], environment, "docker-build.log")
+        with step(f"build the {DIST} images (base + override + {' + '.join(OVERLAYS)})"):
+            run([*compose(*OVERLAYS), "--progress", "plain", "build"], environment, "docker-build.log")
             run(["docker", "tag", f"{PROJECT}-{LLM_SERVICE}", UPSTREAM_LLM], environment)
             print(run(["docker", "image", "ls", "--format", "    {{.Repository}}:{{.Tag}}  {{.Size}}", f"{PROJECT}-*"], environment))
         running = subprocess.run(["docker", "ps", "--format", "{{.Names}} {{.Ports}}"], env=environment, capture_output=True, text=True).stdout.split("\n")
         if any(running):
             print("    already running on this engine:\n" + "\n".join(f"      {line}" for line in running if line))
         publish_on_free_ports_where_taken()  # just before `up`: what the engine restarted has bound by now
-        with step("docker compose up -d --wait (base + override + dev + cpu)"):
-            run([*compose("dev.yml", "cpu.yml"), "up", "-d", "--wait", "--wait-timeout", "300"], environment, "docker-up.log")
+        with step(f"docker compose up -d --wait (base + override + {' + '.join(OVERLAYS)})"):
+            run([*compose(*OVERLAYS), "up", "-d", "--wait", "--wait-timeout", "300"], environment, "docker-up.log")
         yield environment
     finally:
         with step("docker compose down -v (and the proxy test's upstream container)"):
             with open(OUTPUT_DIR / "docker-compose-services.log", "w") as log:
-                subprocess.run([*compose("dev.yml", "cpu.yml"), "logs", "--no-color"], cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
+                subprocess.run([*compose(*OVERLAYS), "logs", "--no-color"], cwd=REPO_ROOT, env=environment, stdout=log, stderr=subprocess.STDOUT)
             subprocess.run(["docker", "rm", "-f", UPSTREAM_LLM], capture_output=True)
             subprocess.run(["docker", "image", "rm", UPSTREAM_LLM], capture_output=True)
-            subprocess.run([*compose("dev.yml", "cpu.yml", "proxy.yml"), "down", "-v", "--remove-orphans"], cwd=REPO_ROOT, env=environment, check=False)
+            subprocess.run([*compose(*OVERLAYS, "proxy.yml"), "down", "-v", "--remove-orphans"], cwd=REPO_ROOT, env=environment, check=False)
             PORTS_OVERLAY.unlink(missing_ok=True)
             print(f"    service logs: {OUTPUT_DIR / 'docker-compose-services.log'}")
             leftovers = project_leftovers(environment)
@@ -226,10 +253,11 @@ def project_leftovers(environment: dict[str, str]) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def first_turn(stack: dict[str, str]) -> dict:
+def first_turn(stack: dict[str, str], api_key: str) -> dict:
     with step(f"turn 1 through the agent's published port ({agent_url('/')})"):
         response = requests.post(
-            agent_url("/"), json={"user_id": "docker-test", "payload": "What is the capital of France?"}, timeout=180
+            agent_url("/"), json={"user_id": "docker-test", "payload": "What is the capital of France?"},
+            headers=auth(api_key), timeout=180,
         )
         response.raise_for_status()
         body = response.json()
@@ -237,10 +265,21 @@ def first_turn(stack: dict[str, str]) -> dict:
     return body
 
 
-def dialog_texts(dialog_id: str) -> list[str]:
-    response = requests.get(agent_url(f"/api/dialogs/{dialog_id}"), timeout=30)
+def dialog_texts(dialog_id: str, api_key: str) -> list[str]:
+    response = requests.get(agent_url(f"/api/dialogs/{dialog_id}"), headers=auth(api_key), timeout=30)
     response.raise_for_status()
     return [utterance["text"] for utterance in response.json()["utterances"]]
+
+
+def prometheus_query(environment: dict[str, str], query: str) -> list[dict]:
+    """Prometheus' own HTTP API (`/api/v1/query`), asked inside its container (its port is not published)."""
+    probe = ("import json, sys, urllib.parse, urllib.request; "
+             "url = 'http://127.0.0.1:9090/api/v1/query?query=' + urllib.parse.quote(sys.argv[1]); "
+             "print(json.dumps(json.load(urllib.request.urlopen(url, timeout=10))))")
+    output = run([*compose(*OVERLAYS), "exec", "-T", "prometheus", "python3", "-c", probe, query], environment)
+    answer = json.loads(output.strip().splitlines()[-1])
+    assert answer["status"] == "success", answer
+    return answer["data"]["result"]
 
 
 def test_starting_the_engine_again_reuses_what_is_there(engine):
@@ -259,29 +298,60 @@ def test_the_agent_answers_the_capital_of_france_with_paris_through_the_containe
     assert "Paris" in first_turn["response"]
 
 
-def test_a_second_turn_is_stored_in_the_same_dialog(first_turn):
+def test_without_the_key_the_agent_answers_401_and_its_health_stays_public(stack):
+    refused = requests.post(agent_url("/"), json={"user_id": "docker-test", "payload": "Hi"}, timeout=30)
+    wrong = requests.get(agent_url("/metrics"), headers=auth("not-the-key-0123456789"), timeout=30)
+    health = requests.get(agent_url("/health"), timeout=30)
+
+    assert refused.status_code == 401 and refused.json()["error"]["field"] == "Authorization"
+    assert wrong.status_code == 401
+    assert health.status_code == 200
+
+
+def test_a_second_turn_is_stored_in_the_same_dialog(first_turn, api_key):
     with step("turn 2 in the same dialog"):
         second = requests.post(
-            agent_url("/"), json={"user_id": "docker-test", "payload": "And of Italy?"}, timeout=180
+            agent_url("/"), json={"user_id": "docker-test", "payload": "And of Italy?"}, headers=auth(api_key), timeout=180
         ).json()
 
     assert second["dialog_id"] == first_turn["dialog_id"]
-    assert dialog_texts(first_turn["dialog_id"]) == [
+    assert dialog_texts(first_turn["dialog_id"], api_key) == [
         "What is the capital of France?", first_turn["response"], "And of Italy?", second["response"]
     ]
 
 
-def test_the_dialog_is_still_readable_after_restarting_the_agent(stack, first_turn):
-    before = dialog_texts(first_turn["dialog_id"])
+def test_prometheus_scrapes_every_service_with_the_key_and_counts_the_dialogs_tokens(stack, first_turn):
+    services = {"agent", "prompted-skill", LLM_SERVICE}
+    with step("Prometheus' HTTP API: every target up, and the LLM's generated tokens (scraped every 5s)"):
+        deadline = time.monotonic() + 120
+        while True:
+            up = {sample["metric"]["job"]: sample["value"][1] for sample in prometheus_query(stack, "up")}
+            tokens = prometheus_query(stack, "sum(parley:generation_tokens_total)")
+            generated = float(tokens[0]["value"][1]) if tokens else 0.0
+            if (set(up) >= services and all(value == "1" for value in up.values()) and generated > 0) \
+                    or time.monotonic() > deadline:
+                break
+            time.sleep(2)
+        print(f"    up: {up}; parley:generation_tokens_total: {generated:g}")
+        turns = prometheus_query(stack, "sum(parley:turns_total)")
+
+    assert set(up) == services
+    assert all(value == "1" for value in up.values()), up
+    assert generated > 0
+    assert turns and float(turns[0]["value"][1]) >= 1
+
+
+def test_the_dialog_is_still_readable_after_restarting_the_agent(stack, first_turn, api_key):
+    before = dialog_texts(first_turn["dialog_id"], api_key)
 
     with step("docker compose restart agent"):
-        run([*compose("dev.yml", "cpu.yml"), "restart", "agent"], stack, "docker-up.log")
+        run([*compose(*OVERLAYS), "restart", "agent"], stack, "docker-up.log")
         wait_until_healthy(agent_url("/health"))
 
-    assert dialog_texts(first_turn["dialog_id"]) == before
+    assert dialog_texts(first_turn["dialog_id"], api_key) == before
 
 
-def test_the_openai_api_llm_image_builds_and_answers_through_the_llm_containers_v1(stack):
+def test_the_openai_api_llm_image_builds_and_answers_through_the_llm_containers_v1(stack, api_key):
     # Not part of the distribution, so compose does not build it: its Dockerfile is proven here.
     port = free_port()
     try:
@@ -295,16 +365,18 @@ def test_the_openai_api_llm_image_builds_and_answers_through_the_llm_containers_
             run(["docker", "compose", "-p", OPENAI_API_LM, "-f", str(build_file), "--progress", "plain", "build"],
                 stack, "docker-build.log")
         with step(f"run it on the stack's network, forwarding to http://{LLM_SERVICE}:8180/v1"):
+            # The upstream is this distribution's LLM: its key is the distribution's (as OPENAI_API_KEY).
             run(["docker", "run", "-d", "--init", "--name", OPENAI_API_LM, "--network", f"{PROJECT}_default",
                  "--env", f"OPENAI_BASE_URL=http://{LLM_SERVICE}:8180/v1",
                  "--env", "PRETRAINED_MODEL_NAME_OR_PATH=smollm2-135m-instruct",
+                 "--env", f"OPENAI_API_KEY={api_key}", "--env", f"PARLEY_API_KEYS={api_key}",
                  "--publish", f"127.0.0.1:{port}:8181", OPENAI_API_LM], stack)
             wait_until_healthy(f"http://127.0.0.1:{port}/health")
         with step(f"POST /respond on 127.0.0.1:{port} (openai-api-lm -> {LLM_SERVICE}/v1)"):
             response = requests.post(
                 f"http://127.0.0.1:{port}/respond",
                 json={"dialog_contexts": [["What is the capital of France?"]], "configs": [{"max_tokens": 24, "temperature": 0}]},
-                timeout=180,
+                headers=auth(api_key), timeout=180,
             )
             print(f"    {response.status_code}: {response.text[:200]}")
     finally:
@@ -315,22 +387,28 @@ def test_the_openai_api_llm_image_builds_and_answers_through_the_llm_containers_
     assert "Paris" in response.text
 
 
-def test_with_the_proxy_overlay_the_llm_answers_respond_through_nginx(stack):
+def test_with_the_proxy_overlay_the_llm_answers_respond_through_nginx_which_checks_the_key(stack, api_key):
     environment = {**stack, "PARLEY_PROXY_HOST": "llm-upstream"}
     with step("an LLM on another 'host' (a container on the stack's network, alias llm-upstream)"):
         run(
             ["docker", "run", "-d", "--init", "--name", UPSTREAM_LLM, "--network", f"{PROJECT}_default",
-             "--network-alias", "llm-upstream", "--env", "DEVICE=cpu", UPSTREAM_LLM],
+             "--network-alias", "llm-upstream", "--env", "DEVICE=cpu", "--env", f"PARLEY_API_KEYS={api_key}", UPSTREAM_LLM],
             environment,
         )
     with step("build and up -d --wait with the proxy overlay: the LLM service becomes nginx"):
-        proxied = compose("dev.yml", "cpu.yml", "proxy.yml")
+        proxied = compose(*OVERLAYS, "proxy.yml")
         run([*proxied, "--progress", "plain", "build", LLM_SERVICE], environment, "docker-build.log")
         run([*proxied, "up", "-d", "--wait", "--wait-timeout", "300"], environment, "docker-up.log")
 
     with step(f"POST /respond on 127.0.0.1:{DEV_PORTS[LLM_SERVICE]} (nginx -> llm-upstream:8180)"):
+        proxy_url = f"http://127.0.0.1:{DEV_PORTS[LLM_SERVICE]}"
+        refused = requests.post(proxy_url + "/respond", json={"dialog_contexts": [["Hi"]]}, timeout=30)
+        refused_v1 = requests.get(proxy_url + "/v1/models", headers=auth("not-the-key-0123456789"), timeout=30)
+        health = requests.get(proxy_url + "/health", timeout=30)
+        print(f"    without the key: {refused.status_code} from {refused.headers.get('Server')}: {refused.text[:160]}")
         response = requests.post(
-            f"http://127.0.0.1:{DEV_PORTS[LLM_SERVICE]}/respond",
+            proxy_url + "/respond",
+            headers=auth(api_key),
             json={
                 "dialog_contexts": [["What is the capital of France?"]],
                 # the distribution's prompt, as the prompted skill sends it, and one greedy answer
@@ -341,6 +419,10 @@ def test_with_the_proxy_overlay_the_llm_answers_respond_through_nginx(stack):
         )
         print(f"    {response.status_code} from {response.headers.get('Server')}: {response.text[:200]}")
 
+    assert refused.status_code == 401 and refused.headers["Server"].startswith("nginx")
+    assert refused.json()["error"]["field"] == "Authorization"  # Dream's shape
+    assert refused_v1.status_code == 401 and refused_v1.json()["error"]["type"] == "authentication_error"  # OpenAI's
+    assert health.status_code == 200
     assert response.status_code == 200
     assert response.headers["Server"].startswith("nginx")
     assert "Paris" in response.text

@@ -45,9 +45,11 @@ def test_a_service_image_runs_gunicorn_from_its_folder_on_a_base_image_given_as_
 
 
 # Imports an image may lack on purpose: torch is installed from a CPU wheel before the requirements;
-# llama_cpp is compiled in the LLM image's own llama-cpp stage (build arg LLAMA_CPP=no leaves it out).
+# llama_cpp is compiled in the LLM image's own llama-cpp stage (build arg LLAMA_CPP=no leaves it out);
+# opentelemetry is the optional OTLP export (common/tracing.py imports it only when
+# OTEL_EXPORTER_OTLP_ENDPOINT is set, and says so when it is missing).
 INSTALLED_APART = {"torch"}
-OPTIONAL_IMPORTS = {"llama_cpp"}
+OPTIONAL_IMPORTS = {"llama_cpp", "opentelemetry"}
 
 
 def third_party_imports(folder: Path) -> dict[str, str]:

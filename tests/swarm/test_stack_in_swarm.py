@@ -3,16 +3,19 @@
 The steps are the README's "Beyond one machine": build the images (make test-docker's, reused from
 its build cache, and the autoscaler's), `parley stack --endpoint-mode dnsrr` (this kernel has no
 IPVS; the LLM's card autoscales, so the stack has the autoscaler), `docker swarm init`, label the
-node that keeps the agent's state, `docker stack deploy`, and at least 2 LLM replicas through the
-autoscaler's `min_replicas` label. Then: a dialog through the agent answers Paris; turns reach both
-LLM replicas; killing one replica's container while 4 dialogs run loses no turn and the replica is
-replaced; `docker service update --env-add` rolls the LLM over, start-first, while dialogs go on;
-and the autoscaler, given short delays, takes the LLM from 1 replica to 2 under 4 users' load and
-back to 1 when 3 of them stop, every decision logged with its reason, no turn failing throughout (a
-replica scaled away drains). `docker stack rm` and `docker swarm leave --force` always run at the
-end, also on failure, and the test checks that nothing of the stack is left. Run by `make
-test-swarm` as root, on the engine of `make test-docker` (its `engine` fixture: started by `parley
-engine start` when none runs, stopped after). Every step prints its duration.
+node that keeps the agent's state, `docker secret create parley_api_keys` from the checkout's key
+(.env_secret), `docker stack deploy`, and at least 2 LLM replicas through the autoscaler's
+`min_replicas` label. Then: the key reaches the services only as that secret (not in the stack
+file, not in any container's environment) and a turn without it is refused; a dialog through the
+agent answers Paris; turns reach both LLM replicas; killing one replica's container while 4 dialogs
+run loses no turn and the replica is replaced; `docker service update --env-add` rolls the LLM
+over, start-first, while dialogs go on; and the autoscaler, given short delays, takes the LLM from 1
+replica to 2 under 4 users' load and back to 1 when 3 of them stop, every decision logged with its
+reason, no turn failing throughout (a replica scaled away drains). `docker stack rm` and `docker
+swarm leave --force` always run at the end, also on failure, and the test checks that nothing of the
+stack is left. Run by `make test-swarm` as root, on the engine of `make test-docker` (its `engine`
+fixture: started by `parley engine start` when none runs, stopped after). Every step prints its
+duration.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def _docker_test_module():
 
 
 docker_tests = _docker_test_module()
-engine = docker_tests.engine  # the fixture: pytest finds it by name in this module
+engine = docker_tests.engine  # the fixtures: pytest finds them by name in this module
+api_key = docker_tests.api_key
 step, run, compose = docker_tests.step, docker_tests.run, docker_tests.compose
 
 DIST = docker_tests.DIST
@@ -63,6 +67,8 @@ QUESTIONS = ["What is the capital of France?", "What is the capital of Italy?", 
 # Users who talk at once to grow the LLM: with the one who goes on throughout, 4 turns in progress,
 # twice the card's target_ongoing_requests (2) for one replica.
 BURST_USERS = 3
+# The agent's key, as every request sends it (set by the swarm_stack fixture).
+HEADERS: dict[str, str] = {}
 
 
 def docker(*args: str, check: bool = True, timeout: float = 120) -> str:
@@ -103,7 +109,7 @@ def agent_healthy() -> bool:
 
 
 def turn(user_id: str, text: str) -> dict:
-    response = requests.post(AGENT_URL + "/", json={"user_id": user_id, "payload": text}, timeout=180)
+    response = requests.post(AGENT_URL + "/", json={"user_id": user_id, "payload": text}, headers=HEADERS, timeout=180)
     response.raise_for_status()
     return response.json()
 
@@ -166,9 +172,11 @@ def autoscaler_log_lines() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def swarm_stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
-    """The stack deployed on a single-node swarm, with 2 LLM replicas; always removed, swarm left."""
+def swarm_stack(engine: dict[str, str], api_key: str) -> Iterator[dict[str, str]]:
+    """The stack deployed on a single-node swarm, with 2 LLM replicas and the checkout's key as the
+    Docker secret parley_api_keys; always removed, swarm left (which drops the secret too)."""
     environment = engine
+    HEADERS["Authorization"] = f"Bearer {api_key}"
     parley = str(Path(sys.executable).parent / "parley")
     if docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "inactive":
         pytest.fail("this engine is already part of a swarm: the test makes and leaves its own", pytrace=False)
@@ -183,6 +191,10 @@ def swarm_stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
         with step("docker swarm init --advertise-addr 127.0.0.1"):
             docker("swarm", "init", "--advertise-addr", "127.0.0.1")
             docker("node", "update", "--label-add", "parley-state=true", docker("info", "--format", "{{.Swarm.NodeID}}"))
+        with step("docker secret create parley_api_keys (parley secrets show | ...)"):
+            key = subprocess.run([parley, "secrets", "show"], capture_output=True, text=True, check=True).stdout.strip()
+            created = subprocess.run(["docker", "secret", "create", "parley_api_keys", "-"], input=key, capture_output=True, text=True)
+            assert created.returncode == 0, created.stderr
         with step(f"docker stack deploy {STACK}, then at least 2 LLM replicas (the autoscaler's min_replicas label)"):
             docker("stack", "deploy", "--resolve-image", "never", "-c", str(STACK_FILE), STACK, timeout=300)
             wait_for("the autoscaler running", lambda: running_tasks(AUTOSCALER) == 1, 300)
@@ -211,6 +223,18 @@ def swarm_stack(engine: dict[str, str]) -> Iterator[dict[str, str]]:
             leftovers, swarm_state = stack_leftovers(), docker("info", "--format", "{{.Swarm.LocalNodeState}}", check=False)
             print(f"    left: {leftovers or 'nothing'}; swarm: {swarm_state}")
     assert leftovers == [] and swarm_state == "inactive", "the stack or the swarm was left behind"
+
+
+def test_the_key_is_a_secret_of_the_swarm_never_plain_environment_and_a_turn_without_it_is_refused(swarm_stack, api_key):
+    with step("the stack file and every container's environment, for the key"):
+        environments = [docker("inspect", "--format", "{{json .Config.Env}}", container)
+                        for container in docker("ps", "-q", "--filter", f"label=com.docker.stack.namespace={STACK}").split()]
+        refused = requests.post(AGENT_URL + "/", json={"user_id": "swarm-no-key", "payload": "Hi"}, timeout=30)
+
+    assert api_key not in STACK_FILE.read_text()
+    assert environments and not any(api_key in environment for environment in environments)
+    assert all("PARLEY_API_KEYS_FILE=/run/secrets/parley_api_keys" in environment for environment in environments)
+    assert refused.status_code == 401
 
 
 def test_a_dialog_through_the_agent_of_the_stack_answers_paris(swarm_stack):
@@ -259,7 +283,7 @@ def test_killing_an_llm_replica_while_4_dialogs_run_loses_no_turn_and_the_replic
     with step("the agent's state holds every turn of the 4 dialogs, with its answer"):
         stored = {}
         for dialog_id in sorted({answer["dialog_id"] for answer in answers}):
-            dialog = requests.get(f"{AGENT_URL}/api/dialogs/{dialog_id}", timeout=30).json()
+            dialog = requests.get(f"{AGENT_URL}/api/dialogs/{dialog_id}", headers=HEADERS, timeout=30).json()
             stored[dialog_id] = [(u["text"], b["text"]) for u, b in zip(dialog["human_utterances"], dialog["bot_utterances"])]
         print(f"    {sum(map(len, stored.values()))} turns stored in {len(stored)} dialogs")
     with step("swarm replaces the killed replica"):

@@ -1,6 +1,8 @@
 // The chat page: sends each turn to the agent (POST /) and rebuilds the dialog from the agent's
 // stored state (GET /api/dialogs/<id>) after a reload. Each tab is its own user (sessionStorage),
-// so a second tab holds a separate dialog.
+// so a second tab holds a separate dialog. An agent with API keys answers 401: the page then asks
+// for a key once and keeps it in the tab (sessionStorage, gone when the tab closes), sending it as
+// `Authorization: Bearer <key>` with every request.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
@@ -72,6 +74,54 @@ function setMeta(bubble, { skill, seconds }) {
   bubble.append(meta);
 }
 
+// One question for the key at a time, however many requests were refused at once (the page loads
+// the dialog and the LLM list together).
+let keyQuestion = null;
+
+function askForKey(refusedBefore) {
+  if (keyQuestion) return keyQuestion;
+  const dialog = $("key-dialog");
+  const input = $("api-key");
+  const note = $("key-note");
+  note.textContent = refusedBefore ? "The agent did not accept that key; check it and try again." : "";
+  note.hidden = !refusedBefore;
+  input.value = "";
+  keyQuestion = new Promise((resolve) => {
+    const done = (key) => {
+      $("key-form").removeEventListener("submit", onSubmit);
+      $("key-cancel").removeEventListener("click", onCancel);
+      input.value = "";  // the key lives in sessionStorage only, not in the page
+      dialog.close();
+      keyQuestion = null;
+      resolve(key);
+    };
+    const onSubmit = (event) => { event.preventDefault(); done(input.value.trim() || null); };
+    const onCancel = () => done(null);
+    $("key-form").addEventListener("submit", onSubmit);
+    $("key-cancel").addEventListener("click", onCancel);
+    dialog.showModal();
+    input.focus();
+  });
+  return keyQuestion;
+}
+
+// fetch() with the tab's key; on a 401 the person is asked for a key (again, while the agent
+// refuses it; Cancel gives up and the caller shows the agent's error).
+async function api(path, options = {}) {
+  const withKey = (key) => ({ ...options, headers: { ...(options.headers || {}), ...(key ? { Authorization: "Bearer " + key } : {}) } });
+  let key = stored.get("apiKey");
+  let response = await fetch(path, withKey(key));
+  while (response.status === 401) {
+    const refusedBefore = Boolean(key);
+    stored.set("apiKey", null);
+    key = await askForKey(refusedBefore);
+    if (!key) return response;
+    response = await fetch(path, withKey(key));
+    if (response.status !== 401) stored.set("apiKey", key);
+  }
+  return response;
+}
+
 async function errorMessage(response) {
   // Every Parley service answers errors as {"error": {"message": ..., "field": ...}}.
   try {
@@ -87,7 +137,7 @@ async function loadHistory() {
   if (!dialogId) return showEmpty();
   let response;
   try {
-    response = await fetch("api/dialogs/" + encodeURIComponent(dialogId));
+    response = await api("api/dialogs/" + encodeURIComponent(dialogId));
   } catch (error) {
     return showError("Cannot reach the agent to load this dialog: " + error.message);
   }
@@ -115,7 +165,7 @@ async function loadHistory() {
 async function loadLLMs() {
   const note = $("llm-note");
   try {
-    const response = await fetch("api/llms");
+    const response = await api("api/llms");
     if (!response.ok) throw new Error(await errorMessage(response));
     const { llms } = await response.json();
     for (const llm of llms) {
@@ -143,7 +193,7 @@ async function send(text) {
   sendButton.disabled = true;
   const started = performance.now();
   try {
-    const response = await fetch("./", {
+    const response = await api("./", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify(body),
@@ -168,7 +218,7 @@ async function send(text) {
 async function newDialog() {
   showError("");
   try {
-    const response = await fetch("./", {
+    const response = await api("./", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ user_id: userId(), payload: "/start" }),

@@ -15,11 +15,14 @@ from __future__ import annotations
 import enum
 import queue
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 if TYPE_CHECKING:
     from services.transformers_lm.engines.grammar import Grammar
+
+from common.metrics import EngineLoad
 
 
 @dataclass(frozen=True)
@@ -87,16 +90,26 @@ class TokenStream:
 
     Iterating blocks until the next token or the end; after the end `finish_reason` is set. A
     failed generation raises `EngineError` from the iterator. `cancel()` tells the engine to
-    drop the sequence at its next step and free its slot.
+    drop the sequence at its next step and free its slot. The engine notes when the sequence joined
+    the batch and how much of its prompt came from the prefix cache (`mark_admitted`), for the
+    service's metrics (queue time, prefix cache hits).
     """
 
     request: GenerationRequest
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
+    submitted_at: float = field(default_factory=time.monotonic)
+    admitted_at: float | None = None
+    cached_prompt_tokens: int = 0
     _items: "queue.SimpleQueue[object]" = field(default_factory=queue.SimpleQueue, repr=False)
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     # --- engine side -------------------------------------------------------------------------
+    def mark_admitted(self, cached_prompt_tokens: int) -> None:
+        """The sequence joined the batch, `cached_prompt_tokens` of its prompt copied from the prefix cache."""
+        self.cached_prompt_tokens = cached_prompt_tokens
+        self.admitted_at = time.monotonic()
+
     def push(self, token_id: int) -> None:
         self._items.put(token_id)
 
@@ -188,6 +201,11 @@ class Engine(Protocol):
     max_batch_size: int
     max_queue_size: int
     stats: EngineStats
+
+    def load(self) -> EngineLoad:
+        """Sequences running and waiting, and the share of KV positions in use: read from any
+        thread when Prometheus scrapes, so cheap (no lock, no copy of the cache)."""
+        ...
 
     def reset_stats(self) -> None:
         """Zero `stats` (a benchmark measures one phase at a time)."""

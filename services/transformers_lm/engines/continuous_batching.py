@@ -42,6 +42,7 @@ from typing import Protocol
 
 import torch
 
+from common.metrics import EngineLoad
 from services.transformers_lm.engines import (
     EngineError,
     EngineStats,
@@ -198,6 +199,11 @@ class ContinuousBatchingEngine:
     def num_active(self) -> int:
         return len(self._active)
 
+    def load(self) -> EngineLoad:
+        active = list(self._active)  # a copy: the scheduler thread may change the list meanwhile
+        capacity = self.max_batch_size * self.max_context_tokens
+        return EngineLoad(len(active), len(self._waiting), sum(row.length for row in active) / capacity)
+
     def _validate(self, request: GenerationRequest) -> None:
         prompt = request.prompt_token_ids
         if not prompt:
@@ -295,6 +301,7 @@ class ContinuousBatchingEngine:
                 row.slot = len(self._active)
                 self._active.append(row)
                 joining.append(row)
+                row.stream.mark_admitted(cached)
                 if cached:
                     self._cache.ensure_capacity(len(row.prompt))
                     self._cache.tensor[:, :, row.slot, :, :cached] = prefix_kv[:, :, :, :cached]

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from common.metrics import EngineLoad
 from services.transformers_lm.engines import (
     EngineError,
     EngineStats,
@@ -190,6 +191,11 @@ class LlamaCppEngine:
     def reset_stats(self) -> None:
         self.stats = EngineStats()
 
+    def load(self) -> EngineLoad:
+        busy = [slot for slot in self._slots if slot.busy]
+        used = sum(len(slot.prompt) + slot.generated for slot in busy)
+        return EngineLoad(len(busy), len(self._waiting), used / (len(self._slots) * self.context_per_slot))
+
     # --- setup ---------------------------------------------------------------------------------
     def _create_context(self):
         llama = self._llama
@@ -310,6 +316,7 @@ class LlamaCppEngine:
         slot.generated = 0
         slot.matcher = stream.request.grammar.matcher() if stream.request.grammar is not None else None
         self._prepare_sampling(slot, stream.request.sampling)
+        stream.mark_admitted(reused)
         self.stats.requests_admitted += 1
         self.stats.prompt_tokens += len(prompt)
         self.stats.prompt_tokens_from_cache += reused

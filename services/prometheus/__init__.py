@@ -1,0 +1,1 @@
+"""Prometheus for a distribution (the monitoring.yml overlay): its config, written from the environment."""
