@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None, client: ChatCompletionsClient |
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = settings.max_request_bytes
     app.extensions["openai_api_lm"] = lm
-    key_fields = ("openai_api_keys", settings.request_key_field)
+    key_fields = ("openai_api_keys", settings.request_key_field, f"{settings.openai_api_key_env_var}_list")
     logger.info(
         "%s forwards to %s (model %s); API key from %s: %s; per-request keys %s",
         settings.service_name,
