@@ -53,12 +53,10 @@ def generation_config(service: LMService, request: ChatCompletionRequest | Compl
         override = GenerationConfig.model_validate(request.generation_override())
     except ValidationError as error:
         raise _as_openai_param(request_error(error, model=GenerationConfig)) from None
-    config = service.default_config.merged_with(override)
     try:
-        config.check_caps(service.settings.caps)
+        return service.config_for(override, None)
     except RequestValidationError as error:
         raise _as_openai_param(error) from None
-    return config
 
 
 def list_models(service: LMService, created: int) -> dict:
@@ -113,18 +111,23 @@ def _text_choice(index: int, text: str, finish_reason: str | None) -> dict:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def _chat_prompt(service: LMService, request: ChatCompletionRequest, config: GenerationConfig) -> BuiltPrompt:
+def _chat_prompt(
+    service: LMService, request: ChatCompletionRequest, config: GenerationConfig
+) -> tuple[BuiltPrompt, GenerationConfig]:
     messages = [ChatMessage(m.role, m.text) for m in request.messages]
-    return service.build_prompt(conversation_from_messages(messages), config, "messages")
+    try:
+        return service.build_prompt(conversation_from_messages(messages), config, "messages")
+    except RequestValidationError as error:
+        raise _as_openai_param(error) from None
 
 
 def chat_completion(service: LMService, request: ChatCompletionRequest) -> dict | Iterator[str]:
     """A chat completion object, or (stream=true) an iterator of server-sent events."""
     check_model(service, request.model)
     config = generation_config(service, request)
-    prompt = _chat_prompt(service, request, config)
+    prompt, config = _chat_prompt(service, request, config)
     if request.stream:
-        return _stream_events(service, _CHAT, request.model, [prompt], config, request.include_usage_in_stream)
+        return _stream_events(service, _CHAT, request.model, [(prompt, config)], request.include_usage_in_stream)
     completions = service.complete_all([(prompt, config)])[0]
     return {
         "id": _CHAT.id_prefix + uuid.uuid4().hex,
@@ -140,10 +143,11 @@ def completion(service: LMService, request: CompletionRequest) -> dict | Iterato
     """A text completion object (`n` choices per prompt), or an iterator of server-sent events."""
     check_model(service, request.model)
     config = generation_config(service, request)
-    prompts = [service.build_raw_prompt(text, config, "prompt") for text in request.prompts]
+    jobs = [service.build_raw_prompt(text, config, "prompt") for text in request.prompts]
+    prompts = [prompt for prompt, _ in jobs]
     if request.stream:
-        return _stream_events(service, _TEXT, request.model, prompts, config, request.include_usage_in_stream)
-    results = service.complete_all([(prompt, config) for prompt in prompts])
+        return _stream_events(service, _TEXT, request.model, jobs, request.include_usage_in_stream)
+    results = service.complete_all(jobs)
     choices = [c for completions in results for c in completions]
     return {
         "id": _TEXT.id_prefix + uuid.uuid4().hex,
@@ -159,12 +163,12 @@ def _stream_events(
     service: LMService,
     kind: _Kind,
     model_name: str,
-    prompts: list[BuiltPrompt],
-    config: GenerationConfig,
+    jobs: list[tuple[BuiltPrompt, GenerationConfig]],
     include_usage: bool,
 ) -> Iterator[str]:
     """Start every sequence now (so queue-full is still an HTTP error), then stream them choice by choice."""
-    started = [(prompt, stream) for prompt in prompts for stream in service.start(prompt, config)]
+    prompts = [prompt for prompt, _ in jobs]
+    started = [(prompt, stream) for prompt, config in jobs for stream in service.start(prompt, config)]
     completion_id = kind.id_prefix + uuid.uuid4().hex
     created = int(time.time())
 

@@ -72,8 +72,8 @@ class NativeTokenizer:
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=True).ids
 
-    def decode(self, token_ids: list[int]) -> str:
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special: bool = True) -> str:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=skip_special)
         return _clean_up_tokenization(text) if self.clean_up_spaces else text
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
