@@ -33,7 +33,7 @@ def create_app(settings: Settings | None = None, client: ChatCompletionsClient |
     layer = init_service_layer(app, settings, API, logger=logger)
     lm = OpenAIApiLM(settings, client, metrics=LLMMetrics(layer.metrics, settings.pretrained_model_name_or_path))
     app.extensions["openai_api_lm"] = lm
-    key_fields = ("openai_api_keys", settings.request_key_field)
+    key_fields = ("openai_api_keys", settings.request_key_field, f"{settings.openai_api_key_env_var}_list")
     logger.info(
         "%s forwards to %s (model %s); API key from %s: %s; per-request keys %s",
         settings.service_name,

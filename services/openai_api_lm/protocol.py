@@ -1,14 +1,14 @@
 """Wire models of this service beyond common/lm_protocol.py: OpenAI's config keys and Dream's key fields.
 
-Dream's `/respond` and `/generate_goals` requests are parsed by the shared models; this module
-adds what only an OpenAI upstream needs:
+Dream's `/respond` and `/generate_goals` requests are parsed by the shared models (with Dream's
+sending variables taken aside there); this module adds what only an OpenAI upstream needs:
 
-- `OpenAIGenerationConfig`: the shared generation config with OpenAI's own names and ranges
-  (`max_tokens`, `n`, `stop` as a string, temperature up to 2), so Dream's OpenAI configs
+- `OpenAIGenerationConfig`: the shared generation config with OpenAI's ranges and habits
+  (temperature up to 2; a temperature without `do_sample` samples), so Dream's OpenAI configs
   (e.g. `{"max_tokens": 256, "temperature": 0.4, ...}`) work unchanged; `to_openai_parameters()`
-  turns it into the body of a chat completion request.
-- Dream's per-request key fields (`openai_api_keys`, `openai_api_organizations`): taken out of
-  the body before validation, one per dialog (or one for all).
+  turns it into the body of a chat completion request; keys the chat API cannot honour are a 400.
+- Dream's per-request key fields (`openai_api_keys`, `openai_organizations`, ...): read from the
+  request's sending variables, one per dialog (or one for all).
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ from typing import Any
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, model_validator
 
-from common.lm_protocol import GenerateGoalsRequest, GenerationConfig, RespondRequest
+from common.lm_protocol import GenerateGoalsRequest, GenerationCaps, GenerationConfig, RespondRequest, SendingVariables
 from common.validation import RequestValidationError, parse_json
 
-# OpenAI's name -> the shared config's name for the same thing.
-OPENAI_KEY_NAMES = {"max_tokens": "max_new_tokens", "n": "num_return_sequences"}
-# Dream's field for per-request organizations (its skills send `<env var lower case>s`).
-ORGANIZATION_FIELDS = ("openai_api_organizations", "openai_organizations")
+# Dream's fields for per-request organizations (its LLM reads the first, its skills send the second).
+ORGANIZATION_FIELDS = ("openai_api_organizations", "openai_organizations", "OPENAI_ORGANIZATION_list")
 
 
 class OpenAIGenerationConfig(GenerationConfig):
@@ -40,32 +38,35 @@ class OpenAIGenerationConfig(GenerationConfig):
 
     @model_validator(mode="before")
     @classmethod
-    def _accept_openai_names(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
+    def _openai_habits(cls, data: Any, info: ValidationInfo) -> Any:
+        if not isinstance(data, dict) or (info.context or {}).get("merging"):
             return data
         data = dict(data)
-        for openai_name, name in OPENAI_KEY_NAMES.items():
-            if openai_name in data:
-                if name in data:
-                    raise RequestValidationError(f"give {name} or {openai_name}, not both", openai_name)
-                data[name] = data.pop(openai_name)
-        if isinstance(data.get("stop"), str):
-            data["stop"] = [data["stop"]]
         temperature = data.get("temperature")
         if "do_sample" not in data and isinstance(temperature, (int, float)) and not isinstance(temperature, bool):
             data["do_sample"] = temperature > 0
-        if isinstance(temperature, int) and not isinstance(temperature, bool):
-            data["temperature"] = float(temperature)  # JSON has one number type; strict mode would refuse 1
         return data
 
-    @classmethod
-    def allowed_keys(cls) -> list[str]:
-        return sorted({*cls.model_fields, *OPENAI_KEY_NAMES})
+    def check_caps(self, caps: GenerationCaps, field_prefix: str = "") -> None:
+        """The shared checks, and a 400 for what the chat API cannot do (never dropped silently)."""
+        super().check_caps(caps, field_prefix)
+        prefix = f"{field_prefix}." if field_prefix else ""
+        refusals = [
+            (self.num_beams > 1, "num_beams", "the chat API has no beam search; use num_return_sequences (n) with sampling"),
+            (bool(self.eos_token_id), "eos_token_id",
+             "token ids belong to a local model's vocabulary; use stop to end the text at a string"),
+            (self.max_length is not None, "max_length",
+             "it counts the prompt's tokens, which only the upstream knows; use max_new_tokens (max_tokens)"),
+        ]
+        for refused, key, advice in refusals:
+            if refused:
+                raise RequestValidationError(f"{prefix}{key} is not supported by an OpenAI upstream: {advice}", f"{prefix}{key}")
 
     def to_openai_parameters(self) -> dict[str, Any]:
         """The chat completion parameters for this config (OpenAI's names; defaults left out).
 
-        min_new_tokens, top_k and repetition_penalty have no chat API parameter: accepted, not sent.
+        min_new_tokens, min_length, top_k, typical_p, repetition_penalty and no_repeat_ngram_size
+        have no chat API parameter: accepted (configs written for local models work), not sent.
         """
         parameters: dict[str, Any] = {"max_tokens": self.max_new_tokens, "n": self.num_return_sequences}
         if self.is_greedy:
@@ -154,20 +155,19 @@ def parse_with_keys(
 ) -> tuple[Any, RequestKeys]:
     """The request and its per-request keys; bad input raises RequestValidationError naming the field.
 
-    `key_fields` are the names a key may come in (Dream's `openai_api_keys`, and `<key env var>s`
-    for this service's key variable); they are removed before the request is validated, since
-    the shared models forbid unknown fields.
+    `key_fields` are the sending variables a key may come in (Dream's `openai_api_keys`, and
+    `<key env var>s` / `<KEY ENV VAR>_list` for this service's key variable).
     """
-    if not isinstance(data, dict):
-        raise RequestValidationError("the request body must be a JSON object")
-    data = dict(data)
-    key_values = [(name, data.pop(name)) for name in dict.fromkeys(key_fields) if name in data]
-    organization_values = [(name, data.pop(name)) for name in ORGANIZATION_FIELDS if name in data]
     request = parse_json(model, data)
     count = len(request.items())
-    api_keys = _per_item(key_values, count)
-    organizations = _per_item(organization_values, count)
-    return request, RequestKeys(api_keys, organizations)
+    return request, RequestKeys(
+        _per_item(_present(request.sending_variables, key_fields), count),
+        _per_item(_present(request.sending_variables, ORGANIZATION_FIELDS), count),
+    )
+
+
+def _present(variables: SendingVariables, names: tuple[str, ...]) -> list[tuple[str, Any]]:
+    return [(name, variables.get(name)) for name in dict.fromkeys(names) if name in variables]
 
 
 def _per_item(values: list[tuple[str, Any]], count: int) -> tuple[str | None, ...]:

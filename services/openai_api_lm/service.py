@@ -39,6 +39,13 @@ def chat_messages(prompt: str, dialog_context: Sequence[str]) -> list[dict[str, 
     return messages
 
 
+def with_replacement(messages: list[dict[str, str]], config: OpenAIGenerationConfig) -> list[dict[str, str]]:
+    """The messages with Dream's replacement pairs applied to their text (the upstream sees the stand-ins)."""
+    if not config.replacement:
+        return messages
+    return [{**message, "content": config.replace_in_prompt(message["content"])} for message in messages]
+
+
 def goals_messages(prompt: str) -> list[dict[str, str]]:
     """One user message: the goals instruction with the bot's prompt in it."""
     return chat_messages("", [goals_request(prompt)])
@@ -87,7 +94,7 @@ class OpenAIApiLM:
         configs = [self._config(item.config, f"configs[{index}]") for index, item in enumerate(items)]
         credentials = self._credentials(keys, len(items))
         calls = [
-            (chat_messages(item.prompt, item.dialog_context), config, credential)
+            (with_replacement(chat_messages(item.prompt, item.dialog_context), config), config, credential)
             for item, config, credential in zip(items, configs, credentials, strict=True)
         ]
         return self._map(lambda call: self._hypotheses(*call, deadline), calls)
@@ -99,7 +106,7 @@ class OpenAIApiLM:
         configs = [self._config(item.config, f"configs[{index}]").merged_with(one) for index, item in enumerate(items)]
         credentials = self._credentials(keys, len(items))
         calls = [
-            (goals_messages(item.prompt), config, credential)
+            (with_replacement(goals_messages(item.prompt), config), config, credential)
             for item, config, credential in zip(items, configs, credentials, strict=True)
         ]
         return [texts[0] for texts in self._map(lambda call: self._hypotheses(*call, deadline), calls)]
@@ -167,6 +174,8 @@ class OpenAIApiLM:
             if not new:
                 raise UpstreamResponseError("the upstream's answer has no choices")
             texts.extend(new)
+        if config.replacement:  # Dream's pairs: each stand-in in a hypothesis back into its text
+            texts = [config.restore_in_hypothesis(text).strip() for text in texts]
         return texts[:wanted]
 
     def _create(self, body: dict[str, Any], credentials: Credentials, deadline: float) -> dict[str, Any]:

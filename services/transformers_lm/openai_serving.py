@@ -56,12 +56,10 @@ def generation_config(
         override = GenerationConfig.model_validate(request.generation_override())
     except ValidationError as error:
         raise _as_openai_param(request_error(error, model=GenerationConfig)) from None
-    config = served.default_config.merged_with(override)
     try:
-        config.check_caps(service.settings.caps)
+        return service.config_for(override, None, served)
     except RequestValidationError as error:
         raise _as_openai_param(error) from None
-    return config
 
 
 def list_models(service: LMService, created: int) -> dict:
@@ -147,16 +145,23 @@ def _text_choice(index: int, text: str, finish_reason: str | None) -> dict:
     return {"index": index, "text": text, "logprobs": None, "finish_reason": finish_reason}
 
 
-def _chat_prompt(service: LMService, request: ChatCompletionRequest, config: GenerationConfig, served: ServedName) -> BuiltPrompt:
+def _chat_prompt(
+    service: LMService, request: ChatCompletionRequest, config: GenerationConfig, served: ServedName
+) -> tuple[BuiltPrompt, GenerationConfig]:
+    """The prompt, and the config fitted to it (a length in it that the prompt leaves no room for is
+    the request's error, named by OpenAI's parameter)."""
     messages = [m.as_chat_message() for m in request.messages]
-    return service.build_prompt(conversation_from_messages(messages, request.tool_functions), config, "messages", served)
+    try:
+        return service.build_prompt(conversation_from_messages(messages, request.tool_functions), config, "messages", served)
+    except RequestValidationError as error:
+        raise _as_openai_param(error) from None
 
 
 def chat_rendering(service: LMService, request: ChatCompletionRequest) -> dict:
     """The prompt, token count, stops and config a chat completion request would be generated from."""
     served = service.served(request.model)
-    config = generation_config(service, request, served)
-    return service.rendering(served, _chat_prompt(service, request, config, served), config)
+    prompt, config = _chat_prompt(service, request, generation_config(service, request, served), served)
+    return service.rendering(served, prompt, config)
 
 
 def chat_completion(service: LMService, request: ChatCompletionRequest) -> dict | Iterator[str]:
@@ -165,10 +170,10 @@ def chat_completion(service: LMService, request: ChatCompletionRequest) -> dict 
     config = generation_config(service, request, served)
     tool_choice = request.tool_choice_spec()
     grammar = service.grammar(config.response_format, tool_choice, "response_format")
-    prompt = _chat_prompt(service, request, config, served)
+    prompt, config = _chat_prompt(service, request, config, served)
     if request.stream:
         return _stream_events(
-            service, _CHAT, request.model, [prompt], config, request.include_usage_in_stream, grammar, tool_choice
+            service, _CHAT, request.model, [(prompt, config)], request.include_usage_in_stream, grammar, tool_choice
         )
     streams = service.start(prompt, config, grammar)
     try:
@@ -191,10 +196,11 @@ def completion(service: LMService, request: CompletionRequest) -> dict | Iterato
     served = service.served(request.model)
     config = generation_config(service, request, served)
     grammar = service.grammar(config.response_format, None, "response_format")
-    prompts = [service.build_raw_prompt(text, config, "prompt", served) for text in request.prompts]
+    jobs = [service.build_raw_prompt(text, config, "prompt", served) for text in request.prompts]
+    prompts = [prompt for prompt, _ in jobs]
     if request.stream:
-        return _stream_events(service, _TEXT, request.model, prompts, config, request.include_usage_in_stream, grammar)
-    results = service.complete_all([(prompt, config) for prompt in prompts], [grammar] * len(prompts))
+        return _stream_events(service, _TEXT, request.model, jobs, request.include_usage_in_stream, grammar)
+    results = service.complete_all(jobs, [grammar] * len(jobs))
     choices = [c for completions in results for c in completions]
     return {
         "id": _TEXT.id_prefix + uuid.uuid4().hex,
@@ -222,14 +228,14 @@ def _stream_events(
     service: LMService,
     kind: _Kind,
     model_name: str,
-    prompts: list[BuiltPrompt],
-    config: GenerationConfig,
+    jobs: list[tuple[BuiltPrompt, GenerationConfig]],
     include_usage: bool,
     grammar: Grammar | None = None,
     tool_choice: ToolChoice | None = None,
 ) -> Iterator[str]:
     """Start every sequence now (so queue-full is still an HTTP error), then stream them choice by choice."""
-    started = [(prompt, stream) for prompt in prompts for stream in service.start(prompt, config, grammar)]
+    prompts = [prompt for prompt, _ in jobs]
+    started = [(prompt, stream) for prompt, config in jobs for stream in service.start(prompt, config, grammar)]
     completion_id = kind.id_prefix + uuid.uuid4().hex
     created = int(time.time())
 

@@ -196,18 +196,32 @@ class PromptBuilder:
     system_prompt: str = ""  # used when a conversation brings none (a named variant's)
 
     def build(
-        self, conversation: Conversation, max_new_tokens: int, request_stops: tuple[str, ...] = (), field: str | None = None
+        self,
+        conversation: Conversation,
+        max_new_tokens: int,
+        request_stops: tuple[str, ...] = (),
+        field: str | None = None,
+        *,
+        max_length: int | None = None,
+        rewrite: Callable[[str], str] | None = None,
     ) -> BuiltPrompt:
         """Render, dropping the oldest turns until prompt plus `max_new_tokens` fits the window.
 
+        With `max_length` (transformers': prompt and answer together) instead, the prompt must
+        leave at least one token under it and the window; the answer gets what is left. `rewrite`
+        changes the rendered text before it is tokenized (Dream's replacement pairs).
         Raises RequestValidationError (naming `field`) when even the system prompt and the last
-        turn leave no room for `max_new_tokens`.
+        turn leave no room for the answer.
         """
-        budget = self.context_length - max_new_tokens
+        if max_length is not None:
+            budget = min(self.context_length, max_length) - 1
+            room = f"one new token under max_length {max_length}"
+        else:
+            budget = self.context_length - max_new_tokens
+            room = f"{max_new_tokens} new tokens"
         if budget <= 0:
             raise ContextLengthExceededError(
-                f"max_new_tokens {max_new_tokens} leaves no room for a prompt in the model's window of "
-                f"{self.context_length} tokens",
+                f"{room} leaves no room for a prompt in the model's window of {self.context_length} tokens",
                 field,
             )
         stops = tuple(dict.fromkeys((*request_stops, *self.stop_sequences, *self.renderer.turn_boundaries())))
@@ -222,12 +236,14 @@ class PromptBuilder:
                 text = self.renderer.render(kept)
             except Exception:  # noqa: BLE001 - e.g. a template that needs the user first: drop one more
                 continue
+            if rewrite is not None:
+                text = rewrite(text)
             token_ids = self.encode(text)
             if len(token_ids) <= budget:
                 return BuiltPrompt(tuple(token_ids), text, stops, dropped, self.stop_token_ids)
         raise ContextLengthExceededError(
             f"the prompt and the last utterance take more than {budget} tokens: the model's window is "
-            f"{self.context_length} tokens and {max_new_tokens} are kept for the answer; shorten them "
+            f"{self.context_length} tokens and {room} are kept for the answer; shorten them "
             "or ask for fewer new tokens",
             field,
         )
@@ -251,6 +267,9 @@ class IncrementalDetokenizer:
 
     decode: Callable[[list[int]], str]
     stop_sequences: tuple[str, ...] = ()
+    # Applied to the decoded text before stop sequences are looked for (Dream's replacement pairs);
+    # with one, read the result with `final_text()`, since it may rewrite text already emitted.
+    transform: Callable[[str], str] | None = None
     token_ids: list[int] = field(default_factory=list)
     emitted: str = ""
     stopped: bool = False
@@ -260,7 +279,7 @@ class IncrementalDetokenizer:
         if self.stopped:
             return ""
         self.token_ids.append(token_id)
-        text = self.decode(self.token_ids)
+        text = self._decoded()
         if text.endswith("\ufffd"):
             return ""  # an incomplete UTF-8 character: wait for its other bytes
         cut, found = cut_at_stop_sequences(text, self.stop_sequences)
@@ -273,8 +292,16 @@ class IncrementalDetokenizer:
         """Whatever was held back, once the stream has ended without a stop sequence."""
         if self.stopped:
             return ""
-        text = self.decode(self.token_ids)
+        text = self._decoded()
         return self._emit_up_to(text)
+
+    def final_text(self) -> str:
+        """The whole text of the tokens read, cut at the first stop sequence (after `transform`)."""
+        return cut_at_stop_sequences(self._decoded(), self.stop_sequences)[0]
+
+    def _decoded(self) -> str:
+        text = self.decode(self.token_ids)
+        return self.transform(text) if self.transform is not None else text
 
     @property
     def text(self) -> str:

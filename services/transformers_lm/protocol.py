@@ -161,9 +161,11 @@ class _SamplingRequest(BaseModel):
     def generation_override(self) -> dict:
         """The generation keys this request sets, to merge over the model's default config.
 
-        OpenAI has no minimum length, so min_new_tokens is 0 whatever the default config says.
+        OpenAI has no minimum length, so min_new_tokens is 0 whatever the default config says; nor
+        beam search or Dream's replacement pairs, so a default config's num_beams and replacement
+        do not apply here.
         """
-        override: dict = {"min_new_tokens": 0, "num_return_sequences": self.n}
+        override: dict = {"min_new_tokens": 0, "num_return_sequences": self.n, "num_beams": 1, "replacement": []}
         if self.requested_max_tokens is not None:
             override["max_new_tokens"] = self.requested_max_tokens
         if self.temperature is not None:

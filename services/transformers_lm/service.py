@@ -4,6 +4,10 @@
 through `LMService.start` (prompt → token streams) and read the streams with
 `collect_completion` or `stream_pieces`, which is where the service's LLM metrics are taken (each
 token as its reader gets it: what was served, not what the engine computed).
+
+A config is merged over the model name's default and checked (`config_for`), then fitted to its
+prompt (`build_prompt`: `max_length` / `min_length` become new-token counts, Dream's replacement
+pairs rewrite the prompt). `num_beams` > 1 runs the engine's beam search: one request, `num_beams` rows.
 """
 
 from __future__ import annotations
@@ -22,7 +26,13 @@ from common.lm_protocol import (
 )
 from common.metrics import LLMMetrics, SequenceTimer, ServiceMetrics
 from services.transformers_lm.backends import ChatMessage, LoadedModel
-from services.transformers_lm.engines import FinishReason, GenerationRequest, SamplingParams, TokenStream
+from services.transformers_lm.engines import (
+    BeamSearchParams,
+    FinishReason,
+    GenerationRequest,
+    SamplingParams,
+    TokenStream,
+)
 from services.transformers_lm.engines.grammar import Grammar, GrammarError
 from services.transformers_lm.prompting import (
     BuiltPrompt,
@@ -103,7 +113,10 @@ class ServedName:
 
 
 def sampling_params(config: GenerationConfig, index: int, stop_token_ids: tuple[int, ...]) -> SamplingParams:
-    """Engine settings for hypothesis number `index`; a seeded request seeds each hypothesis differently."""
+    """Engine settings for hypothesis number `index`; a seeded request seeds each hypothesis differently.
+
+    `stop_token_ids` are the model's end tokens; the config's `eos_token_id` are added to them.
+    """
     return SamplingParams(
         max_new_tokens=config.max_new_tokens,
         min_new_tokens=min(config.min_new_tokens, config.max_new_tokens),
@@ -115,7 +128,21 @@ def sampling_params(config: GenerationConfig, index: int, stop_token_ids: tuple[
         frequency_penalty=config.frequency_penalty,
         presence_penalty=config.presence_penalty,
         seed=None if config.seed is None else config.seed + index,
-        stop_token_ids=stop_token_ids,
+        stop_token_ids=tuple(dict.fromkeys((*stop_token_ids, *config.eos_token_id))),
+        no_repeat_ngram_size=config.no_repeat_ngram_size,
+        typical_p=config.typical_p,
+    )
+
+
+def beam_search_params(config: GenerationConfig) -> BeamSearchParams | None:
+    """The engine's beam search settings when the config asks for beams (num_beams > 1)."""
+    if config.num_beams <= 1:
+        return None
+    return BeamSearchParams(
+        num_beams=config.num_beams,
+        num_return_sequences=config.num_return_sequences,
+        length_penalty=config.length_penalty,
+        early_stopping=config.early_stopping,
     )
 
 
@@ -170,32 +197,75 @@ class LMService:
         except KeyError:
             raise ModelNotFoundError(name, list(self.names)) from None
 
-    def config_for(self, override: GenerationConfig | None, field: str, served: ServedName | None = None) -> GenerationConfig:
-        """The request's config merged over the name's default, checked against the caps."""
+    def config_for(self, override: GenerationConfig | None, field: str | None, served: ServedName | None = None) -> GenerationConfig:
+        """The request's config merged over the name's default, checked against the caps and the model."""
         config = (served or self.default).default_config.merged_with(override)
-        config.check_caps(self.settings.caps, field)
+        config.check_caps(self.settings.caps, field or "")
+        prefix = f"{field}." if field else ""
+        vocabulary = self.model.info.vocab_size
+        for position, token_id in enumerate(config.eos_token_id):
+            if vocabulary and token_id >= vocabulary:
+                raise RequestValidationError(
+                    f"{prefix}eos_token_id: {token_id} is not a token id of this model (its vocabulary has "
+                    f"{vocabulary} tokens)",
+                    f"{prefix}eos_token_id[{position}]",
+                )
+        slots = self.model.engine.max_batch_size
+        if config.num_beams > slots:
+            raise RequestValidationError(
+                f"{prefix}num_beams: {config.num_beams} beams need as many batch slots, and this service has "
+                f"{slots} (MAX_BATCH_SIZE)",
+                f"{prefix}num_beams",
+            )
+        if config.num_beams > 1 and config.response_format is not None and config.response_format.constrains:
+            raise RequestValidationError(
+                f"{prefix}num_beams: a beam search cannot follow a response_format; ask for one beam", f"{prefix}num_beams"
+            )
         return config
 
     def build_prompt(
-        self, conversation: Conversation, config: GenerationConfig, field: str | None, served: ServedName | None = None
-    ) -> BuiltPrompt:
+        self,
+        conversation: Conversation,
+        config: GenerationConfig,
+        field: str | None,
+        served: ServedName | None = None,
+        config_field: str | None = None,
+    ) -> tuple[BuiltPrompt, GenerationConfig]:
+        """The prompt for the conversation, and the config fitted to it (lengths as new-token counts)."""
         builder = (served or self.default).prompt_builder
-        return builder.build(conversation, config.max_new_tokens, tuple(config.stop), field)
+        prompt = builder.build(
+            conversation,
+            config.max_new_tokens,
+            tuple(config.stop),
+            field,
+            max_length=config.max_length,
+            rewrite=config.replace_in_prompt if config.replacement else None,
+        )
+        return prompt, self._fit(prompt, config, config_field)
 
-    def build_raw_prompt(self, text: str, config: GenerationConfig, field: str | None, served: ServedName | None = None) -> BuiltPrompt:
+    def build_raw_prompt(
+        self, text: str, config: GenerationConfig, field: str | None, served: ServedName | None = None
+    ) -> tuple[BuiltPrompt, GenerationConfig]:
         """A completion prompt used as is (OpenAI's /v1/completions), checked against the window."""
         token_ids = self.model.encode(text)
         if not token_ids:
             raise RequestValidationError("the prompt is empty", field)
-        if len(token_ids) + config.max_new_tokens > self.model.info.context_length:
+        new_tokens = 1 if config.max_length is not None else config.max_new_tokens
+        if len(token_ids) + new_tokens > self.model.info.context_length:
             raise ContextLengthExceededError(
-                f"the prompt's {len(token_ids)} tokens plus {config.max_new_tokens} new tokens exceed the "
+                f"the prompt's {len(token_ids)} tokens plus {new_tokens} new tokens exceed the "
                 f"model's window of {self.model.info.context_length}",
                 field,
             )
         builder = (served or self.default).prompt_builder
         stops = tuple(dict.fromkeys((*config.stop, *builder.stop_sequences)))
-        return BuiltPrompt(tuple(token_ids), text, stops, 0, builder.stop_token_ids)
+        prompt = BuiltPrompt(tuple(token_ids), text, stops, 0, builder.stop_token_ids)
+        return prompt, self._fit(prompt, config, None)
+
+    def _fit(self, prompt: BuiltPrompt, config: GenerationConfig, config_field: str | None) -> GenerationConfig:
+        return config.resolved_for_prompt(
+            len(prompt.token_ids), self.model.info.context_length, self.settings.caps, config_field or ""
+        )
 
     def grammar(
         self, response_format: ResponseFormat | None, tool_choice: ToolChoice | None = None, field: str | None = None
@@ -225,12 +295,21 @@ class LMService:
         return RequestValidationError(f"the response_format schema cannot be used for constrained decoding: {error}", field)
 
     def start(self, prompt: BuiltPrompt, config: GenerationConfig, grammar: Grammar | None = None) -> list[TokenStream]:
-        """Submit `num_return_sequences` sequences for the prompt to the engine, each constrained by `grammar`."""
-        streams: list[TokenStream] = []
+        """Submit the prompt's sequences to the engine: `num_return_sequences` of them, each constrained
+        by `grammar`, or one beam search (which config_for keeps apart from grammars)."""
+        engine = self.model.engine
+        stop_token_ids = prompt.stop_token_ids or self.model.info.eos_token_ids
+        beam = beam_search_params(config)
+        if beam is not None:
+            params = sampling_params(config, 0, stop_token_ids)
+            streams = engine.submit_beam_search(GenerationRequest(prompt.token_ids, params, beam=beam))
+            self.metrics.prompt_submitted(len(prompt.token_ids))
+            return streams
+        streams = []
         try:
             for index in range(config.num_return_sequences):
-                params = sampling_params(config, index, prompt.stop_token_ids or self.model.info.eos_token_ids)
-                streams.append(self.model.engine.submit(GenerationRequest(prompt.token_ids, params, grammar)))
+                params = sampling_params(config, index, stop_token_ids)
+                streams.append(engine.submit(GenerationRequest(prompt.token_ids, params, grammar)))
         except BaseException:
             for stream in streams:
                 stream.cancel()
@@ -242,9 +321,22 @@ class LMService:
         timer.finish(reason, admitted_at=stream.admitted_at, prompt_tokens=len(prompt.token_ids),
                      cached_prompt_tokens=stream.cached_prompt_tokens)
 
-    def collect_completion(self, stream: TokenStream, prompt: BuiltPrompt) -> Completion:
-        """Read a stream to its end (or to a stop sequence, then cancel it)."""
-        pieces = IncrementalDetokenizer(self.model.decode, prompt.stop_sequences)
+    def collect_completion(
+        self, stream: TokenStream, prompt: BuiltPrompt, config: GenerationConfig | None = None
+    ) -> Completion:
+        """Read a stream to its end (or to a stop sequence, then cancel it).
+
+        With Dream's replacement pairs in `config`, the text is decoded with special tokens kept (a
+        pair may name one, as Dream's do) and each stand-in turned back into its text, as Dream does.
+        """
+        if config is not None and config.replacement:
+            pieces = IncrementalDetokenizer(
+                lambda token_ids: self.model.decode(token_ids, skip_special=False),
+                prompt.stop_sequences,
+                transform=config.restore_in_hypothesis,
+            )
+        else:
+            pieces = IncrementalDetokenizer(self.model.decode, prompt.stop_sequences)
         timer = self.metrics.sequence(stream.submitted_at)
         count = 0
         try:
@@ -260,7 +352,8 @@ class LMService:
         pieces.finish()
         reason = _finish_reason(stream, pieces.stopped)
         self._finish_timer(timer, stream, reason, prompt)
-        return Completion(pieces.text, reason, count)
+        text = pieces.final_text() if pieces.transform is not None else pieces.text
+        return Completion(text, reason, count)
 
     def complete_all(
         self, jobs: list[tuple[BuiltPrompt, GenerationConfig]], grammars: list[Grammar | None] | None = None
@@ -271,7 +364,10 @@ class LMService:
         try:
             for (prompt, config), grammar in zip(jobs, grammars, strict=True):
                 started.append((prompt, self.start(prompt, config, grammar)))
-            return [[self.collect_completion(s, prompt) for s in streams] for prompt, streams in started]
+            return [
+                [self.collect_completion(s, prompt, config) for s in streams]
+                for (prompt, streams), (_, config) in zip(started, jobs, strict=True)
+            ]
         finally:
             for _, streams in started:
                 for stream in streams:
@@ -310,7 +406,7 @@ class LMService:
         for index, item in enumerate(items):
             config = self.config_for(item.config, f"configs[{index}]", served)
             conversation = conversation_from_dream(item.prompt, item.dialog_context)
-            jobs.append((self.build_prompt(conversation, config, f"dialog_contexts[{index}]", served), config))
+            jobs.append(self.build_prompt(conversation, config, f"dialog_contexts[{index}]", served, f"configs[{index}]"))
         return jobs
 
     def respond(self, items: list[RespondItem]) -> list[list[str]]:
@@ -326,8 +422,8 @@ class LMService:
             config = self.config_for(item.config, f"configs[{index}]").merged_with(
                 GenerationConfig(num_return_sequences=1)
             )
-            request = goals_request(item.prompt)
-            jobs.append((self.build_prompt(Conversation("", (ChatMessage("user", request),)), config, f"prompts[{index}]"), config))
+            conversation = Conversation("", (ChatMessage("user", goals_request(item.prompt)),))
+            jobs.append(self.build_prompt(conversation, config, f"prompts[{index}]", None, f"configs[{index}]"))
         return [completions[0].text.strip() for completions in self.complete_all(jobs)]
 
     def rendering(self, served: ServedName, prompt: BuiltPrompt, config: GenerationConfig) -> dict:
@@ -348,10 +444,10 @@ class LMService:
         vocabulary for constrained decoding is built (about a second), so no request waits for it. It
         runs before the service serves (no request runs beside it) and is not counted in the metrics."""
         config = GenerationConfig(max_new_tokens=2, num_return_sequences=1)
-        prompt = self.build_prompt(conversation_from_dream("", ["Hello!"]), config, None)
+        job = self.build_prompt(conversation_from_dream("", ["Hello!"]), config, None)
         served_metrics, self.metrics = self.metrics, LLMMetrics(ServiceMetrics(), "warm-up")
         try:
-            text = self.complete_all([(prompt, config)])[0][0].text
+            text = self.complete_all([job])[0][0].text
         finally:
             self.metrics = served_metrics
         try:

@@ -121,6 +121,8 @@ class ModelInfo:
     extra_stop_sequences: tuple[str, ...] = field(default_factory=tuple)
     # What computes the model: "native" (Parley's own code), "transformers", "llama.cpp".
     model_code: str = ""
+    # Token ids lie in [0, vocab_size) (a request's eos_token_id is checked against it; 0: unknown).
+    vocab_size: int = 0
 
 
 class LoadedModel(ABC):
@@ -134,8 +136,9 @@ class LoadedModel(ABC):
         """Token ids of `text` as a prompt (with the tokenizer's BOS if it adds one)."""
 
     @abstractmethod
-    def decode(self, token_ids: list[int]) -> str:
-        """Text of generated token ids, special tokens left out."""
+    def decode(self, token_ids: list[int], skip_special: bool = True) -> str:
+        """Text of generated token ids; special tokens left out unless `skip_special` is False
+        (Dream's replacement pairs may name one, e.g. `</s>` as a stand-in for a newline)."""
 
     @property
     @abstractmethod

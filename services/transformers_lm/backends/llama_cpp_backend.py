@@ -51,8 +51,8 @@ class LlamaCppLoadedModel(LoadedModel):
         # transformers' tokenizers do; BOS is added only where the GGUF says the model wants it.
         return self.model.tokenize(text, add_special=True, parse_special=True)
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.model.detokenize(token_ids, skip_special=True)
+    def decode(self, token_ids: list[int], skip_special: bool = True) -> str:
+        return self.model.detokenize(token_ids, skip_special=skip_special)
 
     @property
     def has_chat_template(self) -> bool:
@@ -182,6 +182,7 @@ class LlamaCppBackend(Backend):
             device="cpu",
             dtype=f"gguf {model.quantization()}",
             context_length=engine.context_per_slot,
+            vocab_size=model.n_vocab,
             eos_token_ids=eos_ids,
             extra_stop_sequences=stop_sequences,
             model_code="llama.cpp",

@@ -76,8 +76,8 @@ class NativeTokenizer:
         """The `tokenizer.json` text, for llguidance."""
         return self.tokenizer.to_str()
 
-    def decode(self, token_ids: list[int]) -> str:
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special: bool = True) -> str:
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=skip_special)
         return _clean_up_tokenization(text) if self.clean_up_spaces else text
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:

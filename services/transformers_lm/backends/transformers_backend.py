@@ -132,8 +132,8 @@ class TransformersTokenizer:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=True)["input_ids"])
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+    def decode(self, token_ids: list[int], skip_special: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=skip_special)
 
     def render_chat(self, messages: list[dict], tools: list[dict] | None = None) -> str:
         return self.tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
@@ -160,8 +160,8 @@ class TransformersModel(LoadedModel):
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text)
 
-    def decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids)
+    def decode(self, token_ids: list[int], skip_special: bool = True) -> str:
+        return self.tokenizer.decode(token_ids, skip_special)
 
     @property
     def has_chat_template(self) -> bool:
@@ -266,6 +266,7 @@ def load_transformers_model(directory: Path, options: LoadOptions) -> Transforme
         eos_token_ids=eos_ids,
         extra_stop_sequences=stop_sequences,
         model_code=code,
+        vocab_size=int(model.vocab_size),
     )
     return TransformersModel(
         model, tokenizer, info, max_queue_size=options.max_queue_size, max_batch_size=options.max_batch_size

@@ -41,12 +41,43 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
-    # Token ids that end the sequence (the model's EOS and any additional EOS tokens).
+    # Token ids that end the sequence (the model's EOS, any additional EOS tokens, a request's eos_token_id).
     stop_token_ids: tuple[int, ...] = ()
+    # transformers': a token that would complete an n-gram of this size already in the prompt or
+    # the output is never chosen (0 turns it off).
+    no_repeat_ngram_size: int = 0
+    # transformers' locally typical sampling: keep the tokens whose surprise is closest to the
+    # distribution's entropy, up to this probability mass (1.0 turns it off; sampling only).
+    typical_p: float = 1.0
 
     @property
     def uses_openai_penalties(self) -> bool:
         return self.frequency_penalty != 0.0 or self.presence_penalty != 0.0
+
+
+@dataclass(frozen=True)
+class BeamSearchParams:
+    """Beam search over `num_beams` sequences at once, as transformers' `generate` runs it.
+
+    The best `num_return_sequences` finished hypotheses come back; a hypothesis's score is its
+    summed log-probability divided by its length to the power `length_penalty`; `early_stopping`
+    is transformers' (False: stop when no running beam can beat the finished ones by a heuristic,
+    True: as soon as `num_beams` hypotheses finished, "never": only when none can improve).
+    With `SamplingParams.do_sample`, the beams' continuations are sampled (transformers' beam sample).
+    """
+
+    num_beams: int
+    num_return_sequences: int = 1
+    length_penalty: float = 1.0
+    early_stopping: bool | str = False
+
+    def __post_init__(self) -> None:
+        if self.num_beams < 2:
+            raise ValueError("beam search needs at least 2 beams")
+        if not 1 <= self.num_return_sequences <= self.num_beams:
+            raise ValueError("num_return_sequences must be between 1 and num_beams")
+        if self.early_stopping not in (True, False, "never"):
+            raise ValueError('early_stopping must be true, false or "never"')
 
 
 @dataclass(frozen=True)
@@ -60,6 +91,8 @@ class GenerationRequest:
     prompt_token_ids: tuple[int, ...]
     sampling: SamplingParams
     grammar: "Grammar | None" = None
+    # Set for a beam search (`Engine.submit_beam_search`): one request, several sequences.
+    beam: BeamSearchParams | None = None
 
 
 class FinishReason(str, enum.Enum):
@@ -213,6 +246,12 @@ class Engine(Protocol):
 
     def submit(self, request: GenerationRequest) -> TokenStream:
         """Queue a sequence; raise QueueFullError when the queue is full."""
+        ...
+
+    def submit_beam_search(self, request: GenerationRequest) -> list[TokenStream]:
+        """Queue a beam search (`request.beam` set): its `num_beams` sequences take that many batch
+        slots together. The streams, best hypothesis first, get their tokens all at once when the
+        search ends (a beam's words are not final before). Cancelling any of them ends the search."""
         ...
 
     def close(self) -> None:

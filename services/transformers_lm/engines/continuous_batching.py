@@ -53,6 +53,7 @@ from services.transformers_lm.engines import (
     TokenStream,
 )
 from services.transformers_lm.engines.grammar import StepMasks, advance, is_complete
+from services.transformers_lm.engines.beam_search import BeamSearch
 from services.transformers_lm.engines.row_sampling import RowSampler, choose_next_tokens
 from services.transformers_lm.engines.prefix_cache import DEFAULT_BUDGET_BYTES, PrefixCache
 from services.transformers_lm.engines.slot_cache import SlotBatch, SlotKVCache
@@ -91,11 +92,14 @@ def as_packed_model(model) -> PackedModel:
 
 @dataclass(eq=False)
 class _Row:
-    """One sequence in (or waiting for) the batch."""
+    """One sequence in (or waiting for) the batch: a request's own, or one beam of a beam search."""
 
-    stream: TokenStream
-    sampler: RowSampler
+    request: GenerationRequest
+    sampler: RowSampler | None  # None for a beam: its group chooses the tokens
     submitted_at: float
+    stream: TokenStream | None = None  # None for a beam: its group holds the streams
+    group: "_BeamGroup | None" = None
+    counts_as_request: bool = True  # a beam search counts once in the stats, through one of its rows
     slot: int = -1
     length: int = 0  # positions already in the slot's KV cache
     cached_prefix: int = 0  # prompt tokens copied from the prefix cache when the row joined
@@ -105,11 +109,41 @@ class _Row:
 
     @property
     def prompt(self) -> tuple[int, ...]:
-        return self.stream.request.prompt_token_ids
+        return self.request.prompt_token_ids
 
     @property
     def sampling(self) -> SamplingParams:
-        return self.stream.request.sampling
+        return self.request.sampling
+
+    @property
+    def cancelled(self) -> bool:
+        return self.group.cancelled if self.group is not None else self.stream.cancelled
+
+    @property
+    def finished(self) -> bool:
+        streams = self.group.streams if self.group is not None else [self.stream]
+        return all(stream.finish_reason is not None for stream in streams)
+
+    def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
+        for stream in self.group.streams if self.group is not None else [self.stream]:
+            stream.finish(reason, error)
+
+
+@dataclass(eq=False)
+class _BeamGroup:
+    """A beam search: its rows (one per beam, all in the batch together) and the streams it fills at the end."""
+
+    streams: list[TokenStream]
+    search: BeamSearch
+    rows: list[_Row] = field(default_factory=list)  # rows[i] runs search.running[i]; the rest wait for a beam
+
+    @property
+    def cancelled(self) -> bool:
+        return any(stream.cancelled for stream in self.streams)
+
+    @property
+    def lead(self) -> _Row:
+        return self.rows[0]
 
 
 class ContinuousBatchingEngine:
@@ -146,7 +180,7 @@ class ContinuousBatchingEngine:
         self._masks: StepMasks | None = None  # made when the first constrained row arrives
         self.stats = EngineStats()
         self._active: list[_Row] = []  # row i sits in slot i
-        self._waiting: collections.deque[_Row] = collections.deque()
+        self._waiting: collections.deque[_Row | _BeamGroup] = collections.deque()
         self._wake = threading.Condition()
         self._closing = False
         if warm_up:
@@ -161,11 +195,35 @@ class ContinuousBatchingEngine:
         Raises ValueError for a request the model cannot run (empty prompt, a token id outside the
         vocabulary, a prompt that fills the context window).
         """
+        if request.beam is not None:
+            raise ValueError("a beam search goes through submit_beam_search")
         self._validate(request)
         stream = TokenStream(request)
-        sampler = RowSampler(request.sampling, request.prompt_token_ids)
         # The grammar's matcher is copied here, on the caller's thread: the scheduler only advances it.
         matcher = request.grammar.matcher() if request.grammar is not None else None
+        row = _Row(request, RowSampler(request.sampling, request.prompt_token_ids), time.monotonic(), stream, matcher=matcher)
+        self._enqueue(row)
+        return stream
+
+    def submit_beam_search(self, request: GenerationRequest) -> list[TokenStream]:
+        """Queue a beam search: its `num_beams` rows join the batch together, when that many slots are free."""
+        beam = request.beam
+        if beam is None:
+            raise ValueError("submit_beam_search needs request.beam")
+        self._validate(request)
+        if beam.num_beams > self.max_batch_size:
+            raise ValueError(f"{beam.num_beams} beams do not fit in {self.max_batch_size} batch slots")
+        room = self.max_context_tokens - len(request.prompt_token_ids)
+        search = BeamSearch(beam, request.sampling, request.prompt_token_ids, min(request.sampling.max_new_tokens, room))
+        group = _BeamGroup([TokenStream(request) for _ in range(beam.num_return_sequences)], search)
+        now = time.monotonic()
+        group.rows = [
+            _Row(request, None, now, group=group, counts_as_request=index == 0) for index in range(beam.num_beams)
+        ]
+        self._enqueue(group)
+        return list(group.streams)
+
+    def _enqueue(self, item: "_Row | _BeamGroup") -> None:
         with self._wake:
             if self._closing:
                 raise RuntimeError("the engine is closed")
@@ -176,9 +234,8 @@ class ContinuousBatchingEngine:
                     f"{self.max_batch_size} batch slots); retry later",
                     retry_after_seconds=self._retry_after_seconds(),
                 )
-            self._waiting.append(_Row(stream, sampler, time.monotonic(), matcher=matcher))
+            self._waiting.append(item)
             self._wake.notify()
-        return stream
 
     def close(self) -> None:
         """Stop the scheduler; streams still waiting or running finish with CANCELLED."""
@@ -187,8 +244,8 @@ class ContinuousBatchingEngine:
             self._wake.notify()
         self._thread.join(timeout=60)
         with self._wake:
-            for row in [*self._waiting, *self._active]:
-                row.stream.finish(FinishReason.CANCELLED)
+            for item in [*self._waiting, *self._active]:
+                (item.lead if isinstance(item, _BeamGroup) else item).finish(FinishReason.CANCELLED)
             self._waiting.clear()
             self._active.clear()
 
@@ -216,6 +273,9 @@ class ContinuousBatchingEngine:
             )
         if request.sampling.max_new_tokens < 0:
             raise ValueError("max_new_tokens must not be negative")
+        stop_ids = request.sampling.stop_token_ids
+        if stop_ids and (min(stop_ids) < 0 or max(stop_ids) >= self.vocab_size):
+            raise ValueError(f"stop token ids must lie in [0, {self.vocab_size})")
 
     def _retry_after_seconds(self) -> float:
         """How long until a slot is likely free: the queue ahead, at the recent time per request."""
@@ -241,18 +301,21 @@ class ContinuousBatchingEngine:
         decoding = [row for row in self._active if row.next_input is not None and row not in joining]
         if not decoding and not joining:
             return
+        rows = decoding + joining
         try:
             logits = self._forward(decoding, joining)
             sampled_at = time.perf_counter()
-            rows = decoding + joining
-            self._apply_grammars(logits, rows)
-            token_ids = choose_next_tokens(logits, [row.sampler for row in rows])
+            own = [index for index, row in enumerate(rows) if row.group is None]
+            own_rows = [rows[index] for index in own]
+            own_logits = logits if len(own) == len(rows) else logits[own]
+            self._apply_grammars(own_logits, own_rows)  # a beam search has no grammar (the service keeps them apart)
+            token_ids = choose_next_tokens(own_logits, [row.sampler for row in own_rows])
             self.stats.sampling_seconds += time.perf_counter() - sampled_at
         except Exception as error:  # noqa: BLE001 - a failed step fails its rows, never the engine
-            logger.exception("generation step failed; failing %d rows", len(decoding) + len(joining))
-            for row in decoding + joining:
-                row.stream.finish(FinishReason.ERROR, error)
-            self._release([row for row in self._active if row.stream.finish_reason is not None])
+            logger.exception("generation step failed; failing %d rows", len(rows))
+            for row in rows:
+                row.finish(FinishReason.ERROR, error)
+            self._release([row for row in self._active if row.finished])
             return
         for row in decoding:
             row.length += 1
@@ -264,49 +327,119 @@ class ContinuousBatchingEngine:
             self.stats.prompt_tokens_computed += len(row.prompt) - row.cached_prefix
             if row.prompt not in self._prefixes:  # a repeated prompt is not copied again
                 self._prefixes.add(row.prompt, self._cache.tensor[:, :, row.slot, :, : row.length].clone())
-        finished = [row for row, token_id in zip(rows, token_ids) if self._advance(row, token_id)]
+        finished = [rows[index] for index, token_id in zip(own, token_ids) if self._advance(rows[index], token_id)]
+        if len(own) < len(rows):
+            finished += self._advance_beam_searches(rows, logits)
         self._release(finished)
         self.stats.count_step(len(rows))
         self.stats.step_seconds += time.perf_counter() - started
 
+    def _advance_beam_searches(self, rows: list[_Row], logits: torch.Tensor) -> list[_Row]:
+        """One beam-search step for every group in this step; the rows of the searches that ended."""
+        sampled_at = time.perf_counter()
+        index_of = {id(row): index for index, row in enumerate(rows)}
+        groups = list({id(row.group): row.group for row in rows if row.group is not None}.values())
+        finished: list[_Row] = []
+        for group in groups:
+            running = group.rows[: len(group.search.running)]
+            try:
+                group_logits = logits[[index_of[id(row)] for row in running]].float().cpu().numpy()
+                steps = group.search.step(group_logits)
+            except Exception as error:  # noqa: BLE001 - a failed search fails its own streams only
+                logger.exception("beam search step failed")
+                group.lead.finish(FinishReason.ERROR, error)
+                finished += group.rows
+                continue
+            self.stats.tokens_generated += len(running)
+            if group.search.done:
+                self._deliver(group)
+                finished += group.rows
+                continue
+            # The first child of a beam keeps its slot; a second child gets the slot of a beam that
+            # no child continues, with the parent's keys and values copied in. No slot that is
+            # copied from is written before the copies are done.
+            children: list[_Row | None] = [None] * len(steps)
+            kept: set[int] = set()
+            for position, (parent, _) in enumerate(steps):
+                if parent not in kept:
+                    kept.add(parent)
+                    children[position] = running[parent]
+            spare = [row for index, row in enumerate(running) if index not in kept] + group.rows[len(running) :]
+            for position, (parent, _) in enumerate(steps):
+                if children[position] is None:
+                    row, source = spare.pop(0), running[parent]
+                    self._cache.move_slot(source.slot, row.slot, source.length)
+                    row.length = source.length
+                    children[position] = row
+            for row, (_, token_id) in zip(children, steps, strict=True):
+                row.next_input = token_id
+            group.rows = [*children, *spare]
+        self.stats.sampling_seconds += time.perf_counter() - sampled_at
+        return finished
+
+    @staticmethod
+    def _deliver(group: _BeamGroup) -> None:
+        """Hand the best hypotheses to the group's streams, best first, and end them."""
+        hypotheses = group.search.hypotheses()
+        for index, stream in enumerate(group.streams):
+            if index >= len(hypotheses):
+                stream.finish(FinishReason.LENGTH)
+                continue
+            for token_id in hypotheses[index].token_ids:
+                stream.push(token_id)
+            stream.finish(FinishReason.STOP if hypotheses[index].ended_by_stop_token else FinishReason.LENGTH)
+
     def _drop_cancelled(self) -> None:
         with self._wake:
-            cancelled_waiting = [row for row in self._waiting if row.stream.cancelled]
-            for row in cancelled_waiting:
-                self._waiting.remove(row)
-                row.stream.finish(FinishReason.CANCELLED)
-        cancelled = [row for row in self._active if row.stream.cancelled]
+            cancelled_waiting = [item for item in self._waiting if item.cancelled]
+            for item in cancelled_waiting:
+                self._waiting.remove(item)
+                (item.lead if isinstance(item, _BeamGroup) else item).finish(FinishReason.CANCELLED)
+        cancelled = [row for row in self._active if row.cancelled]
         for row in cancelled:
-            row.stream.finish(FinishReason.CANCELLED)
-            logger.info(
-                "sequence cancelled after %d of %d new tokens; its batch slot is free",
-                len(row.new_token_ids), row.sampling.max_new_tokens,
-            )
+            row.finish(FinishReason.CANCELLED)
+            if row.counts_as_request:
+                logger.info(
+                    "sequence cancelled after %d of %d new tokens; its batch slot is free",
+                    len(row.new_token_ids), row.sampling.max_new_tokens,
+                )
         self._release(cancelled)
 
     def _admit(self) -> list[_Row]:
-        """Move waiting requests into free slots, up to the prefill budget of one step."""
+        """Move waiting requests into free slots, up to the prefill budget of one step.
+
+        A beam search joins with all its rows at once: the first computes the prompt, the others
+        wait in their slots for the first step's beams (which copy the prompt's keys and values).
+        """
         joining: list[_Row] = []
         prefill_tokens = 0
         with self._wake:
             while self._waiting and len(self._active) < self.max_batch_size:
-                row = self._waiting[0]
+                item = self._waiting[0]
+                rows = item.rows if isinstance(item, _BeamGroup) else [item]
+                if len(self._active) + len(rows) > self.max_batch_size:
+                    break
+                row = rows[0]
                 cached, prefix_kv = self._prefixes.longest_prefix(row.prompt)
                 if joining and prefill_tokens + len(row.prompt) - cached > self.max_prefill_tokens_per_step:
                     break
                 self._waiting.popleft()
                 if row.sampling.max_new_tokens == 0:
-                    row.stream.finish(FinishReason.LENGTH)
+                    row.finish(FinishReason.LENGTH)
                     continue
                 row.slot = len(self._active)
                 self._active.append(row)
                 joining.append(row)
-                row.stream.mark_admitted(cached)
+                for stream in item.streams if isinstance(item, _BeamGroup) else [row.stream]:
+                    stream.mark_admitted(cached)
                 if cached:
                     self._cache.ensure_capacity(len(row.prompt))
                     self._cache.tensor[:, :, row.slot, :, :cached] = prefix_kv[:, :, :, :cached]
                 row.cached_prefix = cached
                 prefill_tokens += len(row.prompt) - cached
+                for waiting_beam in rows[1:]:
+                    waiting_beam.slot = len(self._active)
+                    self._active.append(waiting_beam)
         return joining
 
     def _forward(self, decoding: list[_Row], joining: list[_Row]) -> torch.Tensor:
@@ -395,16 +528,18 @@ class ContinuousBatchingEngine:
                 last.slot = row.slot
                 self._active[row.slot] = last
             row.slot = -1
-            self.stats.count_finished(now - row.submitted_at)
+            if row.counts_as_request:
+                self.stats.count_finished(now - row.submitted_at)
 
     def _warm_up(self) -> None:
         """Run one tiny generation through the same path, so the first real request is not the slow one."""
         with torch.inference_mode():
             request = GenerationRequest((0, 1, 2), SamplingParams(max_new_tokens=2))
-            row = _Row(TokenStream(request), RowSampler(request.sampling, request.prompt_token_ids), time.monotonic())
+            stream = TokenStream(request)
+            row = _Row(request, RowSampler(request.sampling, request.prompt_token_ids), time.monotonic(), stream)
             with self._wake:
                 self._waiting.append(row)
-            while row.stream.finish_reason is None:
+            while stream.finish_reason is None:
                 self._step()
         self.reset_stats()
         self._prefixes = PrefixCache(self._prefixes.budget_bytes)

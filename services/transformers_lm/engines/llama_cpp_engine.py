@@ -28,6 +28,10 @@ Why this shape (measured on a 2-core CPU with SmolLM2-135M Q4_1, see bench/llama
   constrained rows of a step are computed together, rows without a grammar are not touched.
 - All llama.cpp calls happen on the scheduler thread; callers only queue requests and read
   `TokenStream`s, exactly as with the other engines.
+- A beam search (`submit_beam_search`) takes `num_beams` slots together: the first computes the
+  prompt, the others get it by `llama_memory_seq_cp`; after each step `beam_search.BeamSearch`
+  picks the new beams, the first child of a beam stays in its slot, and a second child's slot gets
+  the parent's KV copied in (at most `num_beams - 1` copies a step, usually none or one).
 """
 
 from __future__ import annotations
@@ -52,8 +56,10 @@ from services.transformers_lm.engines import (
     TokenStream,
     common_prefix_length,
 )
+from services.transformers_lm.engines.beam_search import BeamSearch
 from services.transformers_lm.engines.grammar import StepMasks, advance, is_complete
 from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel
+from services.transformers_lm.engines.no_repeat import NoRepeatNGrams
 
 logger = logging.getLogger(__name__)
 
@@ -90,13 +96,35 @@ class LlamaCppEngineConfig:
             raise ValueError("max_queue_size must not be negative")
 
 
+class _BeamGroup:
+    """A beam search: its streams (filled when it ends), its search state, and its slots in beam order."""
+
+    def __init__(self, streams: list[TokenStream], search: BeamSearch):
+        self.streams = streams
+        self.search = search
+        self.slots: list[_Slot] = []  # slots[i] runs search.running[i]; the rest wait for a beam
+
+    @property
+    def request(self) -> GenerationRequest:
+        return self.streams[0].request
+
+    @property
+    def cancelled(self) -> bool:
+        return any(stream.cancelled for stream in self.streams)
+
+    def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
+        for stream in self.streams:
+            stream.finish(reason, error)
+
+
 class _Slot:
-    """One llama.cpp sequence: its cached tokens and, while busy, the request it serves."""
+    """One llama.cpp sequence: its cached tokens and, while busy, the request (or the beam) it serves."""
 
     def __init__(self, seq_id: int):
         self.seq_id = seq_id
         self.cached: list[int] = []  # tokens whose KV lies in this sequence, at positions 0..n-1
         self.stream: TokenStream | None = None
+        self.group: _BeamGroup | None = None  # set while the slot runs (or waits for) a beam
         self.prompt: tuple[int, ...] = ()
         self.prefill_position = 0  # index of the next prompt token to compute
         self.next_token: int | None = None  # sampled, to be fed at the next step
@@ -109,14 +137,20 @@ class _Slot:
         self.stop_ids: np.ndarray | None = None
         self.stop_set: frozenset[int] = frozenset()
         self.matcher = None  # the request's grammar state (llguidance), None when unconstrained
+        self.ngrams: NoRepeatNGrams | None = None  # for no_repeat_ngram_size
 
     @property
     def busy(self) -> bool:
-        return self.stream is not None
+        return self.stream is not None or self.group is not None
 
     @property
     def prefilling(self) -> bool:
-        return self.stream is not None and self.prefill_position < len(self.prompt)
+        return self.busy and self.prefill_position < len(self.prompt)
+
+    @property
+    def decoding(self) -> bool:
+        """Busy with a token to feed (a beam's slot waiting for its first beam has none)."""
+        return self.busy and not self.prefilling and self.next_token is not None
 
 
 class LlamaCppEngine:
@@ -132,7 +166,7 @@ class LlamaCppEngine:
         self._memory = self._llama.llama_get_memory(self._context)
         self._batch = self._llama.llama_batch_init(self.config.batch_tokens, 0, 1)
         self._slots = [_Slot(seq_id) for seq_id in range(self.config.slots)]
-        self._waiting: collections.deque[TokenStream] = collections.deque()
+        self._waiting: collections.deque[TokenStream | _BeamGroup] = collections.deque()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._closed = False
@@ -143,6 +177,34 @@ class LlamaCppEngine:
 
     # --- the Engine interface ------------------------------------------------------------------
     def submit(self, request: GenerationRequest) -> TokenStream:
+        if request.beam is not None:
+            raise ValueError("a beam search goes through submit_beam_search")
+        self._validate(request)
+        stream = TokenStream(request)
+        if request.sampling.max_new_tokens <= 0:
+            stream.finish(FinishReason.LENGTH)
+            return stream
+        self._enqueue(stream)
+        return stream
+
+    def submit_beam_search(self, request: GenerationRequest) -> list[TokenStream]:
+        """Queue a beam search: its `num_beams` slots start together, when that many are free."""
+        beam = request.beam
+        if beam is None:
+            raise ValueError("submit_beam_search needs request.beam")
+        self._validate(request)
+        if beam.num_beams > self.config.slots:
+            raise ValueError(f"{beam.num_beams} beams do not fit in {self.config.slots} slots")
+        room = self.context_per_slot - len(request.prompt_token_ids)
+        search = BeamSearch(beam, request.sampling, request.prompt_token_ids, min(request.sampling.max_new_tokens, room))
+        group = _BeamGroup([TokenStream(request) for _ in range(beam.num_return_sequences)], search)
+        if search.done:
+            group.finish(FinishReason.LENGTH)
+        else:
+            self._enqueue(group)
+        return list(group.streams)
+
+    def _validate(self, request: GenerationRequest) -> None:
         prompt_length = len(request.prompt_token_ids)
         if prompt_length == 0:
             raise ValueError("the prompt has no tokens")
@@ -151,10 +213,11 @@ class LlamaCppEngine:
                 f"the prompt has {prompt_length} tokens; this engine's context holds "
                 f"{self.context_per_slot} per sequence (prompt and output together)"
             )
-        stream = TokenStream(request)
-        if request.sampling.max_new_tokens <= 0:
-            stream.finish(FinishReason.LENGTH)
-            return stream
+        stop_ids = request.sampling.stop_token_ids
+        if stop_ids and (min(stop_ids) < 0 or max(stop_ids) >= self.model.n_vocab):
+            raise ValueError(f"stop token ids must lie in [0, {self.model.n_vocab})")
+
+    def _enqueue(self, item: TokenStream | _BeamGroup) -> None:
         with self._lock:
             if self._closed:
                 raise EngineError("the engine is closed")
@@ -162,9 +225,8 @@ class LlamaCppEngine:
                 raise QueueFullError(
                     f"{len(self._waiting)} requests are waiting for one of {self.config.slots} slots; retry later"
                 )
-            self._waiting.append(stream)
+            self._waiting.append(item)
             self._wakeup.notify()
-        return stream
 
     def close(self) -> None:
         with self._lock:
@@ -173,11 +235,13 @@ class LlamaCppEngine:
             self._closed = True
             self._wakeup.notify()
         self._thread.join()
-        for stream in self._waiting:
-            stream.finish(FinishReason.CANCELLED)
+        for item in self._waiting:
+            item.finish(FinishReason.CANCELLED)
         self._waiting.clear()
         for slot in self._slots:
-            if slot.busy:
+            if slot.group is not None:
+                self._release_group(slot.group, FinishReason.CANCELLED)
+            elif slot.busy:
                 self._release(slot, FinishReason.CANCELLED)
         self._llama.llama_batch_free(self._batch)
         self._llama.llama_free(self._context)
@@ -245,22 +309,26 @@ class LlamaCppEngine:
 
     def _admit_waiting(self) -> None:
         """Move waiting requests into free slots, reusing cached prefixes (holds the lock)."""
-        still_waiting: collections.deque[TokenStream] = collections.deque()
+        still_waiting: collections.deque[TokenStream | _BeamGroup] = collections.deque()
         while self._waiting:
-            stream = self._waiting.popleft()
-            if stream.cancelled:
-                stream.finish(FinishReason.CANCELLED)
+            item = self._waiting.popleft()
+            if item.cancelled:
+                item.finish(FinishReason.CANCELLED)
                 continue
+            needed = item.search.params.num_beams if isinstance(item, _BeamGroup) else 1
             free = [slot for slot in self._slots if not slot.busy]
-            if not free:
-                still_waiting.append(stream)
+            if len(free) < needed:
+                still_waiting.append(item)
                 continue
-            placement = self._place(stream.request.prompt_token_ids, free)
+            placement = self._place(item.request.prompt_token_ids, free)
             if placement is None:
                 self.stats.admissions_deferred += 1
-                still_waiting.append(stream)
+                still_waiting.append(item)
                 continue
-            self._start(stream, *placement)
+            if isinstance(item, _BeamGroup):
+                self._start_beam_search(item, *placement, free)
+            else:
+                self._start(item, *placement)
         self._waiting = still_waiting
 
     def _place(self, prompt: tuple[int, ...], free: list[_Slot]) -> tuple[_Slot, _Slot | None, int] | None:
@@ -296,8 +364,31 @@ class LlamaCppEngine:
         return slot, source, shared
 
     def _start(self, stream: TokenStream, slot: _Slot, source: _Slot | None, reused: int) -> None:
+        self._load_prompt(slot, stream.request.prompt_token_ids, source, reused)
+        slot.stream = stream
+        slot.matcher = stream.request.grammar.matcher() if stream.request.grammar is not None else None
+        self._prepare_sampling(slot, stream.request.sampling)
+        stream.mark_admitted(reused)
+
+    def _start_beam_search(
+        self, group: _BeamGroup, slot: _Slot, source: _Slot | None, reused: int, free: list[_Slot]
+    ) -> None:
+        """The first beam's slot computes the prompt; the others wait for the first step's beams."""
+        self._load_prompt(slot, group.request.prompt_token_ids, source, reused)
+        for stream in group.streams:
+            stream.mark_admitted(reused)
+        others = [other for other in free if other is not slot][: group.search.params.num_beams - 1]
+        group.slots = [slot, *others]
+        for member in group.slots:
+            member.group = group
+            member.sampler, member.stop_ids, member.penalized_ids, member.ngrams = None, None, None, None
+            member.generated_counts, member.matcher = None, None
+        for other in others:
+            other.prompt, other.prefill_position, other.next_token, other.generated = (), 0, None, 0
+
+    def _load_prompt(self, slot: _Slot, prompt: tuple[int, ...], source: _Slot | None, reused: int) -> None:
+        """Put the reusable prefix of `prompt` into the slot's KV (its own, or copied) and set it up to prefill the rest."""
         llama, memory = self._llama, self._memory
-        prompt = stream.request.prompt_token_ids
         if source is None:
             llama.llama_memory_seq_rm(memory, slot.seq_id, reused if reused > 0 else -1, -1)
         elif self.config.kv_unified:
@@ -309,14 +400,10 @@ class LlamaCppEngine:
             llama.llama_memory_seq_rm(memory, slot.seq_id, reused, -1)
         slot.cached = list(prompt[:reused])
         slot.copy_pending = source is not None
-        slot.stream = stream
         slot.prompt = prompt
         slot.prefill_position = reused
         slot.next_token = None
         slot.generated = 0
-        slot.matcher = stream.request.grammar.matcher() if stream.request.grammar is not None else None
-        self._prepare_sampling(slot, stream.request.sampling)
-        stream.mark_admitted(reused)
         self.stats.requests_admitted += 1
         self.stats.prompt_tokens += len(prompt)
         self.stats.prompt_tokens_from_cache += reused
@@ -331,6 +418,7 @@ class LlamaCppEngine:
         else:
             slot.penalized_set, slot.penalized_ids = set(), None
         slot.generated_counts = {} if sampling.uses_openai_penalties else None
+        slot.ngrams = NoRepeatNGrams(sampling.no_repeat_ngram_size, slot.prompt) if sampling.no_repeat_ngram_size else None
         slot.sampler = None
         if sampling.do_sample:
             chain = llama.llama_sampler_chain_init(llama.llama_sampler_chain_default_params())
@@ -341,6 +429,8 @@ class LlamaCppEngine:
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_k(sampling.top_k))
             if sampling.top_p < 1.0:
                 llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_top_p(sampling.top_p, 1))
+            if sampling.typical_p < 1.0:
+                llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_typical(sampling.typical_p, 1))
             seed = llama.LLAMA_DEFAULT_SEED if sampling.seed is None else sampling.seed % llama.LLAMA_DEFAULT_SEED
             llama.llama_sampler_chain_add(chain, llama.llama_sampler_init_dist(seed))
             slot.sampler = chain
@@ -353,20 +443,39 @@ class LlamaCppEngine:
         if slot.sampler is not None:
             self._llama.llama_sampler_free(slot.sampler)
         slot.stream = None
+        slot.group = None
         slot.sampler = None
         slot.matcher = None
         slot.next_token = None
         slot.prompt = ()
+        slot.prefill_position = 0
+        slot.ngrams = None
+
+    def _release_group(self, group: _BeamGroup, reason: FinishReason | None, error: BaseException | None = None) -> None:
+        """Free a beam search's slots (their KV stays as prefix caches); end its streams with `reason`
+        unless they already have their hypotheses."""
+        if reason is not None:
+            group.finish(reason, error)
+        self.stats.requests_finished += 1
+        for slot in group.slots:
+            self._release(slot, FinishReason.CANCELLED)  # no stream of its own: only resets the slot
 
     def _release_cancelled(self) -> None:
         for slot in self._slots:
-            if slot.busy and slot.stream.cancelled:
+            if slot.group is not None and slot.group.cancelled:
+                self._release_group(slot.group, FinishReason.CANCELLED)
+            elif slot.stream is not None and slot.stream.cancelled:
                 self._release(slot, FinishReason.CANCELLED)
 
     def _fail_all(self, error: BaseException) -> None:
         """A failed decode leaves the KV in an unknown state: fail the busy rows and drop their KV."""
         for slot in self._slots:
-            if slot.busy:
+            if slot.group is not None:
+                for member in slot.group.slots:
+                    self._llama.llama_memory_seq_rm(self._memory, member.seq_id, -1, -1)
+                    member.cached = []
+                self._release_group(slot.group, FinishReason.ERROR, error)
+            elif slot.busy:
                 self._release(slot, FinishReason.ERROR, error)
                 self._llama.llama_memory_seq_rm(self._memory, slot.seq_id, -1, -1)
                 slot.cached = []
@@ -381,7 +490,7 @@ class LlamaCppEngine:
     def _step(self, started: float) -> None:
         llama, batch = self._llama, self._batch
         rows: list[tuple[_Slot, list[int], int]] = []  # slot, tokens fed, batch index of its logits (-1: none)
-        decoding = sum(1 for slot in self._slots if slot.busy and not slot.prefilling)
+        decoding = sum(1 for slot in self._slots if slot.decoding)
         prefill_budget = self.config.batch_tokens - decoding
         count = outputs = 0
         for slot in self._slots:  # in sequence id order, as llama.cpp splits batches by it
@@ -394,6 +503,8 @@ class LlamaCppEngine:
                 tokens = list(slot.prompt[start : start + prefill_budget])
                 prefill_budget -= len(tokens)
                 wants_logits = start + len(tokens) == len(slot.prompt)
+            elif slot.next_token is None:
+                continue  # a beam search's slot, waiting for the first step's beams
             else:
                 tokens = [slot.next_token]
                 wants_logits = True
@@ -430,6 +541,7 @@ class LlamaCppEngine:
             logits = np.ctypeslib.as_array(llama.llama_get_logits(self._context), shape=(outputs, self.model.n_vocab))
         masks = self._grammar_masks(rows)
         output = 0
+        beam_logits: dict[int, np.ndarray] = {}  # a beam's slot's seq_id -> its logits row
         for slot, tokens, logits_index in rows:
             slot.cached.extend(tokens)
             if slot.prefilling:
@@ -439,8 +551,13 @@ class LlamaCppEngine:
                     continue
             else:
                 self.stats.tokens_generated += 1
-            self._sample(slot, logits[output], logits_index, masks.get(slot.seq_id))
+            if slot.group is not None:  # a beam search has no grammar (the service keeps them apart)
+                beam_logits[slot.seq_id] = logits[output]
+            else:
+                self._sample(slot, logits[output], logits_index, masks.get(slot.seq_id))
             output += 1
+        if beam_logits:
+            self._advance_beam_searches(beam_logits)
         finished = time.perf_counter()
         self.stats.sampling_seconds += finished - sample_started
         self.stats.step_seconds += finished - started
@@ -468,6 +585,8 @@ class LlamaCppEngine:
             token_ids = np.fromiter(slot.generated_counts, dtype=np.int64, count=len(slot.generated_counts))
             counts = np.fromiter(slot.generated_counts.values(), dtype=np.float32, count=len(token_ids))
             logits[token_ids] -= counts * sampling.frequency_penalty + sampling.presence_penalty
+        if slot.ngrams is not None and (banned := slot.ngrams.banned()):
+            logits[np.fromiter(banned, dtype=np.int64, count=len(banned))] = -np.inf
         if slot.stop_ids is not None and slot.generated < sampling.min_new_tokens:
             logits[slot.stop_ids] = -np.inf
         if slot.sampler is None:
@@ -491,7 +610,67 @@ class LlamaCppEngine:
             slot.penalized_ids = np.append(slot.penalized_ids, token)
         if slot.generated_counts is not None:
             slot.generated_counts[token] = slot.generated_counts.get(token, 0) + 1
+        if slot.ngrams is not None:
+            slot.ngrams.add(token)
         if slot.generated >= sampling.max_new_tokens or len(slot.cached) >= self._context_per_slot:
             self._release(slot, FinishReason.LENGTH)
         else:
             slot.next_token = token
+
+    # --- beam search ---------------------------------------------------------------------------
+    def _advance_beam_searches(self, beam_logits: dict[int, np.ndarray]) -> None:
+        """One step of every beam search whose beams were decoded in this step."""
+        groups = {id(slot.group): slot.group for slot in self._slots if slot.seq_id in beam_logits and slot.group}
+        for group in groups.values():
+            running = group.slots[: len(group.search.running)]
+            try:
+                steps = group.search.step(np.stack([beam_logits[slot.seq_id] for slot in running]))
+            except Exception as error:  # noqa: BLE001 - a failed search fails its own streams only
+                logger.exception("llama.cpp engine: beam search step failed")
+                self._release_group(group, FinishReason.ERROR, error)
+                continue
+            if group.search.done:
+                self._deliver(group)
+                self._release_group(group, None)
+                continue
+            # The first child of a beam keeps its slot; a second child takes the slot of a beam no
+            # child continues, with the parent's KV copied in (queued: it lands at the next decode,
+            # before that decode's tokens, so the parent's new token is not in the copy).
+            children: list[_Slot | None] = [None] * len(steps)
+            kept: set[int] = set()
+            for position, (parent, _) in enumerate(steps):
+                if parent not in kept:
+                    kept.add(parent)
+                    children[position] = running[parent]
+            spare = [slot for index, slot in enumerate(running) if index not in kept] + group.slots[len(running) :]
+            for position, (parent, _) in enumerate(steps):
+                if children[position] is None:
+                    children[position] = target = spare.pop(0)
+                    self._copy_sequence(running[parent], target)
+            for slot, (_, token) in zip(children, steps, strict=True):
+                slot.next_token = token
+                slot.generated += 1
+            group.slots = [*children, *spare]
+
+    def _copy_sequence(self, source: _Slot, target: _Slot) -> None:
+        """Make `target`'s KV a copy of `source`'s."""
+        llama, memory = self._llama, self._memory
+        llama.llama_memory_seq_rm(memory, target.seq_id, -1, -1)
+        if self.config.kv_unified:
+            llama.llama_memory_seq_cp(memory, source.seq_id, target.seq_id, 0, len(source.cached))
+        else:
+            llama.llama_memory_seq_cp(memory, source.seq_id, target.seq_id, -1, -1)
+        target.cached = list(source.cached)
+        target.copy_pending = True
+
+    @staticmethod
+    def _deliver(group: _BeamGroup) -> None:
+        """Hand the best hypotheses to the group's streams, best first, and end them."""
+        hypotheses = group.search.hypotheses()
+        for index, stream in enumerate(group.streams):
+            if index >= len(hypotheses):
+                stream.finish(FinishReason.LENGTH)
+                continue
+            for token in hypotheses[index].token_ids:
+                stream.push(token)
+            stream.finish(FinishReason.STOP if hypotheses[index].ended_by_stop_token else FinishReason.LENGTH)

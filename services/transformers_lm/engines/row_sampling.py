@@ -1,9 +1,10 @@
 """Choosing the next token for every row of a batch, each row with its own `SamplingParams`.
 
-Rows that need any processing (sampling, a penalty, a minimum length) go through the same
-`sampling.next_token` the sequential engine uses, with the row's own generator (seeded when the
-request gave a seed), so a request gets the same tokens whichever engine runs it and whoever shares
-its batch. Plain greedy rows — the common case — cost one vectorised argmax for the whole batch.
+Rows that need any processing (sampling, a penalty, a minimum length, forbidden n-grams) go through
+the same `sampling.next_token` the sequential engine uses, with the row's own generator (seeded when
+the request gave a seed), so a request gets the same tokens whichever engine runs it and whoever
+shares its batch. Plain greedy rows — the common case — cost one vectorised argmax for the whole
+batch; a feature a row does not use costs it nothing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import torch
 
 from services.transformers_lm.engines import SamplingParams
+from services.transformers_lm.engines.no_repeat import NoRepeatNGrams
 from services.transformers_lm.engines.sampling import make_generator, next_token
 
 
@@ -24,6 +26,9 @@ class RowSampler:
         self._seen_token_ids: list[int] = list(prompt_token_ids) if self._tracks_tokens else []
         self._tracks_generated = sampling.uses_openai_penalties
         self._generated_token_ids: list[int] = []
+        self._ngrams = (
+            NoRepeatNGrams(sampling.no_repeat_ngram_size, prompt_token_ids) if sampling.no_repeat_ngram_size else None
+        )
         self.num_generated = 0
 
     def _forbids_stop_tokens(self) -> bool:
@@ -36,6 +41,7 @@ class RowSampler:
             not self.sampling.do_sample
             and not self._tracks_tokens
             and not self._tracks_generated
+            and self._ngrams is None
             and not self._forbids_stop_tokens()
         )
 
@@ -45,6 +51,8 @@ class RowSampler:
             self._seen_token_ids.append(token_id)
         if self._tracks_generated:
             self._generated_token_ids.append(token_id)
+        if self._ngrams is not None:
+            self._ngrams.add(token_id)
 
     def choose(self, logits: torch.Tensor) -> int:
         """The next token from this row's logits [vocab]."""
@@ -58,6 +66,7 @@ class RowSampler:
             generator,
             forbid_stop_tokens=self._forbids_stop_tokens(),
             generated_token_ids=generated,
+            banned_token_ids=self._ngrams.banned() if self._ngrams is not None else (),
         )
 
 

@@ -1,6 +1,13 @@
-"""Choosing the next token from a row of logits, the way `SamplingParams` asks; shared by the engines."""
+"""Choosing the next token from a row of logits, the way `SamplingParams` asks; shared by the engines.
+
+The order is transformers' `generate`: the processors (repetition penalty, OpenAI's penalties, the
+n-grams `no_repeat_ngram_size` forbids, end tokens held back until `min_new_tokens`), then, when
+sampling, the warpers (temperature, top-k, top-p, typical-p) and one draw.
+"""
 
 from __future__ import annotations
+
+from typing import Collection
 
 import torch
 
@@ -25,11 +32,13 @@ def next_token(
     *,
     forbid_stop_tokens: bool,
     generated_token_ids: torch.Tensor | None = None,
+    banned_token_ids: Collection[int] = (),
 ) -> int:
     """The next token id for one sequence, from its last-position `logits` (shape: vocabulary).
 
-    `previous_token_ids` (prompt and generated tokens) feed the repetition penalty, and
-    `generated_token_ids` (generated tokens only) OpenAI's frequency and presence penalties.
+    `previous_token_ids` (prompt and generated tokens) feed the repetition penalty,
+    `generated_token_ids` (generated tokens only) OpenAI's frequency and presence penalties, and
+    `banned_token_ids` are the tokens no_repeat_ngram_size forbids here.
     """
     logits = logits.float()
     if params.repetition_penalty != 1.0 and previous_token_ids is not None and previous_token_ids.numel():
@@ -40,6 +49,8 @@ def next_token(
         token_ids, counts = torch.unique(generated_token_ids, return_counts=True)
         penalties = counts.float() * params.frequency_penalty + params.presence_penalty
         logits = logits.scatter_add(0, token_ids, -penalties)
+    if banned_token_ids:
+        logits[list(banned_token_ids)] = -float("inf")
     if forbid_stop_tokens and params.stop_token_ids:
         logits[list(params.stop_token_ids)] = -float("inf")
     if not params.do_sample or params.temperature == 0.0:
@@ -54,4 +65,20 @@ def next_token(
         mass_before = torch.cumsum(sorted_probabilities, dim=-1) - sorted_probabilities
         sorted_probabilities[mass_before >= params.top_p] = 0.0  # always keeps the likeliest token
         probabilities = torch.zeros_like(probabilities).scatter(0, order, sorted_probabilities)
+    if params.typical_p < 1.0:
+        probabilities = typical_filter(probabilities / probabilities.sum(), params.typical_p)
     return int(torch.multinomial(probabilities, 1, generator=generator))
+
+
+def typical_filter(probabilities: torch.Tensor, mass: float) -> torch.Tensor:
+    """transformers' TypicalLogitsWarper on a probability vector: keep the tokens whose surprise
+    (-log p) is closest to the entropy, in that order, until their probability reaches `mass`."""
+    log_probabilities = torch.log(probabilities)
+    entropy = -torch.nansum(probabilities * log_probabilities)
+    shifted = torch.abs(-log_probabilities - entropy)  # inf for tokens already filtered out
+    sorted_shifted, order = torch.sort(shifted, stable=True)
+    cumulative = torch.cumsum(probabilities[order], dim=-1)
+    last = min(int((cumulative < mass).sum()), probabilities.numel() - 1)
+    keep = shifted <= sorted_shifted[last]
+    keep[order[0]] = True  # at least one token
+    return probabilities * keep
