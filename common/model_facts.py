@@ -207,8 +207,10 @@ def gguf_quantization_name(file_type: int | None) -> str | None:
     """`general.file_type` as llama.cpp names it (3 → Q4_1, 1 → F16, 0 → F32)."""
     if file_type is None:
         return None
-    from gguf import LlamaFileType  # imported here: the package pulls in numpy
-
+    try:  # imported here: the package pulls in numpy, and only the LLM image and the CLI install it
+        from gguf import LlamaFileType
+    except ImportError:
+        return f"type {file_type}"
     try:
         name = LlamaFileType(int(file_type)).name
     except ValueError:

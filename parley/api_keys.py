@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from ruamel.yaml.comments import CommentedMap
 
@@ -43,6 +44,14 @@ def secret_env_file() -> CommentedMap:
     entry = CommentedMap([("path", SECRET_FILE), ("required", False)])
     entry.fa.set_flow_style()
     return entry
+
+
+def env_file_paths(service: Any) -> list[str]:
+    """The paths of a compose service's `env_file` (a string, a `{path, required}` entry, or a list of them)."""
+    env_files = (service or {}).get("env_file") if isinstance(service, dict) else None
+    if isinstance(env_files, (str, dict)):
+        env_files = [env_files]
+    return [str(item.get("path") if isinstance(item, dict) else item) for item in env_files or []]
 
 
 def secret_path(folder: Path) -> Path:

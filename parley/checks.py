@@ -33,7 +33,7 @@ from parley.known_models import KnownModelsError, load_known_models
 from parley.memory import MemoryEstimate, SizeError, parse_size
 from parley.model_files import ModelFileCache, hub_cache_folder
 from parley.model_fit import card_model_problems, derived_differences, facts_from_derived, locate_model, memory_estimate, memory_problems
-from parley.api_keys import SECRET_FILE as SECRET_ENV_FILE
+from parley.api_keys import SECRET_FILE as SECRET_ENV_FILE, env_file_paths
 from parley.generate import parse_wait_hosts, plan_generation
 from parley.kinds import DistContext, service_config_packages
 from parley.repo import BASE_COMPOSE, OVERLAYS, OVERRIDE, PIPELINE, Repo
@@ -327,18 +327,11 @@ def check_services_read_the_keys(repo: Repo, cards: dict[str, Card], documents: 
             card = cards.get(name)
             if card is not None and card.is_state_store:
                 continue
-            env_files = [*_env_file_paths(base.get(name)), *_env_file_paths(override.get(name))]
+            env_files = [*env_file_paths(base.get(name)), *env_file_paths(override.get(name))]
             if SECRET_ENV_FILE not in env_files:
                 where = override_path if name in override else BASE_COMPOSE
                 report.add(f"{where}: services.{name}.env_file: does not read {SECRET_ENV_FILE} (add `- path: "
                            f"{SECRET_ENV_FILE}` with `required: false`): its API keys would be missing")
-
-
-def _env_file_paths(service: Any) -> list[str]:
-    env_files = (service or {}).get("env_file") if isinstance(service, dict) else None
-    if isinstance(env_files, (str, dict)):
-        env_files = [env_files]
-    return [str(item.get("path") if isinstance(item, dict) else item) for item in env_files or []]
 
 
 def check_generated(repo: Repo, cards: dict[str, Card], report: Report) -> None:

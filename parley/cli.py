@@ -267,7 +267,7 @@ def remove_skill(name, dry_run, repo_path) -> None:
 @click.option("--dry-run", is_flag=True, help="Print the diff of every file it would write; write nothing.")
 @repo_option
 def new_dist(name, from_dist, skills, llms, language, description, dry_run, repo_path) -> None:
-    """Make a distribution: its override, dev.yml, cpu.yml, proxy.yml, postgres.yml and pipeline_conf.json.
+    """Make a distribution: its override, its overlays (dev, cpu, proxy, postgres, autoscaler, monitoring) and pipeline_conf.json.
 
     Fresh, it has the agent, the skills and LLMs named, and Dream's pipeline with the
     description-based skill selector (each turn to the skill whose goals fit it) and the

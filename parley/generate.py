@@ -19,8 +19,9 @@ from typing import Any, Iterable
 
 from ruamel.yaml.comments import CommentedMap
 
+from parley.api_keys import SECRET_FILE, env_file_paths, secret_env_file
 from parley.cards import Card
-from parley.kinds import DistContext, kinds, plain, service_config_packages
+from parley.kinds import DistContext, flow, kinds, plain, service_config_packages
 from parley.kinds.agent import parse_wait_hosts
 from parley.repo import BASE_COMPOSE, OVERLAYS, OVERRIDE, PIPELINE, Repo
 from parley.yamlio import dump_yaml, load_yaml_text
@@ -141,6 +142,16 @@ def sync_map(existing: CommentedMap, wanted: CommentedMap) -> None:
             existing[key] = value
 
 
+def reading_the_keys(service: CommentedMap) -> CommentedMap:
+    """The service with `.env_secret` among its env_files (what `parley check` asks of every service):
+    a kind's own service gets the distribution's API keys whether or not the kind thought of them."""
+    if SECRET_FILE not in env_file_paths(service):
+        files = service.get("env_file")
+        files = list(files) if isinstance(files, list) else ([files] if files else [])
+        service["env_file"] = flow([*files, secret_env_file()])
+    return service
+
+
 def _set_service(services: CommentedMap, name: str, wanted: CommentedMap) -> None:
     current = services.get(name)
     if isinstance(current, dict):
@@ -206,7 +217,7 @@ def _edit_dist(repo: Repo, dist: str, cards: dict[str, Card], extra: list[str], 
         if card.kind.generated:
             wanted = card.kind.compose_service(card, ctx)
             if wanted is not None:
-                _set_service(services, name, wanted)
+                _set_service(services, name, reading_the_keys(wanted))
     for agent in ctx.agents:
         if agent.name not in services:
             services[agent.name] = CommentedMap()

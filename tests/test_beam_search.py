@@ -49,7 +49,7 @@ def sampling(max_new_tokens: int = 14, **settings) -> SamplingParams:
 
 
 def beams(engine, prompt, beam: BeamSearchParams, **settings) -> list[list[int]]:
-    streams = engine.submit_beam_search(GenerationRequest(prompt, sampling(**settings), beam))
+    streams = engine.submit_beam_search(GenerationRequest(prompt, sampling(**settings), beam=beam))
     return [collect(stream) for stream in streams]
 
 
@@ -92,7 +92,7 @@ def test_beam_search_applies_the_processors_as_transformers_does(engine, referen
 
 def test_beam_search_differs_from_greedy_and_ends_hypotheses_at_the_end_token(engine):
     prompt = PROMPTS[3]
-    streams = engine.submit_beam_search(GenerationRequest(prompt, sampling(), BeamSearchParams(4, 4)))
+    streams = engine.submit_beam_search(GenerationRequest(prompt, sampling(), beam=BeamSearchParams(4, 4)))
     hypotheses = [collect(stream) for stream in streams]
     greedy = collect(engine.submit(GenerationRequest(prompt, sampling())))
 
@@ -107,7 +107,7 @@ def test_beam_searches_keep_their_hypotheses_while_other_requests_share_the_batc
     alone = [beams(engine, prompt, beam) for prompt in PROMPTS[:3]]
     plain_alone = [collect(engine.submit(GenerationRequest(p, sampling(20)))) for p in PROMPTS]
 
-    searches = [engine.submit_beam_search(GenerationRequest(p, sampling(), beam)) for p in PROMPTS[:3]]
+    searches = [engine.submit_beam_search(GenerationRequest(p, sampling(), beam=beam)) for p in PROMPTS[:3]]
     plain = [engine.submit(GenerationRequest(p, sampling(20))) for p in PROMPTS]
     together = [[collect(stream) for stream in streams] for streams in searches]
 
@@ -128,7 +128,7 @@ def test_a_sampled_beam_search_is_reproducible_with_a_seed(engine):
 
 def test_a_beam_search_with_more_beams_than_slots_is_refused_at_submit(engine):
     with pytest.raises(ValueError, match="beams do not fit"):
-        engine.submit_beam_search(GenerationRequest(PROMPTS[0], sampling(), BeamSearchParams(9, 1)))
+        engine.submit_beam_search(GenerationRequest(PROMPTS[0], sampling(), beam=BeamSearchParams(9, 1)))
 
 
 def test_no_repeat_ngram_size_gives_transformers_tokens_alone_and_in_a_batch(engine, reference):
@@ -223,7 +223,7 @@ def test_llama_cpp_beams_are_computed_on_their_own_text(gguf, llama_engine, monk
 
     monkeypatch.setattr(beam_search.BeamSearch, "step", recording_step)
     prompt = llama_prompt(gguf, "Name a primary colour.")
-    streams = llama_engine.submit_beam_search(GenerationRequest(prompt, llama_sampling(gguf), BeamSearchParams(3, 2)))
+    streams = llama_engine.submit_beam_search(GenerationRequest(prompt, llama_sampling(gguf), beam=BeamSearchParams(3, 2)))
     hypotheses = [stream.collect() for stream in streams]
 
     assert len(hypotheses) == 2 and all(hypotheses) and hypotheses[0] != hypotheses[1]

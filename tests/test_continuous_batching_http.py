@@ -38,7 +38,7 @@ def server():
 
 def chat_body(max_tokens: int, stream: bool = False) -> dict:
     return {
-        "model": str(tiny_model_dir()),
+        "model": tiny_model_dir().name,
         "messages": [{"role": "user", "content": "Count to a thousand."}],
         "max_tokens": max_tokens,
         "temperature": 0,

@@ -53,7 +53,7 @@ def chain(tmp_path_factory):
     guarded = {"PARLEY_API_KEYS": SERVICE_KEY, "SERVICE_HOST": "127.0.0.1", **DEBUG}
     with llm_service(folder, PARLEY_API_KEYS=",".join(KEYS.values()), SERVICE_HOST="127.0.0.1", **DEBUG) as upstream, \
             service_server("openai_api_lm", {**guarded, "OPENAI_BASE_URL": upstream.url("/v1"), "ALLOW_REQUEST_API_KEYS": "1",
-                                             "PRETRAINED_MODEL_NAME_OR_PATH": str(tiny_model_dir()), "OPENAI_API_KEY": ""}) as forwarder, \
+                                             "PRETRAINED_MODEL_NAME_OR_PATH": tiny_model_dir().name, "OPENAI_API_KEY": ""}) as forwarder, \
             skill_service(folder, forwarder, **guarded,
                           LLM_ENDPOINTS=json.dumps({forwarder.url("/respond"): {"key_env_vars": ["OPENAI_API_KEY"]}})) as skill, \
             agent_service(folder, skill, folder / "state.sqlite3", **guarded) as agent:

@@ -29,7 +29,7 @@ from support.tiny_stack import DIST_PIPELINE, agent_service, llm_service
 
 CLIENTS = 16
 REQUESTS_PER_CLIENT = 4
-MODEL = str(tiny_model_dir())
+MODEL = tiny_model_dir().name  # the name it is served under (a path is never a model name)
 Samples = dict[tuple[str, frozenset], float]
 
 

@@ -100,7 +100,7 @@ def test_help_problems_name_a_command_without_an_example_an_option_without_help_
 def test_every_command_and_subcommand_of_parley_is_walked_in_help_order():
     paths = [path for path, _ in walk_commands(cli)]
 
-    assert paths[:3] == ["parley add-llm", "parley chat", "parley check"]
+    assert paths[:3] == ["parley add-component", "parley add-llm", "parley add-skill"]
     assert paths[paths.index("parley engine") + 1 : paths.index("parley engine") + 4] == [
         "parley engine start",
         "parley engine status",

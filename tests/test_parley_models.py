@@ -26,6 +26,8 @@ from parley.known_models import load_known_models
 from parley.memory import available_memory
 
 DIST = "universal_prompted_assistant"
+# Every shipped distribution runs the embedded model.
+ALL_DISTS = ["multiskill_assistant", "universal_prompted_assistant", "universal_ru_prompted_assistant"]
 OVERRIDE = f"assistant_dists/{DIST}/docker-compose.override.yml"
 SHIPPED = "components/transformers-lm-smollm2.yml"
 EMBEDDED = embedded_model_path(DEFAULT_MODEL_NAME)
@@ -270,7 +272,7 @@ def test_list_json_gives_every_field_of_every_llm(checkout: Path, models_folder:
     assert shipped["sha256"] == EMBEDDED_SHA256 and shipped["backend"] == "llama_cpp"
     assert (shipped["quantization"], shipped["runs_as"], shipped["context_length"]) == ("Q4_1", "F16", 2048)
     assert shipped["ram_estimate"] == 269030016 + 2 * 30 * 3 * 64 * 2 * 2048 * 16 + 512 * 2**20
-    assert (shipped["ram_usage"], shipped["port"], shipped["distributions"]) == ("1536M", 8180, [DIST])
+    assert (shipped["ram_usage"], shipped["port"], shipped["distributions"]) == ("1536M", 8180, ALL_DISTS)
     assert shipped["names"] == ["transformers-lm-smollm2", "SmolLM2-135M-Instruct"]
     assert rows["transformers-lm-copy"]["sha256"] == EMBEDDED_SHA256
     assert (rows["openai-api-mini"]["kind"], rows["openai-api-mini"]["backend"]) == ("openai", "openai upstream")
@@ -282,7 +284,8 @@ def test_list_prints_a_table_with_a_short_sha256_and_the_memory(checkout: Path):
     assert header.split() == ["name", "kind", "source", "sha256", "backend", "quant", "context", "RAM", "est", "/", "limit",
                               "port", "distributions", "names"]
     assert row.split() == ["transformers-lm-smollm2", "transformers", DEFAULT_MODEL_NAME, EMBEDDED_SHA256[:12], "llama_cpp",
-                           "Q4_1→F16", "2048", "1.5GiB", "/", "1.5GiB", "8180", DIST, "transformers-lm-smollm2,SmolLM2-135M-Instruct"]
+                           "Q4_1→F16", "2048", "1.5GiB", "/", "1.5GiB", "8180", ",".join(ALL_DISTS),
+                           "transformers-lm-smollm2,SmolLM2-135M-Instruct"]
 
 
 def test_list_dist_shows_only_that_distributions_llms(checkout: Path, tmp_path: Path):

@@ -283,7 +283,8 @@ def test_a_new_distribution_has_every_file_dreams_have_and_check_passes(checkout
     assert parley(checkout, "check") == "ok: the bundle is consistent\n"
     folder = checkout / "assistant_dists/kitchen_assistant"
     assert sorted(path.name for path in folder.iterdir()) == [
-        "cpu.yml", "dev.yml", "docker-compose.override.yml", "pipeline_conf.json", "postgres.yml", "proxy.yml"]
+        "autoscaler.yml", "cpu.yml", "dev.yml", "docker-compose.override.yml", "monitoring.yml", "pipeline_conf.json",
+        "postgres.yml", "proxy.yml"]
     override = compose(checkout, "assistant_dists/kitchen_assistant/docker-compose.override.yml")
     assert list(override["services"]) == ["agent", "cooking-prompted-skill", "transformers-lm-smollm2"]  # the skill's LLM came along
     assert override["services"]["agent"]["environment"]["PIPELINE_CONFIG"] == "assistant_dists/kitchen_assistant/pipeline_conf.json"
@@ -292,7 +293,7 @@ def test_a_new_distribution_has_every_file_dreams_have_and_check_passes(checkout
     assert conf["services"]["skill_selectors"]["description_based_skill_selector"]["connector"]["class_name"] == "DescriptionBasedSkillSelectorConnector"
     metadata = conf["metadata"]
     assert metadata["display_name"] == "Kitchen Assistant" and metadata["version"] == "0.1.0" and metadata["author"]
-    assert metadata["ram_usage"] == "2.5G"  # the agent 256M, the skill 256M, the LLM 2G
+    assert metadata["ram_usage"] == "2G"  # the agent 256M, the skill 256M, the LLM 1536M
     assert "kitchen_assistant" in read(checkout, "MODELS.md")
 
 
@@ -302,7 +303,8 @@ def test_a_new_distribution_runs_as_a_swarm_stack_at_once(checkout: Path, tmp_pa
     parley(checkout, "stack", "kitchen_assistant", "--overlay", "cpu.yml", "-o", str(tmp_path / "stack.yml"))
 
     stack = YAML(typ="safe").load((tmp_path / "stack.yml").read_text())
-    assert sorted(stack["services"]) == ["agent", "cooking-prompted-skill", "transformers-lm-smollm2"]
+    # the LLM's card autoscales, so the stack has the autoscaler too
+    assert sorted(stack["services"]) == ["agent", "autoscaler", "cooking-prompted-skill", "transformers-lm-smollm2"]
     assert stack["services"]["cooking-prompted-skill"]["image"] == "parley-cooking-prompted-skill"
 
 

@@ -279,13 +279,14 @@ def readme_swarm_commands() -> list[str]:
 
 
 def as_test_call(command: str) -> str:
-    """How the swarm test spells a README command: docker("swarm", "init", ...), compose(...) build, [parley, "stack", ...]."""
-    words = command.split()
+    """How the swarm test spells a README command: docker("swarm", "init", ...) or ["docker", "secret",
+    "create", ...], compose(...) build, [parley, "stack", ...]. Of a pipe, the command the output goes to."""
+    words = command.split(" | ")[-1].split()
     if words[:2] == ["docker", "compose"]:
         return r'compose\([^)]*\), [^\]]*"build"\]'
     if words[0].endswith("parley"):
         return r'\[parley, "stack", DIST, "--overlay", "cpu.yml"'
-    return rf'docker\("{words[1]}", "{words[2]}"'
+    return rf'(docker\(|\["docker", )"{words[1]}", "{words[2]}"'
 
 
 def test_the_readme_swarm_steps_are_the_ones_make_test_swarm_runs_in_that_order():

@@ -56,7 +56,7 @@ def guarded(tmp_path_factory):
     with llm_service(folder, **KEYS_ENV) as llm, skill_service(folder, llm, **KEYS_ENV) as skill, \
             agent_service(folder, skill, folder / "state.sqlite3", **KEYS_ENV) as agent, \
             service_server("openai_api_lm", {**KEYS_ENV, "OPENAI_BASE_URL": llm.url("/v1"), "OPENAI_API_KEY": KEY,
-                                             "PRETRAINED_MODEL_NAME_OR_PATH": str(tiny_model_dir())}) as forwarder:
+                                             "PRETRAINED_MODEL_NAME_OR_PATH": tiny_model_dir().name}) as forwarder:
         yield {"agent": agent, "prompted_skill": skill, "transformers_lm": llm, "openai_api_lm": forwarder}
 
 
@@ -140,7 +140,7 @@ def test_the_official_openai_client_sends_its_api_key_as_the_bearer_key(guarded)
     with pytest.raises(openai.AuthenticationError) as refused:
         openai.OpenAI(base_url=llm.url("/v1"), api_key=WRONG_KEY, max_retries=0).models.list()
 
-    assert [model.id for model in accepted.data][0] == str(tiny_model_dir())
+    assert [model.id for model in accepted.data][0] == tiny_model_dir().name
     assert refused.value.status_code == 401
     assert refused.value.body["type"] == "authentication_error"
 

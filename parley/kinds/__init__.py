@@ -158,6 +158,7 @@ class Kind:
     has_service_configs: ClassVar[bool] = False  # Dream's <package>/service_configs/<name>/
     runs_model: ClassVar[bool] = False  # a swarm replica's cpus also set its model threads
     mounts_model_files: ClassVar[bool] = False  # the bind mounts it has are model files (travel in a bundle)
+    reads_model_files: ClassVar[bool] = False  # add-llm and check read its model's files (template, stops, window, sha256)
     # The card field that names what it requires (for messages), e.g. a skill's `skill.llm`.
     requires_field: ClassVar[str] = ""
     # Fields of the LLM section this kind does not use (left out of the card file).

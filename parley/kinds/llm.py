@@ -58,7 +58,6 @@ class LlmKind(Kind):
     # What `parley add-llm` writes into a new card of this kind, and whether it reads the model's
     # files first (a model served here: its template, stops, window, sha256 and memory need).
     model_type: ClassVar[str] = "NN-based"
-    reads_model_files: ClassVar[bool] = False
     default_ram_usage: ClassVar[str | None] = None
 
     @classmethod

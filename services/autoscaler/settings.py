@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import Field, SecretStr
 
-from common.settings_support import CommaList, ServiceSettings, SettingsError
+from common.settings_support import ServiceSettings, SettingsError
 
 __all__ = ["Settings", "SettingsError"]
 
@@ -27,11 +27,9 @@ class Settings(ServiceSettings):
         5.0, gt=0, description="seconds between two looks at the replicas (Ray Serve's metrics_interval_s)"
     )
     load_timeout_s: float = Field(3.0, gt=0, description="seconds a replica may take to report its load")
-    parley_api_keys: CommaList = Field(
-        (), description="API keys of the stack's services (comma-separated); the first is sent to the replicas"
-    )
 
     @property
     def api_key(self) -> SecretStr | None:
-        """The key sent to the replicas' /metrics and /health, when the services want one."""
-        return SecretStr(self.parley_api_keys[0]) if self.parley_api_keys else None
+        """The key sent to the replicas' /metrics and /health, when the services want one: the first
+        of the stack's PARLEY_API_KEYS (a swarm gives them as the Docker secret, PARLEY_API_KEYS_FILE)."""
+        return self.parley_api_keys[0] if self.parley_api_keys else None

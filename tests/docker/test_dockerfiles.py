@@ -47,9 +47,10 @@ def test_a_service_image_runs_gunicorn_from_its_folder_on_a_base_image_given_as_
 # Imports an image may lack on purpose: torch is installed from a CPU wheel before the requirements;
 # llama_cpp is compiled in the LLM image's own llama-cpp stage (build arg LLAMA_CPP=no leaves it out);
 # opentelemetry is the optional OTLP export (common/tracing.py imports it only when
-# OTEL_EXPORTER_OTLP_ENDPOINT is set, and says so when it is missing).
+# OTEL_EXPORTER_OTLP_ENDPOINT is set, and says so when it is missing); gguf names a GGUF file's
+# quantisation in common/model_facts.py where it is installed (the LLM image, the CLI), a number elsewhere.
 INSTALLED_APART = {"torch"}
-OPTIONAL_IMPORTS = {"llama_cpp", "opentelemetry"}
+OPTIONAL_IMPORTS = {"llama_cpp", "opentelemetry", "gguf"}
 
 
 def third_party_imports(folder: Path) -> dict[str, str]:
