@@ -136,7 +136,7 @@ def test_the_engine_gauges_read_a_live_sequence_and_fall_back_to_zero(llm_with_r
 
 @pytest.fixture(scope="module")
 def llm_with_room():
-    env = {"PRETRAINED_MODEL_NAME_OR_PATH": MODEL, "BACKEND": "transformers", "MAX_NEW_TOKENS_CAP": "4000",
+    env = {"PRETRAINED_MODEL_NAME_OR_PATH": str(tiny_model_dir()), "BACKEND": "transformers", "MAX_NEW_TOKENS_CAP": "4000",
            "OMP_NUM_THREADS": "1", "DEVICE": "cpu"}
     with service_server("transformers_lm", env) as server:
         yield server
