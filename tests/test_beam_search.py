@@ -237,7 +237,7 @@ def test_llama_cpp_beams_are_computed_on_their_own_text(gguf, llama_engine, monk
 def test_llama_cpp_beam_searches_keep_their_hypotheses_beside_other_requests(gguf, llama_engine):
     questions = ["Name a primary colour.", "What do bees make?"]
     beam = BeamSearchParams(2, 2)
-    requests = [GenerationRequest(llama_prompt(gguf, q), llama_sampling(gguf, 12), beam) for q in questions]
+    requests = [GenerationRequest(llama_prompt(gguf, q), llama_sampling(gguf, 12), beam=beam) for q in questions]
     alone = [[s.collect() for s in llama_engine.submit_beam_search(request)] for request in requests]
     plain_request = GenerationRequest(llama_prompt(gguf, "How many legs does a spider have?"), llama_sampling(gguf, 20))
     plain_alone = llama_engine.submit(plain_request).collect()

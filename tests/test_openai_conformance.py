@@ -39,7 +39,7 @@ PERSON = {
     "properties": {"name": {"type": "string", "maxLength": 30}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
     "required": ["name", "age"],
 }
-ASK_PERSON = [{"role": "user", "content": "Invent a person and answer in JSON."}]
+ASK_PERSON = [{"role": "user", "content": "Invent a person. Answer in JSON with their name and age."}]
 
 
 @pytest.fixture(scope="module", params=["transformers", "llama_cpp"])
@@ -85,7 +85,7 @@ def assert_valid_calls(message, tools: list[dict]) -> list:
 def test_json_object_answers_with_a_json_object(client):
     answer = chat(client, ASK_PERSON, max_tokens=48, response_format={"type": "json_object"})
 
-    assert answer.choices[0].finish_reason == "stop"
+    assert answer.choices[0].finish_reason == "stop", answer.choices[0].message.content
     assert isinstance(json.loads(answer.choices[0].message.content), dict)
 
 

@@ -45,7 +45,7 @@ def _as_openai_param(error: RequestValidationError) -> RequestValidationError:
     key = (error.field or "").split(".")[0].split("[")[0]
     param = OPENAI_PARAM_FOR_KEY.get(key, key or None)
     message = error.message.replace(key, param) if key and param else error.message
-    return RequestValidationError(message, param)
+    return type(error)(message, param)  # its kind stays (a context overflow keeps its code)
 
 
 def generation_config(
