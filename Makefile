@@ -14,12 +14,13 @@ PIP := $(BIN)/python -m pip --disable-pip-version-check
 # llama.cpp for the llama_cpp backend, which serves .gguf models (the embedded default among them)
 # under BACKEND=auto. The version is pinned once, in pyproject.toml's llama-cpp extra. pip compiles it
 # from source the first time (about 5 minutes on 2 cores) and reuses the wheel from its cache after
-# that (pip cache remove llama_cpp_python to rebuild with other LLAMA_CPP_CMAKE_ARGS). GGML_NATIVE
-# tunes the build to this CPU; LLAVA_BUILD=OFF skips the multimodal library we do not use.
+# that (pip cache remove llama_cpp_python to rebuild with other LLAMA_CPP_CMAKE_ARGS).
+# scripts/llama-cpp-cmake-args names the instruction sets of this CPU (not GGML_NATIVE: its AMX dies
+# of SIGILL under kernels that do not grant AMX tiles); LLAVA_BUILD=OFF skips the multimodal library.
 # LLAMA_CPP=no skips it: BACKEND=auto then serves GGUF files with transformers.
 LLAMA_CPP ?= yes
 LLAMA_CPP_PYTHON := $(shell grep -o 'llama-cpp-python==[0-9][0-9.]*' pyproject.toml | head -n 1)
-LLAMA_CPP_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
+LLAMA_CPP_CMAKE_ARGS ?= $(shell scripts/llama-cpp-cmake-args)
 LLAMA_CPP_STAMP := $(if $(filter yes,$(LLAMA_CPP)),$(VENV)/.parley-llama-cpp-installed)
 # Turns `pip install -v` output into a few progress lines: every 20th compile step, and the outcome.
 LLAMA_CPP_PROGRESS := awk '/^ *\[[0-9]+\/[0-9]+\] / { split(substr($$1, 2, length($$1) - 2), step, "/"); \
