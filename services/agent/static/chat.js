@@ -75,7 +75,8 @@ function setMeta(bubble, { skill, seconds }) {
 }
 
 // One question for the key at a time, however many requests were refused at once (the page loads
-// the dialog and the LLM list together).
+// the dialog and the LLM list together). The dialog closes the browser's own way (its form's
+// method="dialog", Escape, or Cancel), so the browser hands the keyboard back to the message box.
 let keyQuestion = null;
 
 function askForKey(refusedBefore) {
@@ -87,23 +88,23 @@ function askForKey(refusedBefore) {
   note.hidden = !refusedBefore;
   input.value = "";
   keyQuestion = new Promise((resolve) => {
-    const done = (key) => {
-      $("key-form").removeEventListener("submit", onSubmit);
-      $("key-cancel").removeEventListener("click", onCancel);
+    dialog.addEventListener("close", () => {
+      const key = dialog.returnValue === "ok" ? input.value.trim() : "";
       input.value = "";  // the key lives in sessionStorage only, not in the page
-      dialog.close();
       keyQuestion = null;
-      resolve(key);
-    };
-    const onSubmit = (event) => { event.preventDefault(); done(input.value.trim() || null); };
-    const onCancel = () => done(null);
-    $("key-form").addEventListener("submit", onSubmit);
-    $("key-cancel").addEventListener("click", onCancel);
+      // Chromium gives the focus back without a caret, so typed text would go nowhere: place one.
+      const back = document.activeElement;
+      if (back && back.setSelectionRange) back.setSelectionRange(back.value.length, back.value.length);
+      resolve(key || null);
+    }, { once: true });
+    dialog.returnValue = "";
     dialog.showModal();
     input.focus();
   });
   return keyQuestion;
 }
+
+$("key-cancel").addEventListener("click", () => $("key-dialog").close(""));
 
 // fetch() with the tab's key; on a 401 the person is asked for a key (again, while the agent
 // refuses it; Cancel gives up and the caller shows the agent's error).
