@@ -15,7 +15,7 @@ if [ -n "${PARLEY_API_KEYS_FILE:-}" ]; then
     keys=$(printf '%s\n%s\n' "$keys" "$(sed -e 's/^PARLEY_API_KEYS=//' -e '/^#/d' "$PARLEY_API_KEYS_FILE" | tr ',' '\n')")
 fi
 maps=/etc/nginx/conf.d/parley-keys.conf
-bearer="" header="" count=0
+bearer="" header="" count=0 longest=0
 for key in $keys; do
     # Only characters that need no quoting in nginx's config (the services accept no others either).
     case "$key" in
@@ -27,13 +27,19 @@ for key in $keys; do
     header="$header    \"$key\" 1;
 "
     count=$((count + 1))
+    [ "${#key}" -le "$longest" ] || longest=${#key}
 done
 umask 077
 if [ "$count" -eq 0 ]; then
     printf 'map $host $parley_key_ok { default 1; }\n' > "$maps"
     echo "proxy: no PARLEY_API_KEYS: every request is forwarded without a key"
 else
+    # A map's keys must fit its hash buckets ("Bearer " + the key, and a few bytes of nginx's own):
+    # the smallest power of two from 64 that holds the longest.
+    bucket=64
+    while [ "$bucket" -lt $((longest + 32)) ]; do bucket=$((bucket * 2)); done
     {
+        printf 'map_hash_bucket_size %s;\n' "$bucket"
         printf 'map $http_authorization $parley_bearer_ok {\n    default 0;\n%s}\n' "$bearer"
         printf 'map $http_x_api_key $parley_header_ok {\n    default 0;\n%s}\n' "$header"
         printf 'map "$parley_bearer_ok$parley_header_ok" $parley_key_ok {\n    "00" 0;\n    default 1;\n}\n'
