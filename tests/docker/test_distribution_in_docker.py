@@ -239,9 +239,9 @@ def stack(engine: dict[str, str], api_key: str) -> Iterator[dict[str, str]]:
     assert leftovers == [], "docker compose down -v left these behind"
 
 
-def project_leftovers(environment: dict[str, str]) -> list[str]:
+def project_leftovers(environment: dict[str, str], project: str = PROJECT) -> list[str]:
     """The compose project's containers, volumes and networks that still exist."""
-    label = f"label=com.docker.compose.project={PROJECT}"
+    label = f"label=com.docker.compose.project={project}"
     found = []
     for kind, listing in (("container", ["ps", "-a"]), ("volume", ["volume", "ls"]), ("network", ["network", "ls"])):
         names = subprocess.run(
@@ -365,10 +365,10 @@ def test_the_openai_api_llm_image_builds_and_answers_through_the_llm_containers_
             run(["docker", "compose", "-p", OPENAI_API_LM, "-f", str(build_file), "--progress", "plain", "build"],
                 stack, "docker-build.log")
         with step(f"run it on the stack's network, forwarding to http://{LLM_SERVICE}:8180/v1"):
-            # The upstream is this distribution's LLM: its key is the distribution's (as OPENAI_API_KEY).
+            # The upstream is this distribution's LLM, by the name it serves (its card's); its key is the distribution's (as OPENAI_API_KEY).
             run(["docker", "run", "-d", "--init", "--name", OPENAI_API_LM, "--network", f"{PROJECT}_default",
                  "--env", f"OPENAI_BASE_URL=http://{LLM_SERVICE}:8180/v1",
-                 "--env", "PRETRAINED_MODEL_NAME_OR_PATH=smollm2-135m-instruct",
+                 "--env", f"PRETRAINED_MODEL_NAME_OR_PATH={LLM_SERVICE}",
                  "--env", f"OPENAI_API_KEY={api_key}", "--env", f"PARLEY_API_KEYS={api_key}",
                  "--publish", f"127.0.0.1:{port}:8181", OPENAI_API_LM], stack)
             wait_until_healthy(f"http://127.0.0.1:{port}/health")
