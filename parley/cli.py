@@ -188,11 +188,7 @@ def remove_llm(name, dry_run, repo_path) -> None:
         plan = plan_remove_llm(repo, name)
     except (LlmError, CardError, YamlSyntaxError) as error:
         raise _fail(error) from None
-    if dry_run:
-        click.echo(plan.diff(), nl=False)
-        return
-    for relative in plan.apply():
-        click.echo(f"{'removed' if plan.files[relative] is None else 'wrote'} {relative}")
+    _report_plan(plan, dry_run, name)
 
 
 @click.command(name="add-skill")
@@ -250,11 +246,7 @@ def remove_skill(name, dry_run, repo_path) -> None:
         plan = plan_remove_skill(repo, name)
     except (SkillError, CardError, YamlSyntaxError) as error:
         raise _fail(error) from None
-    if dry_run:
-        click.echo(plan.diff(), nl=False)
-        return
-    for relative in plan.apply():
-        click.echo(f"{'removed' if plan.files[relative] is None else 'wrote'} {relative}")
+    _report_plan(plan, dry_run, name)
 
 
 @click.command(name="new-dist")
