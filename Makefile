@@ -79,10 +79,12 @@ test: install system-packages
 # The distribution in real Docker (as root): builds its images, runs a dialog through the containers
 # with the checkout's API key (.env_secret; written for the run and removed after when there is none),
 # reads every service's metrics through Prometheus (monitoring.yml), and the proxy overlay; then exports it (`parley export`), wipes the images, imports the bundle and
-# runs it with its PostgreSQL (postgres.yml). Starts a Docker engine with `parley engine start` when none runs and stops
+# runs it with its PostgreSQL (postgres.yml); then multiskill_assistant routes a turn to each of its
+# three skills. Starts a Docker engine with `parley engine start` when none runs and stops
 # it after; about 15 minutes the first time, under 5 once the engine data root is warm.
 test-docker: install
-	PARLEY_DOCKER_TESTS=1 $(BIN)/python -m pytest -s -p no:cacheprovider tests/docker/test_distribution_in_docker.py tests/docker/test_bundle_in_docker.py
+	PARLEY_DOCKER_TESTS=1 $(BIN)/python -m pytest -s -p no:cacheprovider tests/docker/test_distribution_in_docker.py tests/docker/test_bundle_in_docker.py \
+		tests/docker/test_multiskill_in_docker.py
 
 # The distribution as a Docker Swarm stack on a real single-node swarm (as root, after test-docker,
 # on its engine and images): `parley stack`, 2 LLM replicas, a replica killed while dialogs run, a
