@@ -166,9 +166,10 @@ def llm_replicas_asked() -> int:
 
 
 def autoscaler_log_lines() -> list[str]:
-    """The autoscaler's decisions, as it logged them (its logger is named `autoscaler`)."""
+    """The autoscaler's decisions, as it logged them (its logger is named `autoscaler`; a text log
+    line is `date time LEVEL logger [trace id]: message`)."""
     logs = subprocess.run(["docker", "service", "logs", "--raw", AUTOSCALER], capture_output=True, text=True, timeout=60)
-    return [line for line in (logs.stdout + logs.stderr).splitlines() if " autoscaler: " in line]
+    return [line for line in (logs.stdout + logs.stderr).splitlines() if line.split()[3:4] == ["autoscaler"]]
 
 
 @pytest.fixture(scope="module")
