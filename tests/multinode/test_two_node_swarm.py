@@ -8,8 +8,9 @@ README's "Beyond one machine: more machines":
 
 1. build the images (make test-docker's, from its build cache), start the registry, `parley stack
    --push` (tags and pushes every image, and writes their registry names into the stack file);
-2. `docker swarm init` on this engine, at its veth address; label it for the agent's state;
-   `docker stack deploy` (every node pulls from the registry);
+2. `docker swarm init` on this engine, at its veth address; label it for the agent's state; the
+   checkout's key (.env_secret) as the Docker secret `parley_api_keys`; `docker stack deploy`
+   (every node pulls from the registry);
 3. the second engine joins as a worker; at least 2 LLM replicas (the autoscaler's min_replicas
    label): Swarm spreads them, one on each node, the worker pulling the LLM image;
 4. 4 users talk; once the worker's replica has answered, the worker's engine is stopped mid-dialog
@@ -56,7 +57,8 @@ def _docker_test_module():
 
 
 docker_tests = _docker_test_module()
-engine = docker_tests.engine  # the fixture: pytest finds it by name in this module
+engine = docker_tests.engine  # the fixtures: pytest finds them by name in this module
+api_key = docker_tests.api_key
 step, run, compose = docker_tests.step, docker_tests.run, docker_tests.compose
 
 DIST = docker_tests.DIST
@@ -70,6 +72,8 @@ OUTPUT_DIR = REPO_ROOT / "tests" / "output"
 STACK_FILE = OUTPUT_DIR / "multinode-stack.yml"
 QUESTIONS = ["What is the capital of France?", "What is the capital of Italy?", "Name a colour.", "Say hello."]
 USERS = 4
+# The agent's key, as every request sends it (set by the two_nodes fixture).
+HEADERS: dict[str, str] = {}
 NETWORK = NodeNetwork()
 WORKER = SecondEngine(NETWORK, log_path=OUTPUT_DIR / "multinode-worker-dockerd.log")
 REGISTRY = TlsRegistry(NETWORK.host_address)
@@ -130,10 +134,12 @@ def stack_leftovers() -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_nodes(engine: dict[str, str]) -> Iterator[dict[str, str]]:
+def two_nodes(engine: dict[str, str], api_key: str) -> Iterator[dict[str, str]]:
     """The stack on a swarm of this engine (manager) and a second one (worker), 2 LLM replicas spread
-    over both; everything removed after, also on failure."""
+    over both, the checkout's key as the Docker secret parley_api_keys; everything removed after,
+    also on failure."""
     environment = engine
+    HEADERS["Authorization"] = f"Bearer {api_key}"
     parley = str(Path(sys.executable).parent / "parley")
     if docker("info", "--format", "{{.Swarm.LocalNodeState}}") != "inactive":
         pytest.fail("this engine is already part of a swarm: the test makes and leaves its own", pytrace=False)
@@ -153,6 +159,10 @@ def two_nodes(engine: dict[str, str]) -> Iterator[dict[str, str]]:
                 with step(f"docker swarm init --advertise-addr {NETWORK.host_address}; label it parley-state=true"):
                     docker("swarm", "init", "--advertise-addr", NETWORK.host_address, "--dispatcher-heartbeat", "2s")
                     docker("node", "update", "--label-add", "parley-state=true", docker("info", "--format", "{{.Swarm.NodeID}}"))
+                with step("docker secret create parley_api_keys (the checkout's key)"):
+                    created = subprocess.run(["docker", "secret", "create", "parley_api_keys", "-"], input=api_key,
+                                             capture_output=True, text=True)
+                    assert created.returncode == 0, created.stderr
                 with step(f"docker stack deploy {STACK} (images from {REGISTRY.name})"):
                     docker("stack", "deploy", "-c", str(STACK_FILE), STACK, timeout=300)
                     wait_for("the agent's /health on 127.0.0.1:4242", agent_healthy, 600)
@@ -213,7 +223,7 @@ def test_two_nodes_answer_dialogs_and_a_stopped_worker_costs_no_acknowledged_tur
             text = f"{QUESTIONS[number % len(QUESTIONS)]} ({number})"
             sent[user_id].append(text)
             try:
-                response = requests.post(AGENT_URL + "/", json={"user_id": user_id, "payload": text}, timeout=180)
+                response = requests.post(AGENT_URL + "/", json={"user_id": user_id, "payload": text}, headers=HEADERS, timeout=180)
                 response.raise_for_status()
                 answered[user_id].append((text, response.json()))
             except (requests.RequestException, ValueError) as error:
@@ -252,7 +262,7 @@ def test_two_nodes_answer_dialogs_and_a_stopped_worker_costs_no_acknowledged_tur
         for user, turns in answered.items():
             if not turns:
                 continue
-            dialog = requests.get(f"{AGENT_URL}/api/dialogs/{turns[0][1]['dialog_id']}", timeout=30).json()
+            dialog = requests.get(f"{AGENT_URL}/api/dialogs/{turns[0][1]['dialog_id']}", headers=HEADERS, timeout=30).json()
             stored = [utterance["text"] for utterance in dialog["human_utterances"]]
             stored_turns += len(stored)
             counts = Counter(stored)
