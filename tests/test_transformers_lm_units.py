@@ -357,7 +357,6 @@ def test_openai_penalties_lower_a_tokens_logit_per_time_it_was_generated_and_onc
         pytest.param(respond_body(configs=[{"beams": 3}]), "configs[0].beams", id="unknown generation key"),
         pytest.param(respond_body(configs=[{"max_new_tokens": "5"}]), "configs[0].max_new_tokens", id="string number"),
         pytest.param(respond_body(configs=[{"max_new_tokens": 0}]), "configs[0].max_new_tokens", id="zero tokens"),
-        pytest.param(respond_body(configs=[{"max_new_tokens": 201}]), "configs[0].max_new_tokens", id="above cap"),
         pytest.param(respond_body(configs=[{"temperature": -0.5}]), "configs[0].temperature", id="negative temperature"),
         pytest.param(respond_body(configs=[{"top_p": 1.5}]), "configs[0].top_p", id="top_p above 1"),
         pytest.param(respond_body(configs=[{"num_return_sequences": 5}]), "configs[0].num_return_sequences",
@@ -371,6 +370,16 @@ def test_bad_respond_input_is_a_400_naming_the_field(client, body, field):
     error = assert_dream_error(client.post("/respond", json=body), 400, field)
 
     assert field.split("[")[0].split(".")[0] in error["message"]
+
+
+def test_a_dream_config_above_the_cap_is_answered_within_it_and_an_openai_request_is_refused(client):
+    # Dream's shipped configs ask 2048 or 4096 new tokens of whatever model they are sent to: a most.
+    rendered = client.post("/render", json=respond_body(configs=[{"max_new_tokens": 5000}]))
+    refused = client.post("/v1/chat/completions", json={"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 201})
+
+    assert rendered.status_code == 200, rendered.get_json()
+    assert rendered.get_json()["rendered"][0]["generation_config"]["max_new_tokens"] == 200  # the cap
+    assert refused.status_code == 400 and refused.get_json()["error"]["param"] == "max_tokens"
 
 
 def test_malformed_json_is_a_400(client):

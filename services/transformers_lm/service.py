@@ -197,9 +197,19 @@ class LMService:
         except KeyError:
             raise ModelNotFoundError(name, list(self.names)) from None
 
-    def config_for(self, override: GenerationConfig | None, field: str | None, served: ServedName | None = None) -> GenerationConfig:
-        """The request's config merged over the name's default, checked against the caps and the model."""
+    def config_for(
+        self, override: GenerationConfig | None, field: str | None, served: ServedName | None = None, *, length_is_a_ceiling: bool = False
+    ) -> GenerationConfig:
+        """The request's config merged over the name's default, checked against the caps and the model.
+
+        With `length_is_a_ceiling` (Dream's /respond), a max_new_tokens above the service's cap is
+        lowered to the cap instead of refused: Dream's shipped configs are written for larger models
+        (2048 or 4096 new tokens) and its skills send them as they are, as a most, not a demand.
+        """
         config = (served or self.default).default_config.merged_with(override)
+        cap = self.settings.caps.max_new_tokens
+        if length_is_a_ceiling and config.max_length is None and config.max_new_tokens > cap:
+            config = config.model_copy(update={"max_new_tokens": cap})
         config.check_caps(self.settings.caps, field or "")
         prefix = f"{field}." if field else ""
         vocabulary = self.model.info.vocab_size
@@ -404,7 +414,7 @@ class LMService:
         """Each dialog's prompt and config, every one checked before anything is generated."""
         jobs = []
         for index, item in enumerate(items):
-            config = self.config_for(item.config, f"configs[{index}]", served)
+            config = self.config_for(item.config, f"configs[{index}]", served, length_is_a_ceiling=True)
             conversation = conversation_from_dream(item.prompt, item.dialog_context)
             jobs.append(self.build_prompt(conversation, config, f"dialog_contexts[{index}]", served, f"configs[{index}]"))
         return jobs
