@@ -188,6 +188,8 @@ class SqlDialogStore(DialogStore):
 
     def dialog_ids_of(self, user_external_id: str) -> list[str]:
         with self._read() as db:
-            rows = db.all("SELECT dialog_id FROM dialogs WHERE user_external_id = ? ORDER BY date_start, dialog_id",
+            # A dialog closed and the next opened within one millisecond share date_start: the closed
+            # one is the older (a user has one active dialog, always the newest).
+            rows = db.all("SELECT dialog_id FROM dialogs WHERE user_external_id = ? ORDER BY date_start, active, dialog_id",
                           (user_external_id,))
         return [r["dialog_id"] for r in rows]
