@@ -65,7 +65,8 @@ def test_two_agents_taking_alternate_turns_of_16_users_dialogs_store_every_turn_
         stored = {user: requests.get(agents[user % 2].url(f"/api/dialogs/{turns[0]['dialog_id']}"), timeout=30).json()
                   for user, turns in enumerate(conversations)}
 
-    lost = duplicated = reordered = answers_mixed_up = 0
+    lost = duplicated = reordered = 0
+    mixed_up: list[str] = []  # which user's answers are not their own turns' (at most a few, for the report)
     for user, turns in enumerate(conversations):
         assert len({turn["dialog_id"] for turn in turns}) == 1, f"user {user} got more than one dialog"
         utterances = stored[user]["utterances"]
@@ -76,15 +77,18 @@ def test_two_agents_taking_alternate_turns_of_16_users_dialogs_store_every_turn_
         reordered += humans != [text for text in expected if text in humans]
         types = [u["user"]["user_type"] for u in utterances]
         bot_ids = [u["utt_id"] for u in utterances if u["user"]["user_type"] == "bot"]
-        answers_mixed_up += types != ["human", "bot"] * (len(utterances) // 2) or bot_ids != [t["utt_id"] for t in turns]
-        answers_mixed_up += any(u["text"] != f"echo: {h['text']}" for h, u in zip(utterances[::2], utterances[1::2], strict=True))
+        if types != ["human", "bot"] * (len(utterances) // 2) or bot_ids != [t["utt_id"] for t in turns]:
+            mixed_up.append(f"user {user}: stored turns {types}, answer ids in another order than acknowledged")
+        mixed_up += [f"user {user}: {h['text']!r} answered {u['text']!r} by {u.get('active_skill')}"
+                     for h, u in zip(utterances[::2], utterances[1::2], strict=True) if u["text"] != f"echo: {h['text']}"]
+    answers_mixed_up = len(mixed_up)
     with psycopg.connect(state_url) as db:
         rows = db.execute("SELECT COUNT(*), COUNT(DISTINCT (dialog_id, position)), COUNT(DISTINCT dialog_id) FROM utterances").fetchone()
         gaps = db.execute("SELECT COUNT(*) FROM (SELECT dialog_id FROM utterances GROUP BY dialog_id "
                           "HAVING MIN(position) <> 0 OR MAX(position) <> COUNT(*) - 1) AS holed").fetchone()[0]
 
     report = {"agents": 2, "users": USERS, "turns": USERS * TURNS, "stored_utterances": rows[0], "dialogs": rows[2],
-              "lost": lost, "duplicated": duplicated, "reordered": reordered, "answers_mixed_up": answers_mixed_up,
+              "lost": lost, "duplicated": duplicated, "reordered": reordered, "answers_mixed_up": answers_mixed_up, "mixed_up": mixed_up[:5],
               "position_gaps": gaps}
     OUTPUT.parent.mkdir(parents=True, exist_ok=True)
     OUTPUT.write_text(json.dumps(report, indent=2))
