@@ -20,7 +20,6 @@ folder's own `.env_secret`, which the services read as they do in a checkout.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import tarfile

@@ -33,7 +33,6 @@ from services.transformers_lm.engines import GenerationRequest, SamplingParams
 from services.transformers_lm.engines.sampling import next_token
 from services.transformers_lm.prompting import (
     ChatTemplateRenderer,
-    Conversation,
     IncrementalDetokenizer,
     PlainRenderer,
     PromptBuilder,

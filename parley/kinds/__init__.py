@@ -25,7 +25,7 @@ from ruamel.yaml.comments import CommentedMap, CommentedSeq
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
 if TYPE_CHECKING:
-    from parley.cards import Card, ModelSection
+    from parley.cards import Card
 
 # Modules whose `register_kinds(register)` hook the registry calls, in this order (the order cards
 # are matched in: the catch-all hand-written kind last).

@@ -150,7 +150,7 @@ class SecondEngine:
         command = [
             "nsenter", f"--net=/run/netns/{self.network.namespace}",
             "unshare", "--mount", "--uts", "--propagation", "private",
-            "sh", "-c", f'hostname "$0" && exec "$@"', self.hostname, *dockerd,
+            "sh", "-c", 'hostname "$0" && exec "$@"', self.hostname, *dockerd,
         ]
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
