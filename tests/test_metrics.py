@@ -117,7 +117,9 @@ def test_each_sequence_is_one_success_and_one_observation_of_each_latency(served
 
 
 def test_the_engine_gauges_read_a_live_sequence_and_fall_back_to_zero(llm_with_room):
-    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 4000, "temperature": 0, "stream": True}
+    # min_tokens: the tiny model's random weights could pick its end token within a few steps.
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 4000, "min_tokens": 4000,
+            "temperature": 0, "stream": True}
     with requests.post(llm_with_room.url("/v1/chat/completions"), json=body, stream=True, timeout=120) as answer:
         next(answer.iter_lines())  # the first event (the role chunk): the sequence is queued or in the batch
         # It runs, and its keys and values are in the cache once its prompt was computed, a step later

@@ -223,6 +223,16 @@ def test_max_tokens_one_finishes_for_length(client):
     assert completion.usage.completion_tokens == 1
 
 
+def test_min_tokens_holds_the_end_back_until_that_many_were_generated(client):
+    request = dict(model=MODEL, messages=[{"role": "user", "content": CAPITAL_QUESTION}], temperature=0, max_tokens=40)
+
+    short = client.chat.completions.create(**request)
+    held = client.chat.completions.create(**request, extra_body={"min_tokens": 40})
+
+    assert short.choices[0].finish_reason == "stop" and short.usage.completion_tokens < 40
+    assert held.choices[0].finish_reason == "length" and held.usage.completion_tokens == 40
+
+
 def repeated_word_pairs(text: str) -> int:
     words = text.lower().replace(",", " ").replace(".", " ").split()
     pairs = list(zip(words, words[1:]))
@@ -278,6 +288,7 @@ def test_bad_parameters_raise_bad_request(client, parameters):
     ("parameters", "param"),
     [
         pytest.param({"messages": [{"role": "user", "content": 5}]}, "messages[0].content", id="content not text"),
+        pytest.param({"max_tokens": 5, "extra_body": {"min_tokens": 6}}, "min_tokens", id="min_tokens above max_tokens"),
         pytest.param({"stop": 5}, "stop", id="stop not text"),
         pytest.param({"top_p": 0}, "top_p", id="top_p zero"),
     ],

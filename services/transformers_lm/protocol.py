@@ -139,6 +139,7 @@ class _SamplingRequest(BaseModel):
     model: str = Field(min_length=1)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     max_tokens: int | None = Field(None, ge=1)
+    min_tokens: int = Field(0, ge=0)  # vLLM's extra: end tokens are held back until this many were generated
     n: int = Field(1, ge=1)
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     response_format: ResponseFormat | None = None
@@ -158,14 +159,22 @@ class _SamplingRequest(BaseModel):
     def include_usage_in_stream(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    @model_validator(mode="after")
+    def _min_tokens_fit_under_max_tokens(self) -> "_SamplingRequest":
+        if self.requested_max_tokens is not None and self.min_tokens > self.requested_max_tokens:
+            raise RequestValidationError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.requested_max_tokens})", "min_tokens"
+            )
+        return self
+
     def generation_override(self) -> dict:
         """The generation keys this request sets, to merge over the model's default config.
 
-        OpenAI has no minimum length, so min_new_tokens is 0 whatever the default config says; nor
-        beam search or Dream's replacement pairs, so a default config's num_beams and replacement
-        do not apply here.
+        OpenAI has no minimum length, so min_new_tokens is `min_tokens` (vLLM's extra, 0 unless sent)
+        whatever the default config says; nor beam search or Dream's replacement pairs, so a default
+        config's num_beams and replacement do not apply here.
         """
-        override: dict = {"min_new_tokens": 0, "num_return_sequences": self.n, "num_beams": 1, "replacement": []}
+        override: dict = {"min_new_tokens": self.min_tokens, "num_return_sequences": self.n, "num_beams": 1, "replacement": []}
         if self.requested_max_tokens is not None:
             override["max_new_tokens"] = self.requested_max_tokens
         if self.temperature is not None:
