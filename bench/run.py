@@ -24,6 +24,7 @@ import click
 import torch
 
 from bench.common import CLIENT_COUNTS, MODEL_NAME, NEW_TOKENS, REPO_ROOT, BenchContext, Measurement, Step
+from bench.report import machine, markdown
 
 STEP_MODULES = (
     "bench.raw_steps",
@@ -141,9 +142,9 @@ def targets(ctx: BenchContext) -> list[dict]:
 @click.option("--only", "only", multiple=True, help="Run only these steps (function names, e.g. raw_generate); repeatable.")
 @click.option("--rounds", default=2, show_default=True, help="Requests per closed-loop client (and static-batch rounds).")
 @click.option("--clients", default=",".join(map(str, CLIENT_COUNTS)), show_default=True, help="Closed-loop client counts, comma-separated.")
-@click.option("--output", type=click.Path(path_type=Path), default=None, help="JSON file to write (default: bench/results/bench-<time>.json).")
+@click.option("--output", type=click.Path(path_type=Path), default=None, help="JSON file to write, the Markdown report beside it with .md (default: bench/results/bench-<time>.json).")
 def main(only: tuple[str, ...], rounds: int, clients: str, output: Path | None) -> None:
-    """Measure the LLM service, raw generate and the peer on the embedded model; print a table, write JSON.
+    """Measure the LLM service, raw generate and the peer on the embedded model; print a table, write JSON and Markdown.
 
     Example: python -m bench.run --rounds 1 --clients 1,16
     """
@@ -179,21 +180,25 @@ def main(only: tuple[str, ...], rounds: int, clients: str, output: Path | None) 
 
     output = output or REPO_ROOT / "bench" / "results" / f"bench-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(
-        json.dumps(
-            {
-                "model": MODEL_NAME,
-                "new_tokens_per_request": ctx.new_tokens,
-                "machine": {"node": platform.node(), "cpus": torch.get_num_threads(), "torch": torch.__version__},
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "rows": rows,
-                "targets": checks,
-                "facts": ctx.facts,
-            },
-            indent=2,
-        )
+    written = json.dumps(
+        {
+            "model": MODEL_NAME,
+            "new_tokens_per_request": ctx.new_tokens,
+            "machine": machine(),
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "rows": rows,
+            "targets": checks,
+            "facts": ctx.facts,
+        },
+        indent=2,
     )
+    output.write_text(written)
     print(f"written to {output.relative_to(REPO_ROOT) if output.is_relative_to(REPO_ROOT) else output}")
+    # The Markdown is made from the JSON as written (not from ctx), so `python -m bench.report` on the
+    # JSON gives the same file again.
+    report = output.with_suffix(".md")
+    report.write_text(markdown(json.loads(written)))
+    print(f"Markdown report written to {report.relative_to(REPO_ROOT) if report.is_relative_to(REPO_ROOT) else report}")
 
 
 if __name__ == "__main__":
