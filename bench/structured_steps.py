@@ -6,7 +6,7 @@
   cannot end before NEW_TOKENS tokens either: both sides make exactly NEW_TOKENS tokens per request
   (checked on `usage`), and the tokens/s ratio is the cost of the masks (target: >= 0.85).
 - `live_check_peers`: `parley check --live` against the LLM service (the default llama.cpp
-  backend) and against llama.cpp's own `llama-server` (`--jinja`, the same F16 weights) when
+  backend) and against llama.cpp's own `llama-server` (`--jinja`, the same weights the service runs by default) when
   `make bench` built it; both tables side by side in `bench/results/live-check-<time>.md`.
 """
 
@@ -97,12 +97,14 @@ def _has_llama_cpp() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def _f16_copy():
-    """The F16 GGUF the llama.cpp backend runs for the embedded model (made once, cached by sha256)."""
-    from common.model_sources import embedded_model_path
-    from services.transformers_lm.backends.llama_cpp_backend import f16_copy
+def _default_copy():
+    """The GGUF the llama.cpp backend runs for the embedded model by default (GGUF_WEIGHTS=auto: a
+    copy made once and cached by sha256), so llama-server is checked on the very same weights."""
+    from common.model_sources import embedded_model_path, gguf_weights_to_run
+    from services.transformers_lm.backends.llama_cpp_backend import converted_copy
 
-    return f16_copy(embedded_model_path(MODEL_NAME), REPO_ROOT / ".cache" / "models")
+    kind = gguf_weights_to_run(MODEL_NAME, "auto")
+    return converted_copy(embedded_model_path(MODEL_NAME), kind, REPO_ROOT / ".cache" / "models")
 
 
 def live_check_peers(ctx: BenchContext) -> None:
@@ -122,7 +124,7 @@ def live_check_peers(ctx: BenchContext) -> None:
         ctx.progress("live check: llama-server not found (make bench builds it): its column is left out")
     else:
         port = free_port()
-        model = _f16_copy()
+        model = _default_copy()
         command = [str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port), "--jinja", "-np", "4", "-c", "8192",
                    "-a", MODEL_NAME]
         env = {"LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}

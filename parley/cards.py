@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common.key_fields import KEY_FIELD_ENDINGS, is_key_field
 from common.lm_protocol import GenerationConfig
+from common.model_sources import GgufWeights
 from common.validation import error_lines
 from parley.yamlio import YamlSyntaxError, load_yaml_text
 
@@ -91,9 +92,10 @@ class ModelSection(_Strict):
     # The model's family in the registry (models/known.yml) when its file is known there.
     family: str | None = None
     # The LLM service's BACKEND (auto: llama_cpp for a .gguf, else transformers) and, on llama_cpp,
-    # its GGUF_WEIGHTS (file: the GGUF's quantisation; f16: a dequantised copy; auto: the service decides).
+    # its GGUF_WEIGHTS (file: the GGUF's quantisation; q8_0, bf16, f16: a copy llama.cpp makes once;
+    # auto: the service decides; common.model_sources.GgufWeights).
     backend: Literal["auto", "transformers", "llama_cpp"] = "auto"
-    gguf_weights: Literal["auto", "file", "f16"] = "auto"
+    gguf_weights: GgufWeights = "auto"
     aliases: list[str] = []
     # More model names for the same weights, each with its own system prompt, prompt format,
     # generation defaults and stops (the service's MODEL_NAMES; services.transformers_lm.settings.ModelVariant).

@@ -12,11 +12,12 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from common.lm_protocol import GenerationConfig
+from common.model_sources import GgufWeights
 from common.validation import error_lines
 from parley.yamlio import YamlSyntaxError, load_yaml_text
 
@@ -47,7 +48,7 @@ class KnownModel(BaseModel):
     stop: list[str] = Field([], description="the stop set: the model's end-of-turn tokens and any text stops")
     generation_config: dict[str, Any] = {}
     aliases: list[str] = []
-    gguf_weights: Literal["auto", "file", "f16"] | None = None
+    gguf_weights: GgufWeights | None = None
 
     @field_validator("generation_config")
     @classmethod

@@ -34,7 +34,7 @@ class LlmRow:
     family: str | None
     backend: str
     quantization: str | None  # the file's
-    runs_as: str | None  # what llama.cpp runs: F16 for a dequantised copy, else the file's quantisation
+    runs_as: str | None  # what llama.cpp runs: a copy's type (Q8_0, BF16, F16), else the file's quantisation
     parameter_count: int | None
     file_size: int | None
     context_length: int | None  # served per sequence
@@ -67,8 +67,9 @@ def _row(card: Card, dists: list[str]) -> LlmRow:
     else:
         backend = resolve_backend(model.backend, derived.format == "gguf" if derived else model.source.lower().endswith(".gguf"))
     runs_as = derived.quantization if derived else None
-    if backend == "llama_cpp" and gguf_weights_to_run(model.source, model.gguf_weights) == "f16":
-        runs_as = "F16"
+    copy = gguf_weights_to_run(model.source, model.gguf_weights) if backend == "llama_cpp" else "file"
+    if copy != "file":
+        runs_as = copy.upper()
     context = model.context_length
     if estimate is not None:
         context = estimate.context_length

@@ -3,7 +3,8 @@
 An LLM service holds its weights, a KV cache for every batch slot at the card's context length,
 and a runtime (Python, gunicorn, the engine's buffers). Per backend:
 
-- llama_cpp: the weights it runs (the GGUF as it is, or its F16 copy: 2 bytes per parameter) are
+- llama_cpp: the weights it runs (the GGUF as it is, or a copy: Q8_0 34 bytes per 32 parameters,
+  BF16 and F16 2 bytes per parameter) are
   mapped whole; the KV cache is allocated up front at start, F16 keys and values for
   `batch_slots × context_length` positions (llama.cpp's default cache type).
 - transformers: the weights in float32 (bfloat16 / float16 with half precision), whatever the file
@@ -36,6 +37,9 @@ PREFIX_CACHE_BYTES = 64 * MIB  # the transformers engine's prefix cache (engines
 # What llama_cpp serves per sequence when a card sets no context_length (its LlamaCppEngineConfig default).
 LLAMA_CPP_DEFAULT_CONTEXT = 2048
 DEFAULT_BATCH_SLOTS = 16  # the service's MAX_BATCH_SIZE default
+# The size of each copy GGUF_WEIGHTS may ask llama.cpp to run (common.model_sources.LLAMA_CPP_COPIES):
+# Q8_0 keeps 32 weights as 32 bytes and one F16 scale.
+LLAMA_CPP_COPY_BYTES_PER_PARAMETER = {"q8_0": 34 / 32, "bf16": 2, "f16": 2}
 _SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([KMGT])?i?B?$", re.IGNORECASE)
 _UNITS = {"": 1, "K": KIB, "M": MIB, "G": GIB, "T": 2**40}
 
@@ -129,7 +133,8 @@ def estimate_llm_memory(
     context = served_context(backend, context_length, facts.context_window)
     if backend == "llama_cpp":
         element = 2  # llama.cpp's default KV cache type is F16
-        weights = facts.parameter_count * 2 if gguf_weights == "f16" and facts.parameter_count else facts.file_size
+        per_parameter = LLAMA_CPP_COPY_BYTES_PER_PARAMETER.get(gguf_weights)
+        weights = int(facts.parameter_count * per_parameter) if per_parameter and facts.parameter_count else facts.file_size
         extra = 0
     else:
         element = 2 if half_precision else 4

@@ -153,6 +153,10 @@ def test_the_estimate_is_weights_plus_the_kv_cache_of_every_slot_plus_runtime():
     assert on_transformers.kv_cache == 2 * per_token_f16 * 2048 * 16
     quantised = estimate_llm_memory(facts, backend="llama_cpp", context_length=2048, batch_slots=16, gguf_weights="file")
     assert quantised.weights == facts.file_size
+    bf16 = estimate_llm_memory(facts, backend="llama_cpp", context_length=2048, batch_slots=16, gguf_weights="bf16")
+    q8_0 = estimate_llm_memory(facts, backend="llama_cpp", context_length=2048, batch_slots=16, gguf_weights="q8_0")
+    assert bf16.weights == on_llama_cpp.weights
+    assert q8_0.weights == facts.parameter_count * 34 // 32  # 32 bytes and an F16 scale per 32 weights
     longer = estimate_llm_memory(facts, backend="llama_cpp", context_length=100_000, batch_slots=1, gguf_weights="f16")
     assert longer.context_length == 8192  # never above the window
 

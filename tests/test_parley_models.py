@@ -91,12 +91,12 @@ def test_a_known_file_under_another_name_gets_the_registrys_settings_and_a_pin(c
     assert f"my-smollm.gguf: recognised by its sha256 ({EMBEDDED_SHA256[:12]}…) as SmolLM2-135M-Instruct" in output
     model = load_card(checkout / "components/transformers-lm-copy.yml").model
     assert model.sha256 == EMBEDDED_SHA256 and model.family == "smollm2"
-    assert (model.context_length, model.stop, model.gguf_weights) == (2048, ["<|im_end|>"], "f16")
+    assert (model.context_length, model.stop, model.gguf_weights) == (2048, ["<|im_end|>"], "bf16")
     assert model.generation_config == {"max_new_tokens": 64, "min_new_tokens": 1, "do_sample": False, "num_return_sequences": 1}
     assert model.derived.guessed == []
     served = environment(checkout, "transformers-lm-copy")
     assert served["SERVED_MODEL_NAME"] == "transformers-lm-copy"
-    assert (served["CONTEXT_LENGTH"], served["GGUF_WEIGHTS"], served["MODEL_SHA256"]) == ("2048", "f16", EMBEDDED_SHA256)
+    assert (served["CONTEXT_LENGTH"], served["GGUF_WEIGHTS"], served["MODEL_SHA256"]) == ("2048", "bf16", EMBEDDED_SHA256)
     assert json.loads(served["STOP_SEQUENCES"]) == ["<|im_end|>"]
     assert parley(checkout, "check", "--no-tools") == "ok: the bundle is consistent\n"
 
@@ -270,7 +270,7 @@ def test_list_json_gives_every_field_of_every_llm(checkout: Path, models_folder:
     shipped = rows["transformers-lm-smollm2"]
     assert shipped["kind"] == "transformers" and shipped["source"] == DEFAULT_MODEL_NAME
     assert shipped["sha256"] == EMBEDDED_SHA256 and shipped["backend"] == "llama_cpp"
-    assert (shipped["quantization"], shipped["runs_as"], shipped["context_length"]) == ("Q4_1", "F16", 2048)
+    assert (shipped["quantization"], shipped["runs_as"], shipped["context_length"]) == ("Q4_1", "BF16", 2048)
     assert shipped["ram_estimate"] == 269030016 + 2 * 30 * 3 * 64 * 2 * 2048 * 16 + 512 * 2**20
     assert (shipped["ram_usage"], shipped["port"], shipped["distributions"]) == ("1536M", 8180, ALL_DISTS)
     assert shipped["names"] == ["transformers-lm-smollm2", "SmolLM2-135M-Instruct"]
@@ -284,7 +284,7 @@ def test_list_prints_a_table_with_a_short_sha256_and_the_memory(checkout: Path):
     assert header.split() == ["name", "kind", "source", "sha256", "backend", "quant", "context", "RAM", "est", "/", "limit",
                               "port", "distributions", "names"]
     assert row.split() == ["transformers-lm-smollm2", "transformers", DEFAULT_MODEL_NAME, EMBEDDED_SHA256[:12], "llama_cpp",
-                           "Q4_1→F16", "2048", "1.5GiB", "/", "1.5GiB", "8180", ",".join(ALL_DISTS),
+                           "Q4_1→BF16", "2048", "1.5GiB", "/", "1.5GiB", "8180", ",".join(ALL_DISTS),
                            "transformers-lm-smollm2,SmolLM2-135M-Instruct"]
 
 

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.model
 MODEL = "smollm2-135m-instruct"
 ALIAS = "parley-smollm2"
 GREEDY = {"do_sample": False, "num_return_sequences": 1}
-# llama.cpp runs the embedded model's F16 copy (GGUF_WEIGHTS=auto): on its Q4_1 kernels this very
+# llama.cpp runs the embedded model's BF16 copy (GGUF_WEIGHTS=auto): on its Q4_1 kernels this very
 # question gets nonsense (see common/model_sources.py).
 CAPITAL_QUESTION = "What is the capital of France?"
 

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from common.lm_protocol import DEFAULT_GENERATIVE_CONFIG, GenerationCaps, GenerationConfig
-from common.model_sources import EMBEDDED_MODELS
+from common.model_sources import EMBEDDED_MODELS, GgufWeights
 from common.settings_support import CommaList, Json, RepoPath, ServiceSettings, SettingsError
 
 
@@ -86,7 +86,7 @@ class Settings(ServiceSettings):
     )
     model_cache_dir: RepoPath = Field(
         ".cache/models", validate_default=True,
-        description="where converted models are kept (GGUF → safetensors for transformers, the F16 copy for llama.cpp)",
+        description="where converted models are kept (GGUF → safetensors for transformers, the llama.cpp copies)",
     )
     model_sha256: str | None = Field(None, description="pinned sha256 of the model file; a mismatch refuses to start")
     backend: str = Field("auto", description="auto, transformers or llama_cpp (auto: llama_cpp for .gguf when installed)")
@@ -108,11 +108,12 @@ class Settings(ServiceSettings):
             "modelling code, any architecture) or auto (native when the model is one it computes, else transformers)"
         ),
     )
-    gguf_weights: Literal["auto", "file", "f16"] = Field(
+    gguf_weights: GgufWeights = Field(
         "auto",
         description=(
-            "what the llama_cpp backend runs: file (the GGUF's own quantisation), f16 (a copy dequantised once "
-            "to F16, cached in MODEL_CACHE_DIR) or auto (f16 for embedded models that need it, else file)"
+            "what the llama_cpp backend runs: file (the GGUF's own quantisation), or a copy llama.cpp's quantiser "
+            "makes once and caches in MODEL_CACHE_DIR: q8_0 (8-bit blocks), bf16 (AVX512_BF16 kernels) or f16 "
+            "(the file dequantised); auto: the embedded model's choice (bf16 for SmolLM2), else file"
         ),
     )
     context_length: int | None = Field(

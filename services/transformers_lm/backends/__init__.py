@@ -64,7 +64,7 @@ class LoadOptions:
     threads: int | None = None  # CPU threads for backends that take a count; None: the cores this process may use
     max_batch_size: int = 16  # sequences a batching engine decodes together
     model_code: str = "auto"  # transformers backend: native | transformers | auto (native when it can)
-    gguf_weights: str = "file"  # llama_cpp: the GGUF as it is ("file"), a cached F16 copy ("f16"), or "auto"
+    gguf_weights: str = "file"  # llama_cpp: the GGUF as it is ("file"), a cached copy ("q8_0", "bf16", "f16"), or "auto"
     context_length: int | None = None  # tokens per sequence, at most the model's window; None: the backend's default
 
     def window(self, model_window: int) -> int:

@@ -14,7 +14,7 @@ import logging
 import os
 from pathlib import Path
 
-from common.model_sources import ModelSource, SourceKind, file_sha256, gguf_weights_to_run
+from common.model_sources import LLAMA_CPP_COPIES, ModelSource, SourceKind, file_sha256, gguf_weights_to_run
 from services.transformers_lm.backends import (
     Backend,
     ChatMessage,
@@ -31,9 +31,15 @@ from services.transformers_lm.engines.llama_cpp_model import LlamaCppModel, Llam
 
 logger = logging.getLogger(__name__)
 
+# Each copy GGUF_WEIGHTS may ask for (common.model_sources.LLAMA_CPP_COPIES), as llama.cpp's
+# quantiser names its file type.
+COPY_FILE_TYPES = {"q8_0": "LLAMA_FTYPE_MOSTLY_Q8_0", "bf16": "LLAMA_FTYPE_MOSTLY_BF16", "f16": "LLAMA_FTYPE_MOSTLY_F16"}
+assert set(COPY_FILE_TYPES) == set(LLAMA_CPP_COPIES)
+
+
 def weights_to_run(requested: str, gguf_weights: str) -> str:
-    """What llama.cpp runs for a source: "file" (the GGUF's own quantisation) or "f16" (a cached
-    dequantised copy); GGUF_WEIGHTS=auto means f16 for the embedded models that need it
+    """What llama.cpp runs for a source: "file" (the GGUF's own quantisation) or a cached copy
+    (q8_0, bf16, f16); GGUF_WEIGHTS=auto means the embedded model's choice
     (common.model_sources.EmbeddedModel.llama_cpp_weights), else the file."""
     return gguf_weights_to_run(requested, gguf_weights)
 
@@ -101,27 +107,33 @@ def eos_token_ids_and_stop_sequences(model: LlamaCppModel, additional_eos_tokens
     return tuple(sorted(ids)), tuple(stop_sequences)
 
 
-def f16_copy(gguf_path: Path, cache_dir: Path, sha256: str | None = None) -> Path:
-    """The GGUF dequantised once to F16 (GGUF_WEIGHTS=f16), cached by the source file's sha256.
+def converted_copy(gguf_path: Path, kind: str, cache_dir: Path, sha256: str | None = None) -> Path:
+    """The GGUF converted once by llama.cpp's own quantiser to `kind` (q8_0, bf16 or f16: GGUF_WEIGHTS),
+    cached by the source file's sha256, so every later start maps the copy at once.
 
-    llama.cpp's quantised kernels also quantise activations to 8 bits; a small model can lose its
-    answers to that, and its F16 copy computes with the dequantised weights instead.
+    llama.cpp's kernels for 4-bit blocks also quantise activations to 8 bits; a small model can lose
+    its answers to that, and a copy computes with (nearly) the dequantised weights instead: F16 is the
+    file dequantised, BF16 runs on AVX512_BF16 dot products, Q8_0 on 8-bit (VNNI) ones.
     """
-    target = cache_dir / f"gguf-f16-{(sha256 or file_sha256(gguf_path))[:32]}.gguf"
+    if kind not in COPY_FILE_TYPES:
+        raise ModelLoadError(f"GGUF_WEIGHTS={kind} is not a copy llama.cpp makes here: use one of {', '.join(COPY_FILE_TYPES)} or file")
+    target = cache_dir / f"gguf-{kind}-{(sha256 or file_sha256(gguf_path))[:32]}.gguf"
     if target.is_file():
         return target
     cache_dir.mkdir(parents=True, exist_ok=True)
     llama_cpp = import_llama_cpp()
     staging = target.with_name(f"{target.name}.{os.getpid()}.partial")
     params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_F16
+    params.ftype = getattr(llama_cpp, COPY_FILE_TYPES[kind])
     params.allow_requantize = True
     params.nthread = default_threads()
-    logger.info("converting %s to F16 for llama.cpp once (cached in %s)", gguf_path.name, cache_dir)
+    logger.info("converting %s to %s for llama.cpp once (cached in %s)", gguf_path.name, kind.upper(), cache_dir)
     status = llama_cpp.llama_model_quantize(str(gguf_path).encode(), str(staging).encode(), ctypes.byref(params))
     if status != 0 or not staging.is_file():
         staging.unlink(missing_ok=True)
-        raise ModelLoadError(f"llama.cpp could not convert {gguf_path} to F16 (status {status}): set GGUF_WEIGHTS=file")
+        raise ModelLoadError(
+            f"llama.cpp could not convert {gguf_path} to {kind.upper()} (status {status}): set GGUF_WEIGHTS=file"
+        )
     staging.replace(target)  # atomic: a concurrent start sees either no copy or a whole one
     return target
 
@@ -155,8 +167,9 @@ class LlamaCppBackend(Backend):
         if options.sha256:
             sha256 = check_sha256_pin(source.path, options.sha256)
         weights_path = source.path
-        if weights_to_run(source.requested, options.gguf_weights) == "f16":
-            weights_path = f16_copy(source.path, options.cache_dir, sha256)  # a pinned file is hashed once
+        weights = weights_to_run(source.requested, options.gguf_weights)
+        if weights != "file":
+            weights_path = converted_copy(source.path, weights, options.cache_dir, sha256)  # a pinned file is hashed once
         try:
             model = LlamaCppModel.load(weights_path)
         except LlamaCppUnavailableError as error:
