@@ -6,6 +6,7 @@ import contextlib
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -126,6 +127,17 @@ def wait_ready(server: ServerProcess, path: str = "/health", timeout_seconds: fl
                 return time.monotonic() - server.started_at
         time.sleep(0.05)
     raise TimeoutError(f"{server.base_url}{path} not ready after {timeout_seconds}s:\n{server.log_tail()}")
+
+
+def run_in_threads(count: int, target: Callable[[int], None]) -> float:
+    """`target(0)` ... `target(count - 1)`, each in a thread of its own, all at once; the seconds until the last ends."""
+    threads = [threading.Thread(target=target, args=(number,)) for number in range(count)]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - started
 
 
 Step = Callable[[BenchContext], None]

@@ -36,6 +36,7 @@ from bench.common import (
     Measurement,
     chat_messages,
     free_port,
+    run_in_threads,
     server_process,
     wait_ready,
 )
@@ -151,13 +152,7 @@ def llama_cpp_engine_profile(ctx: BenchContext) -> None:
                     latencies.append(time.perf_counter() - sent)
 
         ctx.progress(f"llama.cpp engine in-process: {clients} closed-loop clients, {ctx.rounds} requests each")
-        threads = [threading.Thread(target=client, args=(n,)) for n in range(clients)]
-        started = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        seconds = time.perf_counter() - started
+        seconds = run_in_threads(clients, client)
         stats = loaded.engine.stats
     finally:
         loaded.close()

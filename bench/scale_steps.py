@@ -36,6 +36,7 @@ from bench.common import (
     BenchContext,
     Measurement,
     free_port,
+    run_in_threads,
     server_process,
     wait_ready,
 )
@@ -116,13 +117,7 @@ def _closed_loop_tokens_per_second(users: int, rounds: int, llm_url: str, one_tu
                     errors.append(f"{type(error).__name__}: {error}")
 
     before = _llm_generated_tokens(llm_url)
-    threads = [threading.Thread(target=user, args=(n,)) for n in range(users)]
-    started = time.perf_counter()
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - started
+    seconds = run_in_threads(users, user)
     tokens = int(_llm_generated_tokens(llm_url) - before)
     return tokens / seconds, tokens, errors
 
