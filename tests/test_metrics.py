@@ -121,7 +121,10 @@ def test_the_engine_gauges_read_a_live_sequence_and_fall_back_to_zero(llm_with_r
     body = {"model": MODEL, "messages": [{"role": "user", "content": "Count."}], "max_tokens": 4000, "min_tokens": 4000,
             "temperature": 0, "stream": True}
     with requests.post(llm_with_room.url("/v1/chat/completions"), json=body, stream=True, timeout=120) as answer:
-        next(answer.iter_lines())  # the first event (the role chunk): the sequence is queued or in the batch
+        # The first event (the role chunk): the sequence is queued or in the batch. The line iterator is
+        # kept: dropping it would close the chunked response, and the service would cancel the sequence.
+        events = answer.iter_lines()
+        next(events)
         # It runs, and its keys and values are in the cache once its prompt was computed, a step later
         # at most (on a busy machine, seconds later).
         deadline = time.monotonic() + 60
@@ -130,6 +133,7 @@ def test_the_engine_gauges_read_a_live_sequence_and_fall_back_to_zero(llm_with_r
             if value(live, "parley:num_requests_running", model_name=MODEL) and value(live, "parley:kv_cache_usage_perc", model_name=MODEL):
                 break
             time.sleep(0.05)
+        del events
     # The client left: the service cancels the sequence, and the engine frees its slot at its next step.
     deadline = time.monotonic() + 60
     while value(idle := scrape(llm_with_room), "parley:num_requests_running", model_name=MODEL) and time.monotonic() < deadline:
