@@ -192,7 +192,7 @@ def llama_cpp_service(ctx: BenchContext) -> None:
     env = {
         "BACKEND": "llama_cpp",
         # The same Q4_1 weights as the in-process reference and llama-server (the service's default
-        # for the embedded model is its F16 copy, which answers better but is another workload).
+        # for the embedded model is its BF16 copy, which answers better but is another workload).
         "GGUF_WEIGHTS": "file",
         "MAX_BATCH_SIZE": str(max(ctx.client_counts)),
         "THREADS": str(_threads()),
