@@ -123,11 +123,25 @@ def markdown(run: dict) -> str:
         ],
     )
     facts = run.get("facts") or {}
+    profiles = [f"- {_cell(name)}: {_flat(values)}" for name, values in facts.items() if "profile" in name and isinstance(values, dict)]
+    if profiles:
+        lines += ["", "Where the steps' time goes (the engines' profiles):", "", *profiles]
     notes = [f"failed: {_note(failure)}" for failure in facts.get("failed_steps", [])]
     notes += [f"skipped: {_note(skipped)}" for skipped in facts.get("skipped", [])]
     if notes:
         lines += ["", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
+
+
+def _flat(values: dict, prefix: str = "") -> str:
+    """A profile's numbers on one line, nested ones under their parent's name: `decode_ms 12.30, ms.linear 4.10`."""
+    parts = []
+    for key, value in values.items():
+        if isinstance(value, dict):
+            parts.append(_flat(value, f"{prefix}{key}."))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            parts.append(f"{prefix}{key} {value:.2f}" if isinstance(value, float) else f"{prefix}{key} {value}")
+    return _cell(", ".join(part for part in parts if part))
 
 
 def _note(fact) -> str:

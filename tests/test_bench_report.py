@@ -110,6 +110,18 @@ def test_markdown_lists_failed_and_skipped_steps():
     assert "- skipped: llama_server_peer: llama-server not found" in block.splitlines()
 
 
+def test_markdown_lists_each_engine_profile_on_one_line_nested_numbers_under_their_parent():
+    facts = {"llama.cpp engine profile": {"steps": 120, "decode_ms_per_step": 21.456},
+             "engine profile, native decode step": {"rows": 16, "ms": {"linear": 4.1, "attention": 0.75}},
+             "parley service startup": {"ready_seconds": 2.0}}
+
+    block = markdown({**RUN, "facts": facts})
+
+    assert "- llama.cpp engine profile: steps 120, decode_ms_per_step 21.46" in block.splitlines()
+    assert "- engine profile, native decode step: rows 16, ms.linear 4.10, ms.attention 0.75" in block.splitlines()
+    assert "ready_seconds" not in block
+
+
 def test_markdown_without_failures_has_no_list():
     block = markdown({**RUN, "facts": {"parley service startup": {"ready_seconds": 2.0}}})
 
