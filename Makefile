@@ -104,7 +104,7 @@ test-multinode: install
 
 # Throughput and latency of the LLM service against raw `model.generate` and the peer
 # (`transformers serve --continuous-batching`, from the bench extra), all in one run: a progress line
-# per step, then the table with ratios, also written as JSON and Markdown under bench/results/. About an hour
+# per step, then the table with ratios, also written as JSON and Markdown under bench/results/. About 9 minutes
 # on an idle 2-core machine. BENCH_ARGS="--only raw_generate --rounds 1" runs less.
 BENCH_STAMP := $(VENV)/.parley-bench-installed
 BENCH_ARGS ?=
