@@ -47,14 +47,22 @@ REFUSED_KEY = user_key("refused")
 DEBUG = {"LOG_LEVEL": "debug"}
 
 
+# Greedy: whether a turn reaches the skill must depend on its key alone. The tiny model's sampled
+# answers through the OpenAI forwarder (which has no minimum length) were now and then empty, and
+# an empty answer also leaves the turn to the last-chance service.
+GREEDY_CONFIG = {"max_new_tokens": 8, "do_sample": False, "num_return_sequences": 1}
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
     folder = tmp_path_factory.mktemp("keys")
+    greedy = folder / "greedy-generative-config.json"
+    greedy.write_text(json.dumps(GREEDY_CONFIG))
     guarded = {"PARLEY_API_KEYS": SERVICE_KEY, "SERVICE_HOST": "127.0.0.1", **DEBUG}
     with llm_service(folder, PARLEY_API_KEYS=",".join(KEYS.values()), SERVICE_HOST="127.0.0.1", **DEBUG) as upstream, \
             service_server("openai_api_lm", {**guarded, "OPENAI_BASE_URL": upstream.url("/v1"), "ALLOW_REQUEST_API_KEYS": "1",
                                              "PRETRAINED_MODEL_NAME_OR_PATH": tiny_model_dir().name, "OPENAI_API_KEY": ""}) as forwarder, \
-            skill_service(folder, forwarder, **guarded,
+            skill_service(folder, forwarder, **guarded, GENERATIVE_SERVICE_CONFIG=str(greedy),
                           LLM_ENDPOINTS=json.dumps({forwarder.url("/respond"): {"key_env_vars": ["OPENAI_API_KEY"]}})) as skill, \
             agent_service(folder, skill, folder / "state.sqlite3", **guarded) as agent:
         yield {"agent": agent, "servers": [agent, skill, forwarder, upstream], "folder": folder}
