@@ -24,7 +24,6 @@ import os
 import shutil
 import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 from bench.common import (
@@ -41,7 +40,7 @@ from bench.common import (
     wait_ready,
 )
 from bench.load import run_closed_loop
-from bench.service_steps import REQUEST_TIMEOUT_SECONDS, SERVICE_DIR, chat_payload, measure_service
+from bench.service_steps import REQUEST_TIMEOUT_SECONDS, SERVICE_DIR, chat_payload, measure_closed_loops, measure_service
 
 REFERENCE = ("llama-cpp-python in-process", "sequential")
 SERVICE_RESPOND = "llama.cpp backend /respond"
@@ -228,15 +227,7 @@ def llama_server_peer(ctx: BenchContext) -> None:
     log_path = REPO_ROOT / "bench/results/llama-server.log"
     with server_process(command, port=port, cwd=REPO_ROOT, env=_llama_server_env(binary), log_path=log_path) as server:
         wait_ready(server, "/health")
-        url = server.base_url + "/v1/chat/completions"
-        payload = chat_payload(MODEL_NAME, ctx.new_tokens)
-        run_closed_loop(url, payload, 1, 1, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
-        for clients in ctx.client_counts:
-            ctx.progress(f"llama-server: {clients} closed-loop clients, {ctx.rounds} requests each")
-            stats = run_closed_loop(
-                url, payload, clients, ctx.rounds, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
-            )
-            ctx.record(Measurement(**asdict(stats), system=PEER, mode="closed loop"))
+        _closed_loops(ctx, PEER, server.base_url + "/v1/chat/completions", ctx.client_counts, {})
 
 
 def weights_file(kind: str) -> Path:
@@ -299,14 +290,8 @@ def llama_cpp_weights(ctx: BenchContext) -> None:
 
 def _closed_loops(ctx: BenchContext, system: str, url: str, counts: list[int], extra: dict) -> None:
     payload = chat_payload(MODEL_NAME, ctx.new_tokens)
-    run_closed_loop(url, payload, 1, 1, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
-    for clients in counts:
-        stats = run_closed_loop(
-            url, payload, clients, ctx.rounds, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
-        )
-        if stats.errors:
-            ctx.progress(f"  {len(stats.errors)} requests failed, first: {stats.errors[0]}")
-        ctx.record(Measurement(**asdict(stats), system=system, mode="closed loop", extra=extra))
+    run_closed_loop(url, payload, 1, 1, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS)  # warm-up
+    measure_closed_loops(ctx, system, url, payload, counts, extra)
 
 
 def _find(ctx: BenchContext, system: str, clients: int | None = None) -> Measurement | None:

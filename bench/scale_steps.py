@@ -22,7 +22,6 @@ import tempfile
 import threading
 import time
 import uuid
-from dataclasses import asdict
 from pathlib import Path
 
 import requests
@@ -41,7 +40,7 @@ from bench.common import (
     wait_ready,
 )
 from bench.load import run_closed_loop
-from bench.service_steps import REQUEST_TIMEOUT_SECONDS, SERVICE_DIR, chat_payload
+from bench.service_steps import REQUEST_TIMEOUT_SECONDS, SERVICE_DIR, chat_payload, measure_closed_loops
 
 MANY, FEWER = 64, 16
 BACKENDS = ("llama_cpp", "transformers")
@@ -67,15 +66,8 @@ def many_clients(ctx: BenchContext) -> None:
             wait_ready(server)
             url = server.base_url + "/v1/chat/completions"
             payload = chat_payload(MODEL_NAME, ctx.new_tokens)
-            run_closed_loop(url, payload, 1, 1, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
-            for clients in (FEWER, MANY):
-                ctx.progress(f"  {clients} closed-loop clients, {ctx.rounds} requests each")
-                stats = run_closed_loop(
-                    url, payload, clients, ctx.rounds, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
-                )
-                if stats.errors:
-                    ctx.progress(f"  {len(stats.errors)} requests failed, first: {stats.errors[0]}")
-                ctx.record(Measurement(**asdict(stats), system=scale_system(backend), mode="closed loop"))
+            run_closed_loop(url, payload, 1, 1, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS)  # warm-up
+            measure_closed_loops(ctx, scale_system(backend), url, payload, (FEWER, MANY))
 
 
 DIST = "universal_prompted_assistant"

@@ -44,15 +44,16 @@ def respond_payload(new_tokens: int):
     return lambda index: greedy_respond_payload(QUESTIONS[index % len(QUESTIONS)], new_tokens)
 
 
-def measure_closed_loops(ctx: BenchContext, system: str, url: str, payload) -> None:
-    for clients in ctx.client_counts:
+def measure_closed_loops(ctx: BenchContext, system: str, url: str, payload, counts=None, extra: dict | None = None) -> None:
+    """Closed-loop clients at each of `counts` (the run's client counts unless given), one row each."""
+    for clients in counts or ctx.client_counts:
         ctx.progress(f"{system}: {clients} closed-loop clients, {ctx.rounds} requests each")
         stats = run_closed_loop(
             url, payload, clients, ctx.rounds, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
         )
         if stats.errors:
             ctx.progress(f"  {len(stats.errors)} requests failed, first: {stats.errors[0]}")
-        ctx.record(Measurement(**asdict(stats), system=system, mode="closed loop"))
+        ctx.record(Measurement(**asdict(stats), system=system, mode="closed loop", extra=extra or {}))
 
 
 def measure_startup(ctx: BenchContext, name: str, server, chat_url: str, payload) -> None:
