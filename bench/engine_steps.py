@@ -180,4 +180,42 @@ def continuous_batching_engine(ctx: BenchContext) -> None:
         engine.close()
 
 
-STEPS = [continuous_batching_engine]
+# Short questions of the test suite, beside the bench's long ones.
+TEST_QUESTIONS = ("What is the capital of France?", "Name a primary colour.", "What do bees make?", "How many legs does a spider have?")
+
+
+def transformers_bf16_answers(ctx: BenchContext) -> None:
+    """Greedy answers of the service's transformers backend in bfloat16 against float32, on the bench's
+    and the tests' questions: how many are equal, where the others part, and whether each precision
+    answers the same batched as one at a time (what the engine's tests hold float32 to)."""
+    from services.transformers_lm.backends import ChatMessage, LoadOptions
+    from services.transformers_lm.backends.transformers_backend import load_transformers_model
+
+    questions = [*QUESTIONS, *TEST_QUESTIONS]
+    answers: dict[str, list[list[int]]] = {}
+    study: dict = {"questions": len(questions), "new_tokens": ctx.new_tokens}
+    for dtype, half in (("float32", False), ("bfloat16", True)):
+        ctx.progress(f"transformers {dtype}: {len(questions)} greedy answers, one at a time and batched")
+        loaded = load_transformers_model(ctx.model_dir, LoadOptions(device="cpu", half_precision=half, max_batch_size=len(questions)))
+        try:
+            sampling = SamplingParams(max_new_tokens=ctx.new_tokens, stop_token_ids=loaded.info.eos_token_ids)
+            requests = [GenerationRequest(tuple(loaded.encode(loaded.render_chat([ChatMessage("user", q)]))), sampling) for q in questions]
+            alone = [loaded.engine.submit(request).collect() for request in requests]
+            batched = [stream.collect() for stream in [loaded.engine.submit(request) for request in requests]]
+            study[f"{dtype} batched equals one at a time"] = sum(a == b for a, b in zip(alone, batched))
+            study[f"{dtype} capital of France"] = loaded.decode(alone[len(QUESTIONS)])
+            answers[dtype] = alone
+        finally:
+            loaded.close()
+    parted = [
+        next((index for index, (a, b) in enumerate(zip(first, second)) if a != b), min(len(first), len(second)))
+        for first, second in zip(answers["float32"], answers["bfloat16"])
+        if first != second
+    ]
+    study["bfloat16 equals float32"] = len(questions) - len(parted)
+    study["tokens before the others part"] = sorted(parted)
+    ctx.facts["transformers bf16 answers study"] = study
+    ctx.progress(f"  {study}")
+
+
+STEPS = [continuous_batching_engine, transformers_bf16_answers]

@@ -118,19 +118,30 @@ def markdown(run: dict) -> str:
     lines += _table(
         ["target", "measured", "goal", "met"],
         [
-            [check.get("target", ""), _number(check.get("measured"), ".2f"), check.get("goal", ""), "met" if check.get("met") else "**missed**"]
+            [check.get("target", ""), _number(check.get("measured"), ".2f"), check.get("goal", ""), _verdict(check.get("met"))]
             for check in run.get("targets", [])
         ],
     )
     facts = run.get("facts") or {}
-    profiles = [f"- {_cell(name)}: {_flat(values)}" for name, values in facts.items() if "profile" in name and isinstance(values, dict)]
+    profiles = [
+        f"- {_cell(name)}: {_flat(values)}"
+        for name, values in facts.items()
+        if ("profile" in name or "study" in name) and isinstance(values, dict)
+    ]
     if profiles:
-        lines += ["", "Where the steps' time goes (the engines' profiles):", "", *profiles]
+        lines += ["", "Where the steps' time goes (the engines' profiles), and the levers studied:", "", *profiles]
     notes = [f"failed: {_note(failure)}" for failure in facts.get("failed_steps", [])]
     notes += [f"skipped: {_note(skipped)}" for skipped in facts.get("skipped", [])]
     if notes:
         lines += ["", *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
+
+
+def _verdict(met: bool | None) -> str:
+    """A target's last column; None marks a row kept for reference, held to no goal."""
+    if met is None:
+        return "reference"
+    return "met" if met else "**missed**"
 
 
 def _flat(values: dict, prefix: str = "") -> str:

@@ -34,12 +34,16 @@ STEP_MODULES = (
     "bench.llama_cpp_steps",
     "bench.structured_steps",
     "bench.scale_steps",
+    "bench.draft_steps",
 )
 RAW_SEQUENTIAL = ("raw generate", "sequential")
 RAW_STATIC = ("raw generate", "static batch 16")
 PEER = "transformers serve --cb"
-# The transformers path, fp32 and bfloat16 (HALF_PRECISION): its rows are held to the targets below.
-TARGET_SYSTEMS = ("parley /respond", "parley /v1/chat/completions", "parley bf16 /respond", "parley bf16 /v1/chat/completions")
+# The transformers path in bfloat16 (HALF_PRECISION=true, what the goals below ask for where the CPU
+# has bf16 kernels) is held to them; its float32 rows (the default, see the bf16 answers study) are
+# compared the same way, for reference.
+TARGET_SYSTEMS = ("parley bf16 /respond", "parley bf16 /v1/chat/completions")
+REFERENCE_SYSTEMS = ("parley /respond", "parley /v1/chat/completions")
 PEER_GOAL = 2.5  # tokens/s at 16 clients against transformers serve --continuous-batching
 RAW_SEQUENTIAL_GOAL = 1.5  # tokens/s at 1 client against raw model.generate, one request at a time
 
@@ -109,24 +113,25 @@ def targets(ctx: BenchContext) -> list[dict]:
     raw_static = _find(ctx.measurements, *RAW_STATIC)
     peer_16 = _find(ctx.measurements, PEER, clients=16)
 
-    def check(name, value, goal, met):
-        checks.append({"target": name, "measured": value, "goal": goal, "met": met})
+    def check(name, value, goal, met, held=True):
+        checks.append({"target": name, "measured": value, "goal": goal, "met": met if held else None})
 
-    for system in TARGET_SYSTEMS:
+    for system in TARGET_SYSTEMS + REFERENCE_SYSTEMS:
+        held = system in TARGET_SYSTEMS
         ours_16 = _find(ctx.measurements, system, clients=16)
         ours_1 = _find(ctx.measurements, system, clients=1)
         if ours_16 and peer_16:
             ratio = _ratio(ours_16.tokens_per_second, peer_16)
-            check(f"{system} 16 clients tok/s vs peer", ratio, f">= {PEER_GOAL:.2f}", ratio is not None and ratio >= PEER_GOAL)
+            check(f"{system} 16 clients tok/s vs peer", ratio, f">= {PEER_GOAL:.2f}", ratio is not None and ratio >= PEER_GOAL, held)
             if ours_16.p50 is not None and peer_16.p50 is not None:
-                check(f"{system} 16 clients p50 vs peer p50", ours_16.p50 / peer_16.p50, "<= 1.00", ours_16.p50 <= peer_16.p50)
+                check(f"{system} 16 clients p50 vs peer p50", ours_16.p50 / peer_16.p50, "<= 1.00", ours_16.p50 <= peer_16.p50, held)
         if ours_16 and raw_static:
             ratio = _ratio(ours_16.tokens_per_second, raw_static)
-            check(f"{system} 16 clients tok/s vs raw static batch 16", ratio, ">= 0.95", ratio is not None and ratio >= 0.95)
+            check(f"{system} 16 clients tok/s vs raw static batch 16", ratio, ">= 0.95", ratio is not None and ratio >= 0.95, held)
         if ours_1 and raw_sequential:
             ratio = _ratio(ours_1.tokens_per_second, raw_sequential)
             check(f"{system} 1 client tok/s vs raw sequential", ratio, f">= {RAW_SEQUENTIAL_GOAL:.2f}",
-                  ratio is not None and ratio >= RAW_SEQUENTIAL_GOAL)
+                  ratio is not None and ratio >= RAW_SEQUENTIAL_GOAL, held)
     for name in STEP_MODULES:  # a step module may add its own targets (e.g. against its own peer)
         if importlib.util.find_spec(name) is not None:
             checks.extend(getattr(importlib.import_module(name), "targets", lambda _ctx: [])(ctx))
@@ -181,7 +186,8 @@ def main(only: tuple[str, ...], rounds: int, clients: str, output: Path | None) 
     print("targets:")
     for check in checks:
         measured = "-" if check["measured"] is None else f"{check['measured']:.2f}"
-        print(f"  [{'met' if check['met'] else 'MISSED'}] {check['target']}: {measured} (goal {check['goal']})")
+        label = "reference" if check["met"] is None else "met" if check["met"] else "MISSED"
+        print(f"  [{label}] {check['target']}: {measured} (goal {check['goal']})")
 
     output = output or REPO_ROOT / "bench" / "results" / f"bench-{datetime.now(timezone.utc):%Y%m%dT%H%M%SZ}.json"
     output.parent.mkdir(parents=True, exist_ok=True)

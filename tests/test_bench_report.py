@@ -45,6 +45,7 @@ RUN = {
         {"target": "parley /respond 16 clients tok/s vs peer", "measured": 1.234, "goal": ">= 1.10", "met": True},
         {"target": "parley /respond 1 client tok/s vs raw sequential", "measured": 0.9, "goal": ">= 0.95", "met": False},
         {"target": "parley service ready after start (s)", "measured": None, "goal": "<= 5", "met": False},
+        {"target": "parley /respond fp32 16 clients tok/s vs peer", "measured": 2.2, "goal": ">= 2.50", "met": None},
     ],
     "facts": {
         "failed_steps": [{"step": "transformers_serve", "error": "TimeoutError: not ready in 60 s"}],
@@ -101,6 +102,10 @@ def test_markdown_targets_mark_the_missed_ones():
         "| parley /respond 1 client tok/s vs raw sequential | 0.90 | >= 0.95 | **missed** |"
     )
     assert _table_line(block, "parley service ready after start (s)") == "| parley service ready after start (s) | - | <= 5 | **missed** |"
+    # A row held to no goal (met: None) is there for comparison only.
+    assert _table_line(block, "parley /respond fp32 16 clients tok/s vs peer") == (
+        "| parley /respond fp32 16 clients tok/s vs peer | 2.20 | >= 2.50 | reference |"
+    )
 
 
 def test_markdown_lists_failed_and_skipped_steps():
@@ -113,12 +118,14 @@ def test_markdown_lists_failed_and_skipped_steps():
 def test_markdown_lists_each_engine_profile_on_one_line_nested_numbers_under_their_parent():
     facts = {"llama.cpp engine profile": {"steps": 120, "decode_ms_per_step": 21.456},
              "engine profile, native decode step": {"rows": 16, "ms": {"linear": 4.1, "attention": 0.75}},
+             "llama.cpp draft study": {"ngram >= 2": {"tokens_per_step": 1.0557}},
              "parley service startup": {"ready_seconds": 2.0}}
 
     block = markdown({**RUN, "facts": facts})
 
     assert "- llama.cpp engine profile: steps 120, decode_ms_per_step 21.46" in block.splitlines()
     assert "- engine profile, native decode step: rows 16, ms.linear 4.10, ms.attention 0.75" in block.splitlines()
+    assert "- llama.cpp draft study: ngram >= 2.tokens_per_step 1.06" in block.splitlines()
     assert "ready_seconds" not in block
 
 
