@@ -67,7 +67,9 @@ def many_clients(ctx: BenchContext) -> None:
             url = server.base_url + "/v1/chat/completions"
             payload = chat_payload(MODEL_NAME, ctx.new_tokens)
             run_closed_loop(url, payload, 1, 1, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS)  # warm-up
-            measure_closed_loops(ctx, scale_system(backend), url, payload, (FEWER, MANY))
+            # Twice the run's rounds: at 16 clients two rounds last a few seconds, and the first
+            # wave's shared prefill weighs on the ratio as much as the steady state does.
+            measure_closed_loops(ctx, scale_system(backend), url, payload, (FEWER, MANY), rounds=2 * ctx.rounds)
 
 
 DIST = "universal_prompted_assistant"

@@ -44,12 +44,16 @@ def respond_payload(new_tokens: int):
     return lambda index: greedy_respond_payload(QUESTIONS[index % len(QUESTIONS)], new_tokens)
 
 
-def measure_closed_loops(ctx: BenchContext, system: str, url: str, payload, counts=None, extra: dict | None = None) -> None:
-    """Closed-loop clients at each of `counts` (the run's client counts unless given), one row each."""
+def measure_closed_loops(
+    ctx: BenchContext, system: str, url: str, payload, counts=None, extra: dict | None = None, rounds: int | None = None
+) -> None:
+    """Closed-loop clients at each of `counts` (the run's client counts unless given), `rounds` requests
+    each (the run's unless given), one row each."""
+    rounds = rounds or ctx.rounds
     for clients in counts or ctx.client_counts:
-        ctx.progress(f"{system}: {clients} closed-loop clients, {ctx.rounds} requests each")
+        ctx.progress(f"{system}: {clients} closed-loop clients, {rounds} requests each")
         stats = run_closed_loop(
-            url, payload, clients, ctx.rounds, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
+            url, payload, clients, rounds, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
         )
         if stats.errors:
             ctx.progress(f"  {len(stats.errors)} requests failed, first: {stats.errors[0]}")
