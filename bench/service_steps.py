@@ -28,6 +28,10 @@ from bench.load import greedy_respond_payload, run_closed_loop
 
 SERVICE_DIR = REPO_ROOT / "services" / "transformers_lm"
 REQUEST_TIMEOUT_SECONDS = 900
+# Requests a closed-loop row takes at least. At 1 client the run's 2 rounds are 2 requests (about
+# 0.6 s on llama.cpp) on the first 2 questions, the first just answered by the warm-up: llama-server
+# read 122 tok/s on those, and 98 over 16 requests on all the questions.
+MIN_REQUESTS_PER_ROW = 8
 
 
 def chat_payload(model: str, new_tokens: int):
@@ -48,12 +52,12 @@ def measure_closed_loops(
     ctx: BenchContext, system: str, url: str, payload, counts=None, extra: dict | None = None, rounds: int | None = None
 ) -> None:
     """Closed-loop clients at each of `counts` (the run's client counts unless given), `rounds` requests
-    each (the run's unless given), one row each."""
-    rounds = rounds or ctx.rounds
+    each (the run's unless given, and at least MIN_REQUESTS_PER_ROW in all), one row each."""
     for clients in counts or ctx.client_counts:
-        ctx.progress(f"{system}: {clients} closed-loop clients, {rounds} requests each")
+        rounds_here = max(rounds or ctx.rounds, -(-MIN_REQUESTS_PER_ROW // clients))
+        ctx.progress(f"{system}: {clients} closed-loop clients, {rounds_here} requests each")
         stats = run_closed_loop(
-            url, payload, clients, rounds, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
+            url, payload, clients, rounds_here, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS
         )
         if stats.errors:
             ctx.progress(f"  {len(stats.errors)} requests failed, first: {stats.errors[0]}")
