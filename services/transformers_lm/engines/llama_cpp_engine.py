@@ -33,8 +33,9 @@ Why this shape (measured on a 2-core CPU with SmolLM2-135M Q4_1, see bench/llama
   and loses, so the engine does not draft (`make bench`'s `llama_cpp_draft_study`, BF16 default
   weights, the bench's questions, 32 tokens): drafts would be right so rarely that a step yields
   1.06–1.11 tokens, while a second row of one sequence costs 1.7–1.8× a one-row step (11.0–11.2 →
-  18.8–20.4 ms; 4 rows 23–27 ms) and at 16 sequences each extra row costs about as much as a
-  sequence's own row (39–44 ms for 16 rows, 100–114 ms for 64). Predicted gain, over three runs:
+  18.8–20.4 ms; 4 rows 23–27 ms) and at 16 sequences each extra row costs about half a
+  sequence's own row (39–44 ms for 16 rows, 100–114 ms for 64), more than the 6–11 % more
+  tokens the drafts bring. Predicted gain, over three runs:
   0.73–0.79× at 1 client and 0.67–0.74× at 16 with 1-token tails, 0.97–0.99× and 0.95–0.97× with
   2-token tails (fewer, better drafts).
 - A beam search (`submit_beam_search`) takes `num_beams` slots together: the first computes the
