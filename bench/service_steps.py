@@ -64,6 +64,15 @@ def measure_closed_loops(
         ctx.record(Measurement(**asdict(stats), system=system, mode="closed loop", extra=extra or {}))
 
 
+def warm_up_and_measure_chat(
+    ctx: BenchContext, system: str, url: str, counts, extra: dict | None = None, rounds: int | None = None
+) -> None:
+    """One warm-up chat request to `url` (a /v1/chat/completions), then `measure_closed_loops` on it."""
+    payload = chat_payload(MODEL_NAME, ctx.new_tokens)
+    run_closed_loop(url, payload, 1, 1, tokens_per_request=ctx.new_tokens, timeout_seconds=REQUEST_TIMEOUT_SECONDS)
+    measure_closed_loops(ctx, system, url, payload, counts, extra, rounds)
+
+
 def measure_startup(ctx: BenchContext, name: str, server, chat_url: str, payload) -> None:
     """Ready time, then the first request and a few more at one client, one after another.
 
