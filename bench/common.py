@@ -88,6 +88,14 @@ def chat_messages(question: str) -> list[dict]:
     return [{"role": "user", "content": question}]
 
 
+def chat_prompt_ids(loaded, questions) -> list[tuple[int, ...]]:
+    """Each question as a one-message chat, rendered by a loaded model's own template and tokenised,
+    as the service builds a /v1/chat/completions prompt."""
+    from services.transformers_lm.backends import ChatMessage
+
+    return [tuple(loaded.encode(loaded.render_chat([ChatMessage("user", question)]))) for question in questions]
+
+
 @dataclass
 class ServerProcess:
     process: subprocess.Popen

@@ -20,7 +20,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from bench.common import MODEL_NAME, QUESTIONS, REPO_ROOT, BenchContext
+from bench.common import MODEL_NAME, QUESTIONS, REPO_ROOT, BenchContext, chat_prompt_ids
 from bench.llama_cpp_steps import _available, _threads
 
 DRAFT_TOKENS = 3  # drafts per sequence per step
@@ -41,7 +41,7 @@ def prompt_lookup_draft(context: list[int], draft_tokens: int, shortest: int, lo
     return []
 
 
-def replay_drafts(prompt: list[int], answer: list[int], draft_tokens: int, shortest: int) -> tuple[int, list[int]]:
+def replay_drafts(prompt: tuple[int, ...] | list[int], answer: list[int], draft_tokens: int, shortest: int) -> tuple[int, list[int]]:
     """Replay prompt-lookup drafting over a greedy answer: (steps it would take, drafts per step).
 
     Each step feeds the last token with its drafts; the model's greedy pick after each fed token
@@ -49,7 +49,7 @@ def replay_drafts(prompt: list[int], answer: list[int], draft_tokens: int, short
     """
     position, steps, drafts_per_step = 0, 0, []
     while position < len(answer):
-        draft = prompt_lookup_draft(prompt + answer[:position], draft_tokens, shortest)
+        draft = prompt_lookup_draft([*prompt, *answer[:position]], draft_tokens, shortest)
         accepted = 0
         while accepted < len(draft) and position + accepted < len(answer) and draft[accepted] == answer[position + accepted]:
             accepted += 1
@@ -63,7 +63,7 @@ def llama_cpp_draft_study(ctx: BenchContext) -> None:
     if not _available(ctx, "llama.cpp draft study"):
         return
     from common.model_sources import gguf_weights_to_run, resolve_model_source
-    from services.transformers_lm.backends import ChatMessage, LoadOptions
+    from services.transformers_lm.backends import LoadOptions
     from services.transformers_lm.backends.llama_cpp_backend import LlamaCppBackend
     from services.transformers_lm.engines import GenerationRequest, SamplingParams
 
@@ -72,10 +72,10 @@ def llama_cpp_draft_study(ctx: BenchContext) -> None:
     options = LoadOptions(threads=_threads(), max_batch_size=clients, gguf_weights="auto", cache_dir=REPO_ROOT / ".cache" / "models")
     loaded = LlamaCppBackend().load(resolve_model_source(MODEL_NAME), options)
     try:
-        prompts = [loaded.encode(loaded.render_chat([ChatMessage("user", question)])) for question in QUESTIONS]
+        prompts = chat_prompt_ids(loaded, QUESTIONS)
         sampling = SamplingParams(max_new_tokens=ctx.new_tokens, min_new_tokens=ctx.new_tokens, stop_token_ids=loaded.info.eos_token_ids)
         ctx.progress(f"llama.cpp draft study: greedy answers to {len(prompts)} questions ({weights.upper()} weights)")
-        streams = [loaded.engine.submit(GenerationRequest(tuple(prompt), sampling)) for prompt in prompts]
+        streams = [loaded.engine.submit(GenerationRequest(prompt, sampling)) for prompt in prompts]
         answers = [stream.collect() for stream in streams]
         loaded.engine.close()  # the cost context below gets the cores to itself
         ctx.progress("llama.cpp draft study: timing decode steps with and without draft rows")
@@ -103,7 +103,7 @@ def llama_cpp_draft_study(ctx: BenchContext) -> None:
     ctx.progress(f"  {study}")
 
 
-def _decode_costs(model, prompts: list[list[int]], answers: list[list[int]], clients: int, threads: int) -> dict[str, float]:
+def _decode_costs(model, prompts: list[tuple[int, ...]], answers: list[list[int]], clients: int, threads: int) -> dict[str, float]:
     """Median ms of one llama_decode: 1 sequence with 1..1+DRAFT_TOKENS rows, `clients` sequences with 1 and 1+DRAFT_TOKENS rows each.
 
     Every sequence first holds its real prompt; the rows are its answer's first tokens, removed again after each decode.

@@ -16,7 +16,7 @@ from collections import defaultdict
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from bench.common import QUESTIONS, BenchContext, Measurement, chat_messages
+from bench.common import QUESTIONS, BenchContext, Measurement, chat_messages, chat_prompt_ids
 from services.transformers_lm.engines import GenerationRequest, SamplingParams
 from services.transformers_lm.engines.continuous_batching import ContinuousBatchingEngine
 from services.transformers_lm.engines.native_llama import NativeLlama
@@ -188,7 +188,7 @@ def transformers_bf16_answers(ctx: BenchContext) -> None:
     """Greedy answers of the service's transformers backend in bfloat16 against float32, on the bench's
     and the tests' questions: how many are equal, where the others part, and whether each precision
     answers the same batched as one at a time (what the engine's tests hold float32 to)."""
-    from services.transformers_lm.backends import ChatMessage, LoadOptions
+    from services.transformers_lm.backends import LoadOptions
     from services.transformers_lm.backends.transformers_backend import load_transformers_model
 
     questions = [*QUESTIONS, *TEST_QUESTIONS]
@@ -199,7 +199,7 @@ def transformers_bf16_answers(ctx: BenchContext) -> None:
         loaded = load_transformers_model(ctx.model_dir, LoadOptions(device="cpu", half_precision=half, max_batch_size=len(questions)))
         try:
             sampling = SamplingParams(max_new_tokens=ctx.new_tokens, stop_token_ids=loaded.info.eos_token_ids)
-            requests = [GenerationRequest(tuple(loaded.encode(loaded.render_chat([ChatMessage("user", q)]))), sampling) for q in questions]
+            requests = [GenerationRequest(prompt, sampling) for prompt in chat_prompt_ids(loaded, questions)]
             alone = [loaded.engine.submit(request).collect() for request in requests]
             batched = [stream.collect() for stream in [loaded.engine.submit(request) for request in requests]]
             study[f"{dtype} batched equals one at a time"] = sum(a == b for a, b in zip(alone, batched))

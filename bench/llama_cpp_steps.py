@@ -34,6 +34,7 @@ from bench.common import (
     BenchContext,
     Measurement,
     chat_messages,
+    chat_prompt_ids,
     free_port,
     run_in_threads,
     server_process,
@@ -117,7 +118,7 @@ def llama_cpp_engine_profile(ctx: BenchContext) -> None:
     if not _available(ctx, "llama.cpp engine profile"):
         return
     from common.model_sources import DEFAULT_MODEL_NAME
-    from services.transformers_lm.backends import ChatMessage, LoadOptions
+    from services.transformers_lm.backends import LoadOptions
     from services.transformers_lm.backends.llama_cpp_backend import LlamaCppBackend
     from services.transformers_lm.engines import GenerationRequest, SamplingParams
     from common.model_sources import resolve_model_source
@@ -129,9 +130,7 @@ def llama_cpp_engine_profile(ctx: BenchContext) -> None:
     )
     loaded = LlamaCppBackend().load(resolve_model_source(DEFAULT_MODEL_NAME), options)
     try:
-        prompts = [
-            tuple(loaded.encode(loaded.render_chat([ChatMessage("user", question)]))) for question in QUESTIONS
-        ]
+        prompts = chat_prompt_ids(loaded, QUESTIONS)
         # Exactly NEW_TOKENS each, as the service's /respond load asks (min = max new tokens).
         sampling = SamplingParams(
             max_new_tokens=ctx.new_tokens, min_new_tokens=ctx.new_tokens, stop_token_ids=loaded.info.eos_token_ids
